@@ -1,0 +1,1 @@
+"""Training-side subcommands (train, export); filled in by the trainer."""

@@ -1,0 +1,333 @@
+"""The activation store: the contract between `extract/` and the trainer.
+
+A store is a directory (or a gs:// / s3:// prefix) holding
+
+    meta.json      what was extracted, and `n_tokens`: how many rows are complete
+    acts/<hook>    zarr3 [n_rows_allocated, d_in] activations, chunked along rows
+    tokens         zarr3 int32 [n_rows_allocated] token id of each row
+    doc            zarr3 int32 [n_rows_allocated, 2] (sequence index, position)
+
+Arrays may be allocated beyond `n_tokens`; only the first `n_tokens` rows are
+valid. `meta.json` is replaced atomically, and only after the rows it counts are
+flushed, so a reader never sees a torn row and a writer can resume from it.
+
+This module needs NumPy and TensorStore only (no JAX, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+from saejax.errors import SaejaxError
+
+STORE_FORMAT_VERSION = 1
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(("gs://", "s3://"))
+
+
+def kvstore_spec(path: str) -> dict:
+    """The TensorStore kvstore spec for a local directory or a bucket prefix."""
+    for scheme, driver in (("gs://", "gcs"), ("s3://", "s3")):
+        if path.startswith(scheme):
+            bucket, _, prefix = path[len(scheme):].partition("/")
+            return {"driver": driver, "bucket": bucket, "path": prefix.rstrip("/") + "/"}
+    return {"driver": "file", "path": os.path.abspath(path) + "/"}
+
+
+def _join(spec: dict, sub: str) -> dict:
+    return {**spec, "path": spec["path"] + sub}
+
+
+def read_meta(path: str) -> dict | None:
+    """meta.json of the store at `path`, or None when there is none."""
+    if not is_remote(path):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            return None
+        with open(meta_path) as f:
+            text = f.read()
+    else:
+        kv = ts.KvStore.open(kvstore_spec(path)).result()
+        result = kv.read("meta.json").result()
+        if result.state != "value":
+            return None
+        text = bytes(result.value).decode()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SaejaxError(f"{path}/meta.json is corrupt ({e}); the store cannot be read") from None
+
+
+def write_meta(path: str, meta: dict) -> None:
+    """Replace meta.json atomically: write a temporary file, fsync, rename."""
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    if is_remote(path):
+        kv = ts.KvStore.open(kvstore_spec(path)).result()
+        kv.write("meta.json", text.encode()).result()  # object writes are atomic
+        return
+    tmp = os.path.join(path, "meta.json.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, "meta.json"))
+
+
+def _array_spec(path: str, name: str) -> dict:
+    return {"driver": "zarr3", "kvstore": _join(kvstore_spec(path), name)}
+
+
+def create_array(path: str, name: str, shape: list[int], chunk_shape: list[int], dtype: str):
+    """Create one zarr3 array of the store, or reopen it and grow it to at least `shape`."""
+    try:
+        existing = ts.open(_array_spec(path, name), open=True, read=True, write=True).result()
+    except ValueError:
+        existing = None
+    if existing is not None:
+        if list(existing.shape[1:]) != list(shape[1:]) or existing.dtype.name != dtype:
+            raise SaejaxError(f"store {path}: array '{name}' has shape {list(existing.shape)} "
+                              f"{existing.dtype.name}, expected [*, {shape[1:]}] {dtype}")
+        if existing.shape[0] < shape[0]:
+            existing = existing.resize(exclusive_max=shape, expand_only=True).result()
+        return existing
+    spec = _array_spec(path, name)
+    spec["metadata"] = {
+        "shape": shape,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+        "chunk_key_encoding": {"name": "default"},
+        "data_type": dtype,
+        "fill_value": 0,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+    }
+    return ts.open(spec, create=True, open=True).result()
+
+
+def open_array(path: str, name: str, write: bool = False):
+    try:
+        return ts.open(_array_spec(path, name), read=True, write=write).result()
+    except ValueError as e:
+        raise SaejaxError(f"store {path}: array '{name}' is missing or unreadable ({e})") from None
+
+
+def hook_array_name(hook: str) -> str:
+    return f"acts/{hook}"
+
+
+@dataclass
+class IntegrityReport:
+    n_tokens: int
+    mean_norm: dict[str, float]
+    bad_rows: dict[str, list[int]]  # first few non-finite rows per hook
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.bad_rows.values())
+
+
+class ActivationStore:
+    """Read-only view of a store: rows, slices, chunked iteration and token contexts."""
+
+    def __init__(self, path: str, meta: dict):
+        self.path = path
+        self.meta = meta
+        self._acts = {}
+        self._tokens = None
+        self._doc = None
+
+    @classmethod
+    def open(cls, path: str) -> "ActivationStore":
+        path = str(path)
+        if not is_remote(path) and not os.path.isdir(path):
+            raise SaejaxError(f"no activation store at {path} (not a directory)")
+        meta = read_meta(path)
+        if meta is None:
+            raise SaejaxError(f"{path} is not an activation store (no meta.json)")
+        for key in ("hooks", "d_in", "dtype", "n_tokens"):
+            if key not in meta:
+                raise SaejaxError(f"{path}/meta.json lacks '{key}'; the store is corrupt")
+        return cls(path, meta)
+
+    # ---- shape ---------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self)
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.meta["hooks"])
+
+    @property
+    def d_in(self) -> int:
+        """Width of the first hook (all hooks of a residual-stream store share it)."""
+        return int(self.meta["d_in"])
+
+    def d_in_of(self, hook: str | None = None) -> int:
+        hook = self.default_hook(hook)
+        return int((self.meta.get("hook_d_in") or {}).get(hook, self.meta["d_in"]))
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.meta.get("chunk_rows", 4096))
+
+    def default_hook(self, hook: str | None) -> str:
+        if hook is None:
+            if len(self.hooks) != 1:
+                raise SaejaxError(f"store {self.path} has hooks {self.hooks}; name one (data.hook)")
+            return self.hooks[0]
+        if hook not in self.hooks:
+            raise SaejaxError(f"store {self.path} has no hook '{hook}'; it has {self.hooks}")
+        return hook
+
+    # ---- arrays --------------------------------------------------------------
+    def acts_array(self, hook: str | None = None):
+        hook = self.default_hook(hook)
+        if hook not in self._acts:
+            arr = open_array(self.path, hook_array_name(hook))
+            if arr.shape[0] < len(self) or arr.shape[1] != self.d_in_of(hook):
+                raise SaejaxError(
+                    f"store {self.path}: acts/{hook} has shape {list(arr.shape)} but meta.json "
+                    f"counts {len(self)} rows of width {self.d_in_of(hook)}; the store is corrupt")
+            self._acts[hook] = arr
+        return self._acts[hook]
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(self):
+            raise SaejaxError(f"rows [{start}, {stop}) are outside the store's {len(self)} rows")
+
+    def read(self, start: int, stop: int, hook: str | None = None) -> np.ndarray:
+        """Rows [start, stop) in the stored dtype."""
+        self._check_range(start, stop)
+        return self.acts_array(hook)[start:stop].read().result()
+
+    def read_async(self, start: int, stop: int, hook: str | None = None):
+        """A TensorStore future for rows [start, stop): lets loaders overlap reads."""
+        self._check_range(start, stop)
+        return self.acts_array(hook)[start:stop].read()
+
+    def take(self, rows, hook: str | None = None) -> np.ndarray:
+        """The given rows (any order), in the stored dtype."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise SaejaxError(f"row indices outside the store's {len(self)} rows")
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        out = np.empty((rows.size, self.d_in_of(hook)), dtype=DTYPES[self.dtype])
+        out[order] = self.acts_array(hook)[sorted_rows].read().result()
+        return out
+
+    def iter_chunks(self, chunk_rows: int | None = None, hook: str | None = None,
+                    start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first_row, rows) over [start, stop) in chunks, reading one chunk ahead."""
+        chunk_rows = chunk_rows or self.chunk_rows
+        stop = len(self) if stop is None else stop
+        self._check_range(start, stop)
+        bounds = [(s, min(s + chunk_rows, stop)) for s in range(start, stop, chunk_rows)]
+        pending = self.read_async(*bounds[0], hook) if bounds else None
+        for i, (s, _) in enumerate(bounds):
+            current = pending.result()
+            if i + 1 < len(bounds):
+                pending = self.read_async(*bounds[i + 1], hook)
+            yield s, current
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = len(self) if stop is None else stop
+        self._check_range(start, stop)
+        if self._tokens is None:
+            self._tokens = open_array(self.path, "tokens")
+        return self._tokens[start:stop].read().result()
+
+    def doc(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(sequence index, position in the context) of rows [start, stop)."""
+        stop = len(self) if stop is None else stop
+        self._check_range(start, stop)
+        if self._doc is None:
+            self._doc = open_array(self.path, "doc")
+        return self._doc[start:stop].read().result()
+
+    def context(self, row: int, before: int = 16, after: int = 4) -> tuple[np.ndarray, int]:
+        """Token ids around `row` within its own sequence, and the row's index in them.
+
+        Rows of one sequence are contiguous in the store, so this reads a small window.
+        """
+        self._check_range(row, row + 1)
+        lo, hi = max(0, row - before), min(len(self), row + after + 1)
+        doc = self.doc(lo, hi)
+        toks = self.tokens(lo, hi)
+        same = doc[:, 0] == doc[row - lo, 0]
+        return toks[same], int(np.sum(same[: row - lo]))
+
+    def sequence_input(self, sequence: int, near_row: int) -> np.ndarray:
+        """The exact model input of one sequence (BOS restored when it was dropped)."""
+        ctx = int(self.meta["context_size"])
+        lo, hi = max(0, near_row - ctx), min(len(self), near_row + ctx)
+        doc, toks = self.doc(lo, hi), self.tokens(lo, hi)
+        mine = doc[:, 0] == sequence
+        ids = toks[mine][np.argsort(doc[mine, 1])]
+        if self.meta.get("prepend_bos") and self.meta.get("bos_dropped", True):
+            ids = np.concatenate([[self.meta["bos_token_id"]], ids]).astype(np.int32)
+        return ids
+
+    # ---- checks --------------------------------------------------------------
+    def check(self, chunk_rows: int | None = None, max_bad: int = 10) -> IntegrityReport:
+        """Read every counted row: all present and finite; recompute mean norms."""
+        mean_norm, bad_rows = {}, {}
+        for hook in self.hooks:
+            total, bad = 0.0, []
+            for first, rows in self.iter_chunks(chunk_rows, hook):
+                rows = rows.astype(np.float32)
+                finite = np.isfinite(rows).all(axis=1)
+                if not finite.all() and len(bad) < max_bad:
+                    bad.extend((first + np.flatnonzero(~finite)[: max_bad - len(bad)]).tolist())
+                total += float(np.linalg.norm(np.where(finite[:, None], rows, 0), axis=1).sum())
+            mean_norm[hook] = total / max(1, len(self))
+            bad_rows[hook] = bad
+        toks = self.tokens()
+        vocab = self.meta.get("vocab_size")
+        if vocab is not None and len(toks) and (toks.min() < 0 or toks.max() >= vocab):
+            bad_rows["tokens"] = np.flatnonzero((toks < 0) | (toks >= vocab))[:max_bad].tolist()
+        return IntegrityReport(len(self), mean_norm, bad_rows)
+
+
+def describe(store: ActivationStore) -> str:
+    """Human-readable summary for `saejax store info`."""
+    m = store.meta
+    size = len(store) * np.dtype(DTYPES[store.dtype]).itemsize * sum(
+        store.d_in_of(h) for h in store.hooks)
+    lines = [
+        f"store        {store.path}",
+        f"model        {m.get('model')} (revision {m.get('revision') or '-'})",
+        f"hooks        {', '.join(store.hooks)}",
+        f"rows         {len(store):,} complete (target {m.get('target_tokens', '?'):,})"
+        if isinstance(m.get("target_tokens"), int) else f"rows         {len(store):,}",
+        f"d_in         {store.d_in}   dtype {store.dtype}   size {size / 2**20:,.1f} MiB",
+        f"context      {m.get('context_size')} tokens, prepend_bos={m.get('prepend_bos')}, "
+        f"bos rows dropped={m.get('bos_dropped')}",
+        f"corpus       {m.get('corpus')}",
+    ]
+    for hook, norm in (m.get("mean_norm") or {}).items():
+        lines.append(f"mean norm    {hook}: {norm:.4g}")
+    return "\n".join(lines)
+
+
+def rows_per_chunk(context_rows: int, target_bytes: int, row_bytes: int) -> int:
+    """A chunk holds whole sequences, about `target_bytes` of one hook's rows."""
+    contexts = max(1, math.ceil(target_bytes / max(1, row_bytes * context_rows)))
+    return contexts * context_rows
