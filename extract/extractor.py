@@ -141,13 +141,16 @@ class _ChunkCommitter:
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True,
-                on_chunk: Callable[[int], None] | None = None) -> dict:
-    """Extract (or resume extracting) activations into `cfg.out`; returns the final meta."""
+                on_chunk: Callable[[int], None] | None = None, loaded=None) -> dict:
+    """Extract (or resume extracting) activations into `cfg.out`; returns the final meta.
+
+    `loaded` (a LoadedModel for `cfg.model`) skips loading the model again.
+    """
     import torch
 
     _validate_cheap(cfg)
     corpus = open_corpus(cfg.corpus, cfg.split, cfg.text_column)
-    loaded = load_model(cfg.model, cfg.revision, cfg.trust_remote_code)
+    loaded = loaded or load_model(cfg.model, cfg.revision, cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
     points = parse_hooks(cfg.hooks)
     validate_hooks(points, model)

@@ -69,6 +69,11 @@ def _quiet_transformers():
     import transformers
 
     transformers.logging.set_verbosity_error()
+    try:  # the GGUF loader draws its own de-quantisation bar; one bar per command is enough
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        gguf_utils.tqdm = lambda iterable, **_: iterable
+    except ImportError:
+        pass
     try:
         transformers.utils.logging.disable_progress_bar()
     except AttributeError:
@@ -102,16 +107,8 @@ def load_model(name: str = BUILTIN_MODEL, revision: str | None = None,
         if revision:
             kwargs["revision"] = revision
     def load(**extra):
-        previous = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF de-quantisation bar
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs, **extra)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs, **extra)
-        finally:
-            if previous is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = previous
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs, **extra)
         return tokenizer, model
 
     try:

@@ -114,25 +114,16 @@ def _add_demo(sub):
 _REGISTRY = [_add_extract, _add_store, _add_demo]
 
 
-def register(add_fn):
-    """Later modules add subcommands here (train, eval, ...)."""
-    _REGISTRY.append(add_fn)
-    return add_fn
-
-
 def build_parser() -> argparse.ArgumentParser:
     from saejax import __version__
 
     parser = _Parser(prog="saejax", description="High-throughput sparse autoencoders in JAX.")
     parser.add_argument("--version", action="version", version=f"saejax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    try:
-        from saejax import cli_train  # noqa: F401  (registers train/export/...)
-    except ModuleNotFoundError as e:  # the extract-only install has no jax
-        if e.name not in ("jax", "flax", "optax", "orbax"):
-            raise
     for add in _REGISTRY:
         add(sub)
+    from saejax import cli_train  # imports no JAX itself: JAX loads when a command runs
+    cli_train.add_parsers(sub)
     return parser
 
 

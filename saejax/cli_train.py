@@ -1,1 +1,60 @@
-"""Training-side subcommands (train, export); filled in by the trainer."""
+"""Training-side subcommands: `saejax train` and `saejax export` (need JAX, never torch)."""
+
+from __future__ import annotations
+
+import json
+
+def add_parsers(sub) -> None:
+    _add_train(sub)
+    _add_export(sub)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train an SAE from a YAML config")
+    p.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set sae.d_sae=8192 (repeatable)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from saejax.config import load_config
+    from saejax.errors import SaejaxError
+    from saejax.train import load_run_config, train
+
+    if args.resume:
+        cfg = load_run_config(args.resume, args.overrides)
+    elif args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        raise SaejaxError("give a config file, or --resume RUN")
+    result = train(cfg, resume=bool(args.resume), max_steps=args.max_steps)
+    if result.stopped_early:
+        return 130
+    m = result.final_metrics
+    if m:
+        print(f"run          {cfg.run_dir}")
+        print(f"sae          {cfg.sae.architecture} d_in {result.spec.d_in} d_sae {result.spec.d_sae}"
+              + (f" k {result.spec.k}" if cfg.sae.architecture in ("topk", "batchtopk") else ""))
+        print(f"validation   FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}"
+              f"   dense {m['dense_fraction']:.1%}   ({m['tokens']:,} held-out rows)")
+        print(f"throughput   {m['tokens_per_s']:,.0f} tokens/s over the run")
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="export a trained SAE as SAELens or sparsify")
+    p.add_argument("run", help="run directory (or its sae/ folder)")
+    p.add_argument("--format", choices=["saelens", "sparsify"], default="saelens")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from saejax.saved import export_saelens, export_sparsify
+
+    out = (export_saelens if args.format == "saelens" else export_sparsify)(args.run, args.out)
+    print(json.dumps({"format": args.format, "out": out}))
+    return 0

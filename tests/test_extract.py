@@ -105,7 +105,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_llama, corpus_file, 
 
 
 def test_kill_9_then_resume_equals_uninterrupted(tiny_gpt2, corpus_file, tmp_path):
-    args = [sys.executable, "-m", "saejax.cli", "extract", "--model", tiny_gpt2, "--corpus",
+    args = [sys.executable, "-m", "saejax", "extract", "--model", tiny_gpt2, "--corpus",
             corpus_file, "--hooks", "blocks.1.hook_resid_post", "--tokens", "3000", "--context",
             "32", "--batch-size", "4", "--dtype", "float32", "--chunk-mib", "0.02", "--quiet"]
     env = {**os.environ, "SAEJAX_TEST_CHUNK_DELAY_S": "0.3"}

@@ -1,0 +1,221 @@
+"""Training data: a store hook or a .npy file, shuffled, batched and prefetched.
+
+The training rows are cut into blocks of `block_rows` contiguous rows (one large
+read each). Every epoch visits the blocks in a seeded random order, `shuffle_blocks`
+at a time; the rows of each such group are shuffled together and cut into batches.
+Batch `b` is therefore a pure function of (seed, b): a resumed run regenerates
+exactly the batches an uninterrupted run would have seen. A background thread
+reads the next group (TensorStore reads overlap), checks it for NaN/Inf, and
+prepares batches ahead of the training step.
+
+The last `validation_tokens` rows are held out and never trained on.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from saejax.config import DataConfig
+from saejax.errors import SaejaxError
+from saejax.store import ActivationStore
+
+
+class ArraySource:
+    """Rows of a store hook or of a .npy file, behind one small interface."""
+
+    def __init__(self, path: str, hook: str | None = None):
+        self.path = path
+        if path.endswith(".npy"):
+            if not os.path.isfile(path):
+                raise SaejaxError(f"data file not found: {path}")
+            try:
+                self._array = np.load(path, mmap_mode="r")
+            except ValueError as e:
+                raise SaejaxError(f"{path} is not a readable .npy array ({e})") from None
+            if self._array.ndim != 2:
+                raise SaejaxError(f"{path} must hold a 2-d array [n, d_in], got shape {self._array.shape}")
+            self.store = None
+            self.hook = None
+            self.n_rows, self.d_in = self._array.shape
+            self.meta = {"model": None, "hooks": [], "mean_norm": {}}
+        else:
+            self.store = ActivationStore.open(path)
+            self.hook = self.store.default_hook(hook)
+            self.n_rows, self.d_in = len(self.store), self.store.d_in_of(self.hook)
+            self.meta = self.store.meta
+        if self.n_rows == 0:
+            raise SaejaxError(f"{path} holds no rows (an empty store?)")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.store is None:
+            return np.asarray(self._array[start:stop])
+        return self.store.read(start, stop, self.hook)
+
+    def read_async(self, start: int, stop: int) -> Callable[[], np.ndarray]:
+        if self.store is None:
+            return lambda: np.asarray(self._array[start:stop])
+        future = self.store.read_async(start, stop, self.hook)
+        return future.result
+
+    def mean_norm(self) -> float | None:
+        value = (self.meta.get("mean_norm") or {}).get(self.hook)
+        return float(value) if value else None
+
+
+def check_finite(rows: np.ndarray, first_row: int, path: str) -> None:
+    finite = np.isfinite(rows.astype(np.float32, copy=False)).all(axis=1)
+    if not finite.all():
+        bad = first_row + int(np.flatnonzero(~finite)[0])
+        raise SaejaxError(f"row {bad} of {path} contains NaN or Inf; fix or re-extract the data")
+
+
+@dataclass
+class Split:
+    train_rows: int
+    validation_rows: int
+
+
+def split_rows(n_rows: int, validation_tokens: int) -> Split:
+    held = min(validation_tokens, n_rows // 5)
+    return Split(n_rows - held, held)
+
+
+class BatchPlan:
+    """Which rows form batch b: a pure function of (seed, b)."""
+
+    def __init__(self, train_rows: int, batch_size: int, block_rows: int, shuffle_blocks: int,
+                 seed: int, row_offset: int = 0, row_stride_blocks: tuple[int, int] = (0, 1)):
+        if train_rows < batch_size:
+            raise SaejaxError(f"the data has {train_rows} training rows, fewer than one batch "
+                              f"of {batch_size}")
+        self.train_rows, self.batch_size = train_rows, batch_size
+        self.block_rows = min(block_rows, train_rows)
+        self.shuffle_blocks, self.seed = shuffle_blocks, seed
+        self.row_offset = row_offset
+        self.n_blocks = train_rows // self.block_rows  # a ragged last block is dropped
+        self.epoch_rows = self.n_blocks * self.block_rows
+
+    def groups(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        return [order[i:i + self.shuffle_blocks] for i in range(0, self.n_blocks, self.shuffle_blocks)]
+
+    def row_permutation(self, epoch: int, group: int, n: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, group, 1]).permutation(n)
+
+    def locate(self, batch_index: int) -> tuple[int, int, int]:
+        """(epoch, group, offset within the group's shuffled rows) of a batch's first row."""
+        position = batch_index * self.batch_size
+        epoch, within = divmod(position, self.epoch_rows)
+        group_rows = self.shuffle_blocks * self.block_rows
+        group, offset = divmod(within, group_rows)
+        return epoch, group, offset
+
+
+class Loader:
+    """Iterates batches (float arrays [batch, d_in] in the stored dtype) from `start_batch`."""
+
+    def __init__(self, source: ArraySource, cfg: DataConfig, batch_size: int, start_batch: int = 0,
+                 transform: Callable[[np.ndarray], object] | None = None,
+                 train_rows: int | None = None):
+        self.source, self.cfg = source, cfg
+        split = split_rows(source.n_rows, cfg.validation_tokens)
+        self.plan = BatchPlan(train_rows or split.train_rows, batch_size, cfg.block_rows,
+                              cfg.shuffle_blocks, cfg.seed)
+        self.start_batch = start_batch
+        self.transform = transform or (lambda b: b)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+        self._thread.start()
+
+    def _read_group(self, epoch: int, group: int) -> np.ndarray:
+        blocks = self.plan.groups(epoch)[group]
+        br = self.plan.block_rows
+        pending = [(b * br, self.source.read_async(b * br, (b + 1) * br)) for b in blocks]
+        parts = []
+        for first, get in pending:
+            rows = get()
+            check_finite(rows, first, self.source.path)
+            parts.append(rows)
+        rows = np.concatenate(parts)
+        return rows[self.plan.row_permutation(epoch, group, len(rows))]
+
+    def _batches(self) -> Iterator[np.ndarray]:
+        epoch, group, offset = self.plan.locate(self.start_batch)
+        carry = None
+        while not self._stop.is_set():
+            n_groups = len(self.plan.groups(epoch))
+            rows = self._read_group(epoch, group)[offset:]
+            offset = 0
+            if carry is not None:
+                rows = np.concatenate([carry, rows])
+            n_full = len(rows) // self.plan.batch_size
+            for i in range(n_full):
+                yield rows[i * self.plan.batch_size:(i + 1) * self.plan.batch_size]
+            carry = rows[n_full * self.plan.batch_size:]
+            group += 1
+            if group == n_groups:
+                epoch, group = epoch + 1, 0
+
+    def _produce(self) -> None:
+        try:
+            for batch in self._batches():
+                item = self.transform(batch)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("batch", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+            self._queue.put(("error", e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, item = self._queue.get()
+        if kind == "error":
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+
+def validation_rows(source: ArraySource, cfg: DataConfig, limit: int | None = None) -> np.ndarray:
+    split = split_rows(source.n_rows, cfg.validation_tokens)
+    stop = source.n_rows if limit is None else min(source.n_rows, split.train_rows + limit)
+    rows = source.read(split.train_rows, stop)
+    check_finite(rows, split.train_rows, source.path)
+    return rows
+
+
+def sample_rows(source: ArraySource, n: int, seed: int, train_rows: int) -> np.ndarray:
+    """A seeded random sample of training rows (for b_dec and input-scale estimates)."""
+    n = min(n, train_rows)
+    idx = np.sort(np.random.default_rng([seed, 7]).choice(train_rows, n, replace=False))
+    if source.store is None:
+        rows = np.asarray(source._array[idx])
+    else:
+        rows = source.store.take(idx, source.hook)
+    rows = rows.astype(np.float32)
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        raise SaejaxError(f"row {int(idx[np.flatnonzero(~finite)[0]])} of {source.path} "
+                          "contains NaN or Inf; fix or re-extract the data")
+    return rows

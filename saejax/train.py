@@ -1,0 +1,205 @@
+"""`saejax train`: the training loop around the compiled step.
+
+The loop only dispatches work: it takes the next prefetched batch, calls the
+jitted step, and every `log_every` steps fetches the metric sums in one transfer.
+Resampling runs at scheduled steps on a pool of recent batches already on the
+device. Checkpoints are written every `checkpoint_every` steps and on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax import sae as S
+from saejax import train_step as T
+from saejax.checkpoint import Checkpointer
+from saejax.config import RunConfig, dump_yaml, from_dict, to_dict
+from saejax.data import ArraySource, Loader, sample_rows, split_rows
+from saejax.errors import SaejaxError
+from saejax.metrics import MetricsLogger, evaluate
+from saejax.saved import save_sae
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    state: T.TrainState
+    spec: S.SAESpec
+    final_metrics: dict
+    stopped_early: bool
+    tokens_per_s: float
+
+
+def _resample_enabled(cfg: RunConfig) -> bool:
+    enabled = cfg.train.resample.enabled
+    return cfg.sae.architecture == "relu" if enabled is None else enabled
+
+
+def checkpoint_info(cfg: RunConfig, d_in: int) -> dict:
+    """What a checkpoint must agree on with the config that resumes it."""
+    s = cfg.sae
+    return {"architecture": s.architecture, "d_in": d_in, "d_sae": s.d_sae, "k": s.k,
+            "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "data_seed": cfg.data.seed}
+
+
+def prepare(cfg: RunConfig, source: ArraySource):
+    """Input scale, b_dec initialisation and the initial state (deterministic in the seeds)."""
+    d_in = source.d_in
+    spec = S.SAESpec.from_config(cfg.sae, d_in)
+    split = split_rows(source.n_rows, cfg.data.validation_tokens)
+    sample = sample_rows(source, 16384, cfg.data.seed, split.train_rows)
+    scale = 1.0
+    if cfg.sae.scale_inputs:
+        mean_norm = float(np.linalg.norm(sample, axis=1).mean())
+        scale = math.sqrt(d_in) / mean_norm if mean_norm > 0 else 1.0
+    sample = sample * scale
+    b_dec = {"geometric_median": lambda: S.geometric_median(sample[:4096]),
+             "mean": lambda: sample.mean(0), "zeros": lambda: np.zeros(d_in)}[cfg.sae.b_dec_init]()
+    total_steps = cfg.train.tokens // cfg.train.batch_size
+    tx = T.make_optimizer(cfg.train, total_steps)
+    params = S.init_params(spec, jax.random.PRNGKey(cfg.train.seed), b_dec,
+                           cfg.sae.jumprelu_init_threshold)
+    state = T.init_state(params, tx, cfg.train.seed, scale)
+    return spec, tx, state, total_steps
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _check_run_dir(cfg: RunConfig, resume: bool) -> None:
+    config_path = os.path.join(cfg.run_dir, "config.yaml")
+    if not resume and os.path.exists(config_path):
+        raise SaejaxError(f"run directory {cfg.run_dir} already holds a run; resume it with "
+                          f"`saejax train --resume {cfg.run_dir}` or choose another run_dir")
+    try:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    except OSError as e:
+        raise SaejaxError(f"cannot create run directory {cfg.run_dir}: {e.strerror}") from None
+
+
+def load_run_config(run_dir: str, overrides: list[str] = ()) -> RunConfig:
+    import yaml
+
+    from saejax.config import _apply, parse_override, validate
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise SaejaxError(f"{run_dir} is not a saejax run (no config.yaml)")
+    with open(path) as f:
+        cfg = from_dict(yaml.safe_load(f))
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    cfg.run_dir = run_dir
+    return validate(cfg)
+
+
+def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) -> TrainResult:
+    """Train (or resume) the run described by `cfg`. `max_steps` stops early (tests, benches)."""
+    source = ArraySource(cfg.data.path, cfg.data.hook)
+    if cfg.sae.d_in and cfg.sae.d_in != source.d_in:
+        raise SaejaxError(f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has "
+                          f"d_in {source.d_in}")
+    _check_run_dir(cfg, resume)
+    spec, tx, state, total_steps = prepare(cfg, source)
+    if total_steps == 0:
+        raise SaejaxError(f"train.tokens ({cfg.train.tokens}) is less than one batch "
+                          f"({cfg.train.batch_size})")
+    info = checkpoint_info(cfg, source.d_in)
+    ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
+    if resume:
+        state, _ = ckpt.restore(state, info)
+    elif ckpt.latest_step() is not None:
+        raise SaejaxError(f"{cfg.run_dir} already has checkpoints; use --resume")
+    else:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(dump_yaml(cfg))
+
+    start_step = int(state.step)
+    loader = Loader(source, cfg.data, cfg.train.batch_size, start_batch=start_step,
+                    transform=jax.device_put)
+    step_fn = jax.jit(T.make_train_step(spec, cfg.sae, tx, total_steps), donate_argnums=0)
+    summarize = jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0)
+    resample_at = T.resample_steps(cfg.train, total_steps) if _resample_enabled(cfg) else set()
+    pool = collections.deque(maxlen=max(1, cfg.train.resample.pool_batches))
+    logger = MetricsLogger(cfg, total_steps, start_step)
+    end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
+
+    stopped = False
+    t_start, step = time.perf_counter(), start_step
+    try:
+        with _StopFlag() as stop:
+            while step < end_step:
+                batch = next(loader)
+                state, _ = step_fn(state, batch)
+                step += 1
+                if resample_at:
+                    pool.append(batch)
+                    if step in resample_at:
+                        state = T.resample(state, jnp.concatenate(list(pool)), spec,
+                                           cfg.sae.dead_tokens, cfg.train.resample.encoder_scale)
+                if step % cfg.train.log_every == 0 or step == end_step:
+                    metrics, state = summarize(state, dead_tokens=cfg.sae.dead_tokens)
+                    logger.log(step, jax.device_get(metrics))
+                if step % cfg.train.checkpoint_every == 0 and step < end_step:
+                    ckpt.save(step, state, info)
+                if stop.signum is not None:
+                    stopped = True
+                    break
+        ckpt.save(step, state, info)
+        ckpt.wait()
+    finally:
+        loader.close()
+        logger.close()
+        ckpt.close()
+    elapsed = time.perf_counter() - t_start
+    tokens_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
+    if stopped:
+        print(f"\nstopped at step {step}/{total_steps}; checkpoint saved. Resume with "
+              f"`saejax train --resume {cfg.run_dir}`", file=sys.stderr)
+        return TrainResult(cfg.run_dir, state, spec, {}, True, tokens_per_s)
+
+    final = {}
+    if step == total_steps:
+        final = evaluate(state.params, spec, float(state.input_scale), source, cfg.data)
+        final["tokens_per_s"] = tokens_per_s
+        final["steps"] = step
+        save_sae(os.path.join(cfg.run_dir, "sae"), state.params, spec, float(state.input_scale),
+                 cfg, source.meta, source.hook)
+        with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
+            json.dump(final, f, indent=2)
+    return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s)
+
+
+def config_to_json(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg))
