@@ -105,6 +105,13 @@ def _check_compatible(path: str, existing: dict, wanted: dict) -> None:
                           "use a new --out or delete the old store")
 
 
+def _same_request(recorded: dict | None, cfg: ExtractConfig) -> bool:
+    if not recorded:
+        return False
+    wanted = asdict(cfg)
+    return all(recorded.get(k) == v for k, v in wanted.items() if k not in ("out", "tokens"))
+
+
 class _ChunkCommitter:
     """Tracks in-flight chunk writes; advances meta.json over the completed prefix."""
 
@@ -149,6 +156,10 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
     import torch
 
     _validate_cheap(cfg)
+    done = st.read_meta(cfg.out)
+    if done and done.get("complete") and _same_request(done.get("extract_config"), cfg) and (
+            done["n_tokens"] >= cfg.tokens or done.get("corpus_exhausted")):
+        return done  # already finished with these arguments: no need to load the model
     corpus = open_corpus(cfg.corpus, cfg.split, cfg.text_column)
     loaded = loaded or load_model(cfg.model, cfg.revision, cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer

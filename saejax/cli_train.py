@@ -26,10 +26,10 @@ def _cmd_train(args) -> int:
 
     if args.resume:
         cfg = load_run_config(args.resume, args.overrides)
-    elif args.config:
-        cfg = load_config(args.config, args.overrides)
+    elif args.config or args.overrides:
+        cfg = load_config(args.config, args.overrides)  # defaults + --set when no file
     else:
-        raise SaejaxError("give a config file, or --resume RUN")
+        raise SaejaxError("give a config file (or --set data.path=...), or --resume RUN")
     result = train(cfg, resume=bool(args.resume), max_steps=args.max_steps)
     if result.stopped_early:
         return 130

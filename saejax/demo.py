@@ -6,16 +6,21 @@ complete, so an interrupted demo picks up where it stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
+from saejax.errors import SaejaxError
+
 DEMO_HOOK = "blocks.15.hook_resid_post"
+CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="extract, train and evaluate on the built-in model and corpus")
     p.add_argument("--out", default="demo_out", help="folder for the store, runs and report")
     p.add_argument("--tokens", type=int, default=250_000, help="rows to extract")
+    p.add_argument("--train-tokens", type=int, default=1_000_000, help="tokens per SAE")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_demo)
 
@@ -33,4 +38,60 @@ def run_demo(args) -> int:
     store = ActivationStore.open(store_path)
     print(describe(store))
     print(f"    done in {time.time() - t0:.0f}s")
+
+    results = {}
+    for i, (arch, extra) in enumerate(DEMO_SAES, start=2):
+        run_dir = os.path.join(args.out, "runs", arch)
+        t1 = time.time()
+        print(f"[{i}] train a {arch} SAE ({args.train_tokens:,} tokens) -> {run_dir}")
+        results[arch] = _train_one(store_path, run_dir, arch, extra, args)
+        m = results[arch]
+        print(f"    FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}   "
+              f"{m['tokens_per_s']:,.0f} tokens/s   ({time.time() - t1:.0f}s)")
+
+    report = {"store": store_path, "rows": len(store), "hook": DEMO_HOOK,
+              "runs": {a: {"run_dir": os.path.join(args.out, "runs", a), **m} for a, m in results.items()},
+              "wall_s": time.time() - t0}
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nsummary ({time.time() - t0:.0f}s): store {store_path}; report {args.out}/report.json")
+    for arch, m in results.items():
+        print(f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "
+              f"-> {args.out}/runs/{arch}/sae")
     return 0
+
+
+# The demo's two SAEs: TopK (AuxK for dead latents) and Towards Monosemanticity's ReLU + L1
+# with resampling. Both 8x wide over d_in 576.
+DEMO_SAES = [
+    ("topk", ["sae.k=32"]),
+    ("relu", ["sae.l1_coefficient=1.0", "sae.l1_warmup_steps=100", "train.resample.every_steps=150",
+              "train.lr=0.0003"]),
+]
+
+
+def _train_one(store_path: str, run_dir: str, arch: str, extra: list[str], args) -> dict:
+    from saejax.config import load_config
+    from saejax.train import load_run_config, train
+
+    eval_path = os.path.join(run_dir, "eval.json")
+    if os.path.exists(eval_path):  # finished in an earlier, interrupted demo
+        with open(eval_path) as f:
+            return json.load(f)
+    overrides = [f"data.path={store_path}", f"run_dir={run_dir}", f"sae.architecture={arch}",
+                 f"train.tokens={args.train_tokens}", f"log.progress={'false' if args.quiet else 'true'}",
+                 *extra]
+    if os.path.exists(os.path.join(run_dir, "config.yaml")):
+        result = train(load_run_config(run_dir), resume=_has_checkpoint(run_dir))
+    else:
+        if not os.path.exists(CONFIG_PATH):
+            raise SaejaxError(f"{CONFIG_PATH} not found: run the demo from a source checkout")
+        result = train(load_config(CONFIG_PATH, overrides))
+    if result.stopped_early:
+        raise KeyboardInterrupt
+    return result.final_metrics
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    ckpt = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))

@@ -28,7 +28,7 @@ def test_topk_recovers_features(superposition, tmp_path):
                        "data.block_rows=8192", "data.shuffle_blocks=8")
     result = train(cfg)
     assert mean_max_cosine(directions, result.state.params["W_dec"]) >= 0.95
-    assert result.final_metrics["l0"] == pytest.approx(5, abs=0.01)
+    assert 4.5 <= result.final_metrics["l0"] <= 5  # TopK, then ReLU: at most k fire
 
 
 def test_relu_with_resampling_recovers_features(superposition, tmp_path):
