@@ -189,6 +189,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise SaejaxError(f"train.lr must be positive, got {t.lr}")
     if cfg.mesh.data <= 0 or cfg.mesh.model <= 0:
         raise SaejaxError(f"mesh sizes must be positive, got {cfg.mesh}")
+    if cfg.mesh.data * cfg.mesh.model > 1:
+        raise SaejaxError("mesh sharding (mesh.data/mesh.model > 1) is not implemented yet; "
+                          "train on one device (mesh: {data: 1, model: 1})")
     if not cfg.data.path:
         raise SaejaxError("data.path is not set (a store directory or a .npy file)")
     return cfg

@@ -33,7 +33,8 @@ def _training_units_forward(run_dir, x):
 
 
 @pytest.mark.parametrize("arch, fmt", [("topk", "saelens"), ("relu", "saelens"),
-                                       ("jumprelu", "saelens"), ("topk", "sparsify")])
+                                       ("jumprelu", "saelens"), ("batchtopk", "saelens"),
+                                       ("topk", "sparsify")])
 def test_export_round_trip(rows, tmp_path, capsys, arch, fmt):
     path, x = rows
     run = str(tmp_path / "run")
@@ -56,7 +57,8 @@ def test_export_round_trip(rows, tmp_path, capsys, arch, fmt):
         assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
         assert cfg["d_in"] == 32 and cfg["d_sae"] == 64
         assert (cfg.get("k") == 4) == (arch == "topk")
-        assert cfg["architecture"] == {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}[arch]
+        assert cfg["architecture"] == {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu",
+                                       "batchtopk": "jumprelu"}[arch]
     # The native run folder loads too, with identical behaviour.
     native = load_sae(run)
     np.testing.assert_allclose(np.asarray(native.reconstruct(x[:500])), x_hat_export, rtol=1e-4,

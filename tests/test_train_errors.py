@@ -99,3 +99,8 @@ def test_existing_run_is_not_overwritten(capsys, rows_path, tmp_path):
     code, err = run_train(capsys, *base(rows_path, run))
     check(code, err, "already holds a run")
     assert (run / "sae" / "sae_weights.safetensors").read_bytes() == before
+
+
+def test_mesh_is_refused_until_sharding_lands(capsys, rows_path, tmp_path):
+    code, err = run_train(capsys, *base(rows_path, tmp_path / "r"), "--set=mesh.data=2")
+    check(code, err, "not implemented yet")
