@@ -65,7 +65,7 @@ def run_demo(args) -> int:
 # with resampling. Both 8x wide over d_in 576.
 DEMO_SAES = [
     ("topk", ["sae.k=32"]),
-    ("relu", ["sae.l1_coefficient=1.0", "sae.l1_warmup_steps=100", "train.resample.every_steps=150",
+    ("relu", ["sae.l1_coefficient=2.0", "sae.l1_warmup_steps=100", "train.resample.every_steps=150",
               "train.lr=0.0003"]),
 ]
 
