@@ -131,12 +131,7 @@ def export_saelens(sae_dir: str, out: str) -> str:
                         "export_note": note}}
     if arch == "topk":
         cfg["k"] = spec.k
-    tmp = _atomic_dir(out)
-    save_file(weights, os.path.join(tmp, "sae_weights.safetensors"))
-    with open(os.path.join(tmp, "cfg.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    _commit_dir(tmp, out)
-    return out
+    return _write_export(out, "sae_weights.safetensors", weights, cfg)
 
 
 def export_sparsify(sae_dir: str, out: str) -> str:
@@ -151,8 +146,13 @@ def export_sparsify(sae_dir: str, out: str) -> str:
     cfg = {"d_in": spec.d_in, "num_latents": spec.d_sae, "k": spec.k, "expansion_factor":
            spec.d_sae // spec.d_in, "normalize_decoder": True, "multi_topk": False,
            "skip_connection": False, "hook": info.get("hook"), "model": info.get("model")}
+    return _write_export(out, "sae.safetensors", weights, cfg)
+
+
+def _write_export(out: str, weights_name: str, weights: dict, cfg: dict) -> str:
+    """Weights + cfg.json into a temporary folder, renamed to `out` once both are written."""
     tmp = _atomic_dir(out)
-    save_file(weights, os.path.join(tmp, "sae.safetensors"))
+    save_file(weights, os.path.join(tmp, weights_name))
     with open(os.path.join(tmp, "cfg.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     _commit_dir(tmp, out)
