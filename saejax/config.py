@@ -219,11 +219,5 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(values: dict) -> RunConfig:
-    cfg = RunConfig()
-    _apply(cfg, values)
-    return cfg
-
-
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

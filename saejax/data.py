@@ -63,15 +63,24 @@ class ArraySource:
         future = self.store.read_async(start, stop, self.hook)
         return future.result
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows (sorted indices), in the stored dtype."""
+        if self.store is None:
+            return np.asarray(self._array[rows])
+        return self.store.take(rows, self.hook)
+
     def mean_norm(self) -> float | None:
         value = (self.meta.get("mean_norm") or {}).get(self.hook)
         return float(value) if value else None
 
 
-def check_finite(rows: np.ndarray, first_row: int, path: str) -> None:
+def check_finite(rows: np.ndarray, first_row, path: str) -> None:
+    """Raise with the row number of the first non-finite row. `first_row` is the row number
+    of rows[0] (contiguous rows) or an array with the row number of every row."""
     finite = np.isfinite(rows.astype(np.float32, copy=False)).all(axis=1)
     if not finite.all():
-        bad = first_row + int(np.flatnonzero(~finite)[0])
+        i = int(np.flatnonzero(~finite)[0])
+        bad = int(first_row[i]) if isinstance(first_row, np.ndarray) else first_row + i
         raise SaejaxError(f"row {bad} of {path} contains NaN or Inf; fix or re-extract the data")
 
 
@@ -90,14 +99,13 @@ class BatchPlan:
     """Which rows form batch b: a pure function of (seed, b)."""
 
     def __init__(self, train_rows: int, batch_size: int, block_rows: int, shuffle_blocks: int,
-                 seed: int, row_offset: int = 0, row_stride_blocks: tuple[int, int] = (0, 1)):
+                 seed: int):
         if train_rows < batch_size:
             raise SaejaxError(f"the data has {train_rows} training rows, fewer than one batch "
                               f"of {batch_size}")
         self.train_rows, self.batch_size = train_rows, batch_size
         self.block_rows = min(block_rows, train_rows)
         self.shuffle_blocks, self.seed = shuffle_blocks, seed
-        self.row_offset = row_offset
         self.n_blocks = train_rows // self.block_rows  # a ragged last block is dropped
         self.epoch_rows = self.n_blocks * self.block_rows
 
@@ -121,11 +129,10 @@ class Loader:
     """Iterates batches (float arrays [batch, d_in] in the stored dtype) from `start_batch`."""
 
     def __init__(self, source: ArraySource, cfg: DataConfig, batch_size: int, start_batch: int = 0,
-                 transform: Callable[[np.ndarray], object] | None = None,
-                 train_rows: int | None = None):
+                 transform: Callable[[np.ndarray], object] | None = None):
         self.source, self.cfg = source, cfg
         split = split_rows(source.n_rows, cfg.validation_tokens)
-        self.plan = BatchPlan(train_rows or split.train_rows, batch_size, cfg.block_rows,
+        self.plan = BatchPlan(split.train_rows, batch_size, cfg.block_rows,
                               cfg.shuffle_blocks, cfg.seed)
         self.start_batch = start_batch
         self.transform = transform or (lambda b: b)
@@ -209,13 +216,6 @@ def sample_rows(source: ArraySource, n: int, seed: int, train_rows: int) -> np.n
     """A seeded random sample of training rows (for b_dec and input-scale estimates)."""
     n = min(n, train_rows)
     idx = np.sort(np.random.default_rng([seed, 7]).choice(train_rows, n, replace=False))
-    if source.store is None:
-        rows = np.asarray(source._array[idx])
-    else:
-        rows = source.store.take(idx, source.hook)
-    rows = rows.astype(np.float32)
-    finite = np.isfinite(rows).all(axis=1)
-    if not finite.all():
-        raise SaejaxError(f"row {int(idx[np.flatnonzero(~finite)[0]])} of {source.path} "
-                          "contains NaN or Inf; fix or re-extract the data")
+    rows = source.take(idx).astype(np.float32)
+    check_finite(rows, idx, source.path)
     return rows

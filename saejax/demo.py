@@ -82,7 +82,7 @@ def _train_one(store_path: str, run_dir: str, arch: str, extra: list[str], args)
                  f"train.tokens={args.train_tokens}", f"log.progress={'false' if args.quiet else 'true'}",
                  *extra]
     if os.path.exists(os.path.join(run_dir, "config.yaml")):
-        result = train(load_run_config(run_dir), resume=_has_checkpoint(run_dir))
+        result = train(load_run_config(run_dir), resume=True)
     else:
         if not os.path.exists(CONFIG_PATH):
             raise SaejaxError(f"{CONFIG_PATH} not found: run the demo from a source checkout")
@@ -90,8 +90,3 @@ def _train_one(store_path: str, run_dir: str, arch: str, extra: list[str], args)
     if result.stopped_early:
         raise KeyboardInterrupt
     return result.final_metrics
-
-
-def _has_checkpoint(run_dir: str) -> bool:
-    ckpt = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))

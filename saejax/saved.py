@@ -104,12 +104,9 @@ def fold_to_model_units(params: dict, spec: S.SAESpec, input_scale: float) -> tu
 
 
 def load_native(path: str) -> LoadedSAE:
-    with open(os.path.join(path, "sae.json")) as f:
-        info = json.load(f)
-    spec = S.SAESpec(**info["spec"])
-    params, _ = fold_to_model_units(load_file(os.path.join(path, "sae_weights.safetensors")), spec,
-                                    info["input_scale"])
-    return LoadedSAE({k: jnp.asarray(v) for k, v in params.items()}, spec, info)
+    native = _read_native(path)
+    params, _ = fold_to_model_units(native["params"], native["spec"], native["info"]["input_scale"])
+    return LoadedSAE({k: jnp.asarray(v) for k, v in params.items()}, native["spec"], native["info"])
 
 
 def export_saelens(sae_dir: str, out: str) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 from saejax import sae as S
 from saejax import train_step as T
 from saejax.checkpoint import Checkpointer
-from saejax.config import RunConfig, dump_yaml, from_dict, to_dict
+from saejax.config import RunConfig, dump_yaml, load_config
 from saejax.data import ArraySource, Loader, sample_rows, split_rows
 from saejax.errors import SaejaxError
 from saejax.metrics import MetricsLogger, evaluate
@@ -109,19 +109,12 @@ def _check_run_dir(cfg: RunConfig, resume: bool) -> None:
 
 
 def load_run_config(run_dir: str, overrides: list[str] = ()) -> RunConfig:
-    import yaml
-
-    from saejax.config import _apply, parse_override, validate
-
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise SaejaxError(f"{run_dir} is not a saejax run (no config.yaml)")
-    with open(path) as f:
-        cfg = from_dict(yaml.safe_load(f))
-    for text in overrides:
-        _apply(cfg, parse_override(text))
-    cfg.run_dir = run_dir
-    return validate(cfg)
+    cfg = load_config(path, overrides)
+    cfg.run_dir = run_dir  # the run may have been moved since it was written
+    return cfg
 
 
 def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) -> TrainResult:
@@ -137,8 +130,10 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
                           f"({cfg.train.batch_size})")
     info = checkpoint_info(cfg, source.d_in)
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
-    if resume:
+    if resume and ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state, info)
+    elif resume:
+        pass  # stopped before its first checkpoint: start again from step 0, same config
     elif ckpt.latest_step() is not None:
         raise SaejaxError(f"{cfg.run_dir} already has checkpoints; use --resume")
     else:
@@ -199,7 +194,3 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
         with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
             json.dump(final, f, indent=2)
     return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s)
-
-
-def config_to_json(cfg: RunConfig) -> str:
-    return json.dumps(to_dict(cfg))

@@ -14,13 +14,14 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from saejax import sae as S
 from saejax.config import SAEConfig, TrainConfig
 
 TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
-DENSITY_EDGES = tuple(float(e) for e in jnp.linspace(-8.0, 0.0, 17))  # log10 firing frequency
+DENSITY_EDGES = tuple(float(e) for e in np.linspace(-8.0, 0.0, 17))  # log10 firing frequency
 METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "sparsity_loss", "grad_norm")
 
 

@@ -92,3 +92,12 @@ def test_sigterm_checkpoints_and_exits(rows_path, tmp_path):
     assert steps and 0 < max(steps) < 2000000 // 256
     saved = yaml.safe_load((tmp_path / "term" / "config.yaml").read_text())
     assert saved["train"]["tokens"] == 2000000
+
+
+def test_resume_before_the_first_checkpoint_starts_over(rows_path, tmp_path):
+    cfg = small_config(rows_path, str(tmp_path / "early"), "train.checkpoint_every=1000")
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.yaml").write_text(dump_yaml(cfg))  # as a run killed at step 5 leaves it
+    resumed = train(load_run_config(str(tmp_path / "early")), resume=True)
+    full = train(small_config(rows_path, str(tmp_path / "full"), "train.checkpoint_every=1000"))
+    _assert_same(_params(full.state), _params(resumed.state))
