@@ -111,7 +111,12 @@ def _add_demo(sub):
     add_demo_parser(sub)
 
 
-_REGISTRY = [_add_extract, _add_store, _add_demo]
+def _add_analyze(sub):
+    from saejax import cli_analyze
+    cli_analyze.add_parsers(sub, _Parser)
+
+
+_REGISTRY = [_add_extract, _add_store, _add_demo, _add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
