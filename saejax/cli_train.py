@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 def add_parsers(sub) -> None:
+    from saejax.bench import add_parser as add_bench
+
     _add_train(sub)
     _add_export(sub)
+    add_bench(sub)
 
 
 def _add_train(sub):

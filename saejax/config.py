@@ -57,6 +57,7 @@ class SAEConfig:
     b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
     scale_inputs: bool = True  # scale inputs to mean norm sqrt(d_in); folded back on export
     dtype: str = "float32"  # compute dtype (float32 | bfloat16); master weights stay float32
+    topk_kernel: str = "sparse"  # topk: sparse (gather/scatter on the k selected) | dense
 
 
 @dataclass
@@ -174,6 +175,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise SaejaxError(f"unknown sae.architecture '{s.architecture}'; choose {', '.join(ARCHITECTURES)}")
     if s.d_sae <= 0:
         raise SaejaxError(f"sae.d_sae must be positive, got {s.d_sae}")
+    if s.topk_kernel not in ("sparse", "dense"):
+        raise SaejaxError(f"unknown sae.topk_kernel '{s.topk_kernel}'; choose sparse or dense")
     if s.architecture in ("topk", "batchtopk") and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
     if s.b_dec_init not in ("geometric_median", "mean", "zeros"):

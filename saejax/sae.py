@@ -31,12 +31,17 @@ class SAESpec:
     aux_k: int = 256
     jumprelu_bandwidth: float = 1e-3
     compute_dtype: str = "float32"
+    sparse_topk: bool = True  # topk trains through the sparse kernels (dense: the reference)
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, d_in: int) -> "SAESpec":
         aux_k = cfg.aux_k or max(1, d_in // 2)
         return cls(cfg.architecture, d_in, cfg.d_sae, cfg.k, min(aux_k, cfg.d_sae),
-                   cfg.jumprelu_bandwidth, cfg.dtype)
+                   cfg.jumprelu_bandwidth, cfg.dtype, cfg.topk_kernel == "sparse")
+
+    @property
+    def uses_sparse_kernels(self) -> bool:
+        return self.architecture == "topk" and self.sparse_topk
 
     @property
     def has_threshold(self) -> bool:
@@ -120,6 +125,83 @@ def _step_bwd(bandwidth, residual, g):
 step_fn.defvjp(_step_fwd, _step_bwd)
 
 
+# ---- sparse TopK kernels: after the encoder matmul, cost grows with k, not d_sae ----
+@jax.custom_vjp
+def selected_preacts(x, b_dec, W_enc, b_enc, idx, values):
+    """Pre-activations `values` [B, k] of the latents `idx` [B, k], with sparse gradients.
+
+    The forward pass returns `values` unchanged: they come from the dense encoder matmul,
+    which selection needs anyway. The backward pass touches only the selected encoder
+    columns and biases, O(B·k·d_in) instead of O(B·d_sae·d_in):
+        dW_enc[:, j] = Σ_{(b,i): idx=j} g[b,i]·(x[b] − b_dec)     (scatter-add)
+        db_enc[j]    = Σ_{(b,i): idx=j} g[b,i]
+        db_dec       = −W_enc · db_enc
+    `x` is data: it gets no gradient.
+    """
+    return values
+
+
+def _selected_preacts_fwd(x, b_dec, W_enc, b_enc, idx, values):
+    return values, (x, b_dec, W_enc, idx)
+
+
+def _selected_preacts_bwd(residual, g):
+    x, b_dec, W_enc, idx = residual
+    d_sae = W_enc.shape[1]
+    g = g.astype(jnp.float32)
+    xc = x - b_dec
+    flat = idx.reshape(-1)
+    updates = (g[:, :, None] * xc[:, None, :]).reshape(-1, xc.shape[-1])
+    dW_enc_t = jnp.zeros((d_sae, xc.shape[-1]), jnp.float32).at[flat].add(updates)
+    db_enc = jnp.zeros(d_sae, jnp.float32).at[flat].add(g.reshape(-1))
+    db_dec = -(W_enc @ db_enc)
+    return None, db_dec, dW_enc_t.T, db_enc, None, None
+
+
+selected_preacts.defvjp(_selected_preacts_fwd, _selected_preacts_bwd)
+
+
+def _gather_rows_weighted(weights, idx, table):
+    """Σ_j weights[:, j, None]·table[idx[:, j]] as a scan over j.
+
+    One [B]-row gather per j fuses with the multiply-add; gathering all [B, k] rows at
+    once would materialise a [B, k, d] array (gigabytes at scale) first.
+    """
+    def add_one(total, column):
+        w, i = column
+        return total + w[:, None] * table[i], None
+    init = jnp.zeros((idx.shape[0], table.shape[1]), jnp.float32)
+    return jax.lax.scan(add_one, init, (weights.T, idx.T))[0]
+
+
+@jax.custom_vjp
+def sparse_decode(acts, idx, W_dec):
+    """Σ_i acts[b, i]·W_dec[idx[b, i]]: only the k selected decoder rows of each input.
+
+    Backward: d acts[b, i] = g[b]·W_dec[idx[b, i]] (a gather per i) and
+    dW_dec[j] = Σ_{(b,i): idx=j} acts[b, i]·g[b] (a scatter-add into the selected rows).
+    """
+    return _gather_rows_weighted(acts, idx, W_dec)
+
+
+def _sparse_decode_fwd(acts, idx, W_dec):
+    return _gather_rows_weighted(acts, idx, W_dec), (acts, idx, W_dec)
+
+
+def _sparse_decode_bwd(residual, g):
+    acts, idx, W_dec = residual
+
+    def dot_one(_, i):
+        return None, jnp.sum(g * W_dec[i], axis=-1)
+    d_acts = jax.lax.scan(dot_one, None, idx.T)[1].T
+    updates = (acts[:, :, None] * g[:, None, :]).reshape(-1, g.shape[-1])
+    dW_dec = jnp.zeros_like(W_dec).at[idx.reshape(-1)].add(updates)
+    return d_acts, None, dW_dec
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
 # ---- the forward pass -------------------------------------------------------------
 def pre_activations(params, x, spec: SAESpec):
     dt = jnp.dtype(spec.compute_dtype)
@@ -176,27 +258,67 @@ def total_variance(x):
     return jnp.sum(jnp.square(x - x.mean(0)))
 
 
-def auxk_loss(params, pre, residual, dead, spec: SAESpec, variance):
-    """AuxK: reconstruct the main residual from the top aux_k dead latents."""
+def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
+    """The reference: the encoder recomputed and differentiated densely."""
+    pre = pre_activations(params, x, spec)
     dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
     f_aux = topk_activation(dead_pre, spec.aux_k)
     dt = jnp.dtype(spec.compute_dtype)
     residual_hat = (f_aux.astype(dt) @ params["W_dec"].astype(dt)).astype(jnp.float32)
-    n_dead = dead.sum()
-    scale = jnp.minimum(n_dead / spec.aux_k, 1.0)
-    loss = jnp.sum(jnp.square(residual_hat - residual)) / variance
-    return jnp.where(n_dead > 0, scale * loss, 0.0)
+    return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
-def loss_fn(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coefficient):
-    """Training loss and its parts. `x` is already in training units (scaled)."""
-    x_hat, f, pre = forward(params, x, spec, training=True)
+def _auxk_sparse(params, x, pre, residual, dead, spec: SAESpec, variance):
+    dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
+    values, idx = jax.lax.top_k(dead_pre, spec.aux_k)
+    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
+    residual_hat = sparse_decode(jax.nn.relu(values), idx, params["W_dec"])
+    return jnp.sum(jnp.square(residual_hat - residual)) / variance
+
+
+def auxk_loss(params, x, pre, residual, dead, spec: SAESpec, variance):
+    """AuxK: reconstruct the main residual from the top aux_k dead latents, scaled by
+    min(n_dead / aux_k, 1). `pre` and `residual` are constants (no gradient)."""
+    scale = jnp.minimum(dead.sum() / spec.aux_k, 1.0)
+    if spec.uses_sparse_kernels:
+        return scale * _auxk_sparse(params, x, pre, residual, dead, spec, variance)
+    return scale * _auxk_dense(params, x, residual, dead, spec, variance)
+
+
+def _sparse_forward(params, x, spec: SAESpec):
+    """TopK through the sparse kernels: (reconstruction, values [B,k], idx [B,k], pre)."""
+    pre = jax.lax.stop_gradient(pre_activations(params, x, spec))
+    values, idx = jax.lax.top_k(pre, spec.k)
+    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
+    acts = jax.nn.relu(values)
+    x_hat = sparse_decode(acts, idx, params["W_dec"]) + params["b_dec"]
+    return x_hat, acts, idx, pre
+
+
+def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
+    """The main training loss (AuxK apart, see `loss_and_grads`). `x` is in training units.
+
+    Returns (loss, (parts, fires, smallest_active, pre, err)): fires [d_sae] counts the
+    rows in which each latent is active; smallest_active is the smallest positive
+    activation (BatchTopK's threshold statistic); pre and err feed AuxK.
+    """
+    if spec.uses_sparse_kernels:
+        x_hat, acts, idx, pre = _sparse_forward(params, x, spec)
+        active = acts > 0
+        fires = jnp.zeros(spec.d_sae, jnp.int32).at[idx.reshape(-1)].add(
+            active.reshape(-1).astype(jnp.int32))
+        smallest = jnp.min(jnp.where(active, acts, jnp.inf))
+    else:
+        x_hat, f, pre = forward(params, x, spec, training=True)
+        active = f > 0
+        fires = jnp.sum(active, axis=0, dtype=jnp.int32)
+        smallest = jnp.min(jnp.where(active, f, jnp.inf))
     err = x - x_hat
     sq = jnp.sum(jnp.square(err))
     variance = jnp.maximum(total_variance(x), 1e-12)
     parts = {"mse": sq / x.shape[0], "fvu": sq / variance,
-             "l0": jnp.mean(jnp.sum(f > 0, axis=-1)), "aux_loss": jnp.float32(0.0),
-             "sparsity_loss": jnp.float32(0.0)}
+             "l0": jnp.mean(jnp.sum(active, axis=-1)),
+             "aux_loss": jnp.float32(0.0), "sparsity_loss": jnp.float32(0.0)}
     a = spec.architecture
     if a == "relu":
         dec_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
@@ -207,10 +329,31 @@ def loss_fn(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coefficien
         parts["sparsity_loss"] = l0
         loss = parts["mse"] + sparsity_coefficient * l0
     else:
-        parts["aux_loss"] = auxk_loss(params, pre, jax.lax.stop_gradient(err), dead, spec, variance)
-        loss = parts["fvu"] + aux_coefficient * parts["aux_loss"]
+        loss = parts["fvu"]
     parts["loss"] = loss
-    return loss, (parts, f)
+    return loss, (parts, fires, smallest, jax.lax.stop_gradient(pre), jax.lax.stop_gradient(err))
+
+
+def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coefficient):
+    """(parts, fires, smallest_active, grads) of the full loss, AuxK included.
+
+    AuxK has its own gradient inside a lax.cond that runs only while some latent is dead:
+    differentiating through the cond instead would keep both branches' residuals alive and
+    cost as much as the AuxK pass itself on every step.
+    """
+    (_, (parts, fires, smallest, pre, err)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, x, spec, sparsity_coefficient)
+    if spec.architecture not in ("topk", "batchtopk"):
+        return parts, fires, smallest, grads
+    variance = jnp.maximum(total_variance(x), 1e-12)
+
+    def with_aux(grads):
+        aux, aux_grads = jax.value_and_grad(auxk_loss)(params, x, pre, err, dead, spec, variance)
+        return aux, jax.tree_util.tree_map(lambda g, a: g + aux_coefficient * a, grads, aux_grads)
+
+    aux, grads = jax.lax.cond(jnp.any(dead), with_aux, lambda g: (jnp.float32(0.0), g), grads)
+    parts = {**parts, "aux_loss": aux, "loss": parts["loss"] + aux_coefficient * aux}
+    return parts, fires, smallest, grads
 
 
 # ---- initialisation helpers ---------------------------------------------------------

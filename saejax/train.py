@@ -38,7 +38,8 @@ class TrainResult:
     spec: S.SAESpec
     final_metrics: dict
     stopped_early: bool
-    tokens_per_s: float
+    tokens_per_s: float  # over the whole call, compilation and final checkpoint included
+    steady_tokens_per_s: float = 0.0  # from the end of the first (compiling) step to the last
 
 
 def _resample_enabled(cfg: RunConfig) -> bool:
@@ -152,12 +153,16 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
 
     stopped = False
     t_start, step = time.perf_counter(), start_step
+    t_steady = None
     try:
         with _StopFlag() as stop:
             while step < end_step:
                 batch = next(loader)
                 state, _ = step_fn(state, batch)
                 step += 1
+                if t_steady is None:  # one sync, after the compiling step, for the steady rate
+                    jax.block_until_ready(state.step)
+                    t_steady = time.perf_counter()
                 if resample_at:
                     pool.append(batch)
                     if step in resample_at:
@@ -171,6 +176,8 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
                 if stop.signum is not None:
                     stopped = True
                     break
+        jax.block_until_ready(state.step)
+        t_loop_end = time.perf_counter()
         ckpt.save(step, state, info)
         ckpt.wait()
     finally:
@@ -179,10 +186,13 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
         ckpt.close()
     elapsed = time.perf_counter() - t_start
     tokens_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
+    steady = 0.0
+    if t_steady is not None and step - start_step > 1:
+        steady = (step - start_step - 1) * cfg.train.batch_size / max(t_loop_end - t_steady, 1e-9)
     if stopped:
         print(f"\nstopped at step {step}/{total_steps}; checkpoint saved. Resume with "
               f"`saejax train --resume {cfg.run_dir}`", file=sys.stderr)
-        return TrainResult(cfg.run_dir, state, spec, {}, True, tokens_per_s)
+        return TrainResult(cfg.run_dir, state, spec, {}, True, tokens_per_s, steady)
 
     final = {}
     if step == total_steps:
@@ -193,4 +203,4 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
                  cfg, source.meta, source.hook)
         with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
             json.dump(final, f, indent=2)
-    return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s)
+    return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s, steady)

@@ -102,9 +102,8 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         x = batch.astype(jnp.float32) * state.input_scale
         dead = state.tokens_since_fired >= sae_cfg.dead_tokens
-        grad_fn = jax.value_and_grad(S.loss_fn, has_aux=True)
-        (_, (parts, f)), grads = grad_fn(state.params, x, spec, dead,
-                                         sparsity_coefficient(state.step), aux_coefficient)
+        parts, fires, smallest, grads = S.loss_and_grads(
+            state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient)
         if spec.architecture == "batchtopk":
             grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
         if normalize:
@@ -113,24 +112,23 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = project_params(optax.apply_updates(state.params, updates), spec, normalize)
         if spec.architecture == "batchtopk":
-            params = {**params, "threshold": _batchtopk_threshold(state, f)}
-        fired = jnp.any(f > 0, axis=0)
+            params = {**params, "threshold": _batchtopk_threshold(state, smallest)}
+        fired = fires > 0
         n = jnp.int32(x.shape[0])
         tsf = jnp.where(fired, 0, jnp.minimum(state.tokens_since_fired + n, TSF_CAP))
         sums = {k: state.metric_sums[k] + parts[k].astype(jnp.float32) for k in METRIC_NAMES}
         sums["steps"] = state.metric_sums["steps"] + 1.0
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, tokens_since_fired=tsf,
-            fire_count=state.fire_count + jnp.sum(f > 0, axis=0, dtype=jnp.int32),
+            fire_count=state.fire_count + fires,
             window_tokens=state.window_tokens + n, metric_sums=sums)
         return new_state, parts
 
     return train_step
 
 
-def _batchtopk_threshold(state: TrainState, f):
+def _batchtopk_threshold(state: TrainState, smallest):
     """Running mean of the smallest kept activation: the inference threshold of BatchTopK."""
-    smallest = jnp.min(jnp.where(f > 0, f, jnp.inf))
     smallest = jnp.where(jnp.isfinite(smallest), smallest, state.params["threshold"][0])
     old = state.params["threshold"]
     value = jnp.where(state.step == 0, smallest, 0.99 * old + 0.01 * smallest)
