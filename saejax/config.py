@@ -26,6 +26,10 @@ class DataConfig:
     block_rows: int = 8192  # rows per contiguous read
     shuffle_blocks: int = 16  # blocks mixed together in the shuffle buffer
     prefetch: int = 4  # batches prepared ahead of the step
+    # The training rows are cut into this many contiguous, disjoint slices and every batch
+    # takes batch_size/slices rows from each; in a multi-process run each process reads only
+    # its own slices. 0 means one slice per process. Part of what defines the data order.
+    slices: int = 0
 
 
 @dataclass
@@ -79,8 +83,12 @@ class TrainConfig:
 
 @dataclass
 class MeshConfig:
-    data: int = 1
-    model: int = 1
+    data: int = 1  # devices the batch is split over
+    model: int = 1  # devices the latents are split over
+    distributed: str = "off"  # off | auto (jax.distributed.initialize() finds the cluster)
+    coordinator: str = ""  # host:port of process 0, for an explicit multi-process launch
+    num_processes: int = 0
+    process_id: int = -1
 
 
 @dataclass
@@ -192,9 +200,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise SaejaxError(f"train.lr must be positive, got {t.lr}")
     if cfg.mesh.data <= 0 or cfg.mesh.model <= 0:
         raise SaejaxError(f"mesh sizes must be positive, got {cfg.mesh}")
-    if cfg.mesh.data * cfg.mesh.model > 1:
-        raise SaejaxError("mesh sharding (mesh.data/mesh.model > 1) is not implemented yet; "
-                          "train on one device (mesh: {data: 1, model: 1})")
+    if cfg.mesh.distributed not in ("off", "auto"):
+        raise SaejaxError(f"unknown mesh.distributed '{cfg.mesh.distributed}'; choose off or auto")
+    if cfg.data.slices < 0 or (cfg.data.slices and cfg.train.batch_size % cfg.data.slices):
+        raise SaejaxError(f"data.slices {cfg.data.slices} must divide train.batch_size "
+                          f"{cfg.train.batch_size}")
+    if cfg.train.batch_size % cfg.mesh.data:
+        raise SaejaxError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
+                          f"mesh.data {cfg.mesh.data}")
+    if cfg.sae.d_sae % cfg.mesh.model:
+        raise SaejaxError(f"sae.d_sae {cfg.sae.d_sae} is not divisible by mesh.model {cfg.mesh.model}")
     if not cfg.data.path:
         raise SaejaxError("data.path is not set (a store directory or a .npy file)")
     return cfg

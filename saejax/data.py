@@ -99,22 +99,24 @@ class BatchPlan:
     """Which rows form batch b: a pure function of (seed, b)."""
 
     def __init__(self, train_rows: int, batch_size: int, block_rows: int, shuffle_blocks: int,
-                 seed: int):
+                 seed: int, row_offset: int = 0, stream: int | None = None):
         if train_rows < batch_size:
             raise SaejaxError(f"the data has {train_rows} training rows, fewer than one batch "
                               f"of {batch_size}")
         self.train_rows, self.batch_size = train_rows, batch_size
         self.block_rows = min(block_rows, train_rows)
         self.shuffle_blocks, self.seed = shuffle_blocks, seed
+        self.row_offset = row_offset  # first row of this plan's slice of the store
+        self._key = [seed] if stream is None else [seed, 1_000_003, stream]
         self.n_blocks = train_rows // self.block_rows  # a ragged last block is dropped
         self.epoch_rows = self.n_blocks * self.block_rows
 
     def groups(self, epoch: int) -> list[np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        order = np.random.default_rng(self._key + [epoch]).permutation(self.n_blocks)
         return [order[i:i + self.shuffle_blocks] for i in range(0, self.n_blocks, self.shuffle_blocks)]
 
     def row_permutation(self, epoch: int, group: int, n: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, group, 1]).permutation(n)
+        return np.random.default_rng(self._key + [epoch, group, 1]).permutation(n)
 
     def locate(self, batch_index: int) -> tuple[int, int, int]:
         """(epoch, group, offset within the group's shuffled rows) of a batch's first row."""
@@ -126,14 +128,27 @@ class BatchPlan:
 
 
 class Loader:
-    """Iterates batches (float arrays [batch, d_in] in the stored dtype) from `start_batch`."""
+    """Iterates batches (float arrays [batch, d_in] in the stored dtype) from `start_batch`.
+
+    With `n_slices` > 1 the training rows are cut into that many contiguous slices, each
+    with its own shuffled stream, and a batch is the concatenation of batch/n_slices rows
+    from each; `slices` picks which of them this loader reads (a process reads only its own).
+    """
 
     def __init__(self, source: ArraySource, cfg: DataConfig, batch_size: int, start_batch: int = 0,
-                 transform: Callable[[np.ndarray], object] | None = None):
+                 transform: Callable[[np.ndarray], object] | None = None, n_slices: int = 1,
+                 slices: list[int] | None = None):
         self.source, self.cfg = source, cfg
         split = split_rows(source.n_rows, cfg.validation_tokens)
-        self.plan = BatchPlan(split.train_rows, batch_size, cfg.block_rows,
-                              cfg.shuffle_blocks, cfg.seed)
+        if n_slices == 1:
+            self.plans = [BatchPlan(split.train_rows, batch_size, cfg.block_rows,
+                                    cfg.shuffle_blocks, cfg.seed)]
+        else:
+            per = split.train_rows // n_slices
+            self.plans = [BatchPlan(per, batch_size // n_slices, cfg.block_rows, cfg.shuffle_blocks,
+                                    cfg.seed, row_offset=s * per, stream=s)
+                          for s in (range(n_slices) if slices is None else slices)]
+        self.plan = self.plans[0]
         self.start_batch = start_batch
         self.transform = transform or (lambda b: b)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
@@ -141,34 +156,43 @@ class Loader:
         self._thread = threading.Thread(target=self._produce, daemon=True)
         self._thread.start()
 
-    def _read_group(self, epoch: int, group: int) -> np.ndarray:
-        blocks = self.plan.groups(epoch)[group]
-        br = self.plan.block_rows
-        pending = [(b * br, self.source.read_async(b * br, (b + 1) * br)) for b in blocks]
+    def _read_group(self, plan: BatchPlan, epoch: int, group: int) -> np.ndarray:
+        blocks = plan.groups(epoch)[group]
+        br, first_row = plan.block_rows, plan.row_offset
+        pending = [(first_row + b * br, self.source.read_async(first_row + b * br,
+                                                              first_row + (b + 1) * br))
+                   for b in blocks]
         parts = []
         for first, get in pending:
             rows = get()
             check_finite(rows, first, self.source.path)
             parts.append(rows)
         rows = np.concatenate(parts)
-        return rows[self.plan.row_permutation(epoch, group, len(rows))]
+        return rows[plan.row_permutation(epoch, group, len(rows))]
 
-    def _batches(self) -> Iterator[np.ndarray]:
-        epoch, group, offset = self.plan.locate(self.start_batch)
+    def _plan_batches(self, plan: BatchPlan) -> Iterator[np.ndarray]:
+        epoch, group, offset = plan.locate(self.start_batch)
         carry = None
         while not self._stop.is_set():
-            n_groups = len(self.plan.groups(epoch))
-            rows = self._read_group(epoch, group)[offset:]
+            n_groups = len(plan.groups(epoch))
+            rows = self._read_group(plan, epoch, group)[offset:]
             offset = 0
             if carry is not None:
                 rows = np.concatenate([carry, rows])
-            n_full = len(rows) // self.plan.batch_size
+            n_full = len(rows) // plan.batch_size
             for i in range(n_full):
-                yield rows[i * self.plan.batch_size:(i + 1) * self.plan.batch_size]
-            carry = rows[n_full * self.plan.batch_size:]
+                yield rows[i * plan.batch_size:(i + 1) * plan.batch_size]
+            carry = rows[n_full * plan.batch_size:]
             group += 1
             if group == n_groups:
                 epoch, group = epoch + 1, 0
+
+    def _batches(self) -> Iterator[np.ndarray]:
+        if len(self.plans) == 1:
+            yield from self._plan_batches(self.plans[0])
+            return
+        for parts in zip(*(self._plan_batches(p) for p in self.plans)):
+            yield np.concatenate(parts)
 
     def _produce(self) -> None:
         try:

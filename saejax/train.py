@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import sae as S
+from saejax import sharding as SH
 from saejax import train_step as T
 from saejax.checkpoint import Checkpointer
 from saejax.config import RunConfig, dump_yaml, load_config
@@ -51,7 +52,12 @@ def checkpoint_info(cfg: RunConfig, d_in: int) -> dict:
     """What a checkpoint must agree on with the config that resumes it."""
     s = cfg.sae
     return {"architecture": s.architecture, "d_in": d_in, "d_sae": s.d_sae, "k": s.k,
-            "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "data_seed": cfg.data.seed}
+            "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "data_seed": cfg.data.seed,
+            "data_slices": data_slices(cfg)}
+
+
+def data_slices(cfg: RunConfig) -> int:
+    return cfg.data.slices or jax.process_count()
 
 
 def prepare(cfg: RunConfig, source: ArraySource):
@@ -119,16 +125,34 @@ def load_run_config(run_dir: str, overrides: list[str] = ()) -> RunConfig:
 
 
 def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) -> TrainResult:
-    """Train (or resume) the run described by `cfg`. `max_steps` stops early (tests, benches)."""
+    """Train (or resume) the run described by `cfg`. `max_steps` stops early (tests, benches).
+
+    On a mesh (cfg.mesh) the state is placed by `sharding.state_shardings` and the step is
+    partitioned by XLA; in a multi-process run every process runs this same function, reads
+    only its own slices of the store, and process 0 writes the logs and the final SAE.
+    """
+    SH.init_distributed(cfg.mesh)
+    mesh = SH.make_mesh(cfg.mesh)
+    n_procs, proc = jax.process_count(), jax.process_index()
+    n_slices = data_slices(cfg)
+    if n_slices % n_procs or cfg.mesh.data % n_procs:
+        raise SaejaxError(f"{n_procs} processes need data.slices ({n_slices}) and mesh.data "
+                          f"({cfg.mesh.data}) to be multiples of {n_procs}")
+    is_main = proc == 0
     source = ArraySource(cfg.data.path, cfg.data.hook)
     if cfg.sae.d_in and cfg.sae.d_in != source.d_in:
         raise SaejaxError(f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has "
                           f"d_in {source.d_in}")
     _check_run_dir(cfg, resume)
+    if n_procs > 1:  # nobody writes into the run directory before everyone has checked it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("saejax: run directory checked")
     spec, tx, state, total_steps = prepare(cfg, source)
     if total_steps == 0:
         raise SaejaxError(f"train.tokens ({cfg.train.tokens}) is less than one batch "
                           f"({cfg.train.batch_size})")
+    shardings = SH.state_shardings(state, mesh)
+    state = SH.place(state, shardings)
     info = checkpoint_info(cfg, source.d_in)
     ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
     if resume and ckpt.latest_step() is not None:
@@ -137,18 +161,24 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
         pass  # stopped before its first checkpoint: start again from step 0, same config
     elif ckpt.latest_step() is not None:
         raise SaejaxError(f"{cfg.run_dir} already has checkpoints; use --resume")
-    else:
+    elif is_main:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(cfg))
 
-    start_step = int(state.step)
+    start_step = int(SH.to_host(state.step, mesh))
+    per_proc = n_slices // n_procs
+    batch_on_mesh = SH.batch_sharding(mesh)
     loader = Loader(source, cfg.data, cfg.train.batch_size, start_batch=start_step,
-                    transform=jax.device_put)
-    step_fn = jax.jit(T.make_train_step(spec, cfg.sae, tx, total_steps), donate_argnums=0)
-    summarize = jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0)
+                    transform=lambda rows: SH.put_batch(rows, batch_on_mesh, cfg.train.batch_size),
+                    n_slices=n_slices, slices=list(range(proc * per_proc, (proc + 1) * per_proc)))
+    everywhere = SH.replicated(mesh)
+    step_fn = jax.jit(T.make_train_step(spec, cfg.sae, tx, total_steps), donate_argnums=0,
+                      out_shardings=(shardings, everywhere))
+    summarize = jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0,
+                        out_shardings=(everywhere, shardings))
     resample_at = T.resample_steps(cfg.train, total_steps) if _resample_enabled(cfg) else set()
     pool = collections.deque(maxlen=max(1, cfg.train.resample.pool_batches))
-    logger = MetricsLogger(cfg, total_steps, start_step)
+    logger = MetricsLogger(cfg, total_steps, start_step) if is_main else None
     end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
 
     stopped = False
@@ -168,9 +198,11 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
                     if step in resample_at:
                         state = T.resample(state, jnp.concatenate(list(pool)), spec,
                                            cfg.sae.dead_tokens, cfg.train.resample.encoder_scale)
+                        state = jax.device_put(state, shardings)  # no-op when already there
                 if step % cfg.train.log_every == 0 or step == end_step:
                     metrics, state = summarize(state, dead_tokens=cfg.sae.dead_tokens)
-                    logger.log(step, jax.device_get(metrics))
+                    if logger is not None:
+                        logger.log(step, SH.local_values(metrics))
                 if step % cfg.train.checkpoint_every == 0 and step < end_step:
                     ckpt.save(step, state, info)
                 if stop.signum is not None:
@@ -182,7 +214,8 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
         ckpt.wait()
     finally:
         loader.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
         ckpt.close()
     elapsed = time.perf_counter() - t_start
     tokens_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
@@ -196,11 +229,14 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
 
     final = {}
     if step == total_steps:
-        final = evaluate(state.params, spec, float(state.input_scale), source, cfg.data)
-        final["tokens_per_s"] = tokens_per_s
-        final["steps"] = step
-        save_sae(os.path.join(cfg.run_dir, "sae"), state.params, spec, float(state.input_scale),
-                 cfg, source.meta, source.hook)
-        with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
-            json.dump(final, f, indent=2)
+        params, scale = SH.to_host((state.params, state.input_scale), mesh)  # collective
+        if is_main:
+            final = evaluate(jax.tree_util.tree_map(jnp.asarray, params), spec, float(scale),
+                             source, cfg.data)
+            final["tokens_per_s"] = tokens_per_s
+            final["steps"] = step
+            save_sae(os.path.join(cfg.run_dir, "sae"), params, spec, float(scale), cfg,
+                     source.meta, source.hook)
+            with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
+                json.dump(final, f, indent=2)
     return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s, steady)

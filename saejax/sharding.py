@@ -1,0 +1,121 @@
+"""Device mesh ("data", "model") and where every piece of the training state lives.
+
+Batches are split over `data`. Latents are split over `model`: W_enc columns, b_enc,
+W_dec rows, the threshold, their Adam moments and the per-latent counters. Everything
+else is replicated. The step itself is one jit-compiled program that XLA's SPMD
+partitioner splits from these placements: TopK on a latent-sharded pre-activation
+becomes each shard's top k followed by the global top k of the candidates, a
+reconstruction becomes per-shard partial sums added over `model`, and gradients of
+replicated parameters are summed over `data`. The same code runs on 1 device, on fake
+CPU devices, on a GPU host and on a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from saejax.config import MeshConfig
+from saejax.errors import SaejaxError
+
+LATENT_SPECS = {"W_enc": P(None, "model"), "b_enc": P("model"), "W_dec": P("model", None),
+                "b_dec": P(), "threshold": P("model")}
+PER_LATENT_STATE = ("tokens_since_fired", "fire_count")
+
+
+def init_distributed(cfg: MeshConfig) -> None:
+    """jax.distributed.initialize() from the config, or from the environment of a launcher
+    (SAEJAX_COORDINATOR, SAEJAX_NUM_PROCESSES, SAEJAX_PROCESS_ID; on TPU pods and SLURM, JAX
+    finds them itself when `mesh.distributed: auto`)."""
+    coordinator = cfg.coordinator or os.environ.get("SAEJAX_COORDINATOR")
+    if jax.distributed.is_initialized():
+        return
+    if coordinator:
+        num = cfg.num_processes or int(os.environ.get("SAEJAX_NUM_PROCESSES", "0"))
+        pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("SAEJAX_PROCESS_ID", "-1"))
+        if num < 1 or pid < 0:
+            raise SaejaxError("multi-process training needs mesh.num_processes and mesh.process_id "
+                              "(or SAEJAX_NUM_PROCESSES / SAEJAX_PROCESS_ID) with the coordinator")
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+    elif cfg.distributed == "auto":
+        jax.distributed.initialize()
+
+
+def make_mesh(cfg: MeshConfig) -> Mesh:
+    n = cfg.data * cfg.model
+    devices = jax.devices()
+    if n < len(devices) and jax.process_count() == 1:
+        devices = devices[:n]  # a smaller mesh on one host: the first n devices
+    if n != len(devices):
+        raise SaejaxError(
+            f"mesh {{data: {cfg.data}, model: {cfg.model}}} needs {n} devices but "
+            f"{len(devices)} are visible ({devices[0].platform}); set mesh.data × mesh.model "
+            f"to {len(devices)}")
+    order = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(order).reshape(cfg.data, cfg.model), ("data", "model"))
+
+
+def _spec_for_param(name: str, leaf) -> P:
+    spec = LATENT_SPECS.get(name, P())
+    return spec if getattr(leaf, "ndim", 0) == len(spec) or spec == P() else P()
+
+
+def state_shardings(state, mesh: Mesh):
+    """A pytree of NamedShardings with the structure of `state` (a TrainState)."""
+    def place(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        name = next((k for k in reversed(keys) if k in LATENT_SPECS), None)
+        if name is not None and getattr(leaf, "ndim", 0) == len(LATENT_SPECS[name]):
+            return NamedSharding(mesh, LATENT_SPECS[name])
+        if keys and keys[-1] in PER_LATENT_STATE:
+            return NamedSharding(mesh, P("model"))
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data", None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put_batch(rows: np.ndarray, sharding: NamedSharding, global_rows: int):
+    """This process's rows of a global batch → one global array split over `data`."""
+    if jax.process_count() == 1:
+        return jax.device_put(rows, sharding)
+    return jax.make_array_from_process_local_data(sharding, rows, (global_rows, rows.shape[1]))
+
+
+def place(tree, shardings):
+    """Put host or single-device values onto the mesh (identical on every process)."""
+    def put(value, sharding):
+        host = np.asarray(jax.device_get(value))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def local_values(tree):
+    """NumPy values of replicated arrays, read from this process's own copy."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+def to_host(tree, mesh: Mesh):
+    """NumPy copies of (possibly sharded, multi-process) arrays: gathered, then read locally."""
+    gathered = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), gathered)
+
+
+def per_device_bytes(shardings, state) -> int:
+    """Bytes one device holds of `state` placed by `shardings` (for the dry-run test)."""
+    total = 0
+    for sharding, leaf in zip(jax.tree_util.tree_leaves(shardings), jax.tree_util.tree_leaves(state)):
+        shape = sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    return total

@@ -1,0 +1,52 @@
+"""Run in a subprocess with 8 fake CPU devices (XLA_FLAGS set by the caller).
+
+usage: python mesh_runs.py DATA.npy OUT_DIR ARCH [mesh:"data,model"[:steps][:resume]] ...
+Each run trains the same small config on the given mesh and writes OUT_DIR/<name>.npz with
+the final parameters and the per-window losses from metrics.jsonl.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import small_config  # noqa: E402
+
+from saejax.train import load_run_config, train  # noqa: E402
+
+
+def overrides(arch):
+    common = ["train.tokens=16384", "train.batch_size=256", "train.log_every=8",
+              "train.checkpoint_every=16", "sae.d_sae=256", "train.lr=1e-2", "train.grad_clip=0", "train.lr_warmup_steps=0"]
+    if arch == "relu":
+        return common + ["sae.architecture=relu", "sae.l1_coefficient=20.0", "sae.l1_warmup_steps=4",
+                         "train.resample.steps=[40]", "sae.dead_tokens=256"]
+    return common + ["sae.architecture=topk", "sae.k=4", "sae.dead_tokens=1024"]
+
+
+def main():
+    data, out, arch, *runs = sys.argv[1:]
+    for run in runs:
+        name, mesh, *rest = run.split(":")
+        data_n, model_n = mesh.split(",")
+        run_dir = os.path.join(out, name)
+        mesh_sets = [f"mesh.data={data_n}", f"mesh.model={model_n}"]
+        if rest and rest[0] == "resume":  # continue an existing run on another mesh
+            result = train(load_run_config(run_dir, mesh_sets), resume=True)
+        else:
+            cfg = small_config(data, run_dir, *overrides(arch), *mesh_sets)
+            max_steps = int(rest[0]) if rest else None
+            result = train(cfg, max_steps=max_steps)
+        params = {k: np.asarray(v) for k, v in result.state.params.items()}
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        np.savez(os.path.join(out, f"{name}.npz"), **params,
+                 loss=np.array([r["loss"] for r in records]),
+                 resampled=np.array([r.get("resampled", 0) for r in records]),
+                 shards=np.array(len(result.state.params["W_enc"].sharding.device_set)))
+
+
+if __name__ == "__main__":
+    main()
