@@ -141,12 +141,21 @@ def selected_preacts(x, b_dec, W_enc, b_enc, idx, values):
     return values
 
 
+def _match_varying_axes(cotangent, primal):
+    """Under shard_map, sum a cotangent over the mesh axes its primal does not vary over
+    (e.g. a weight gradient over "data"); outside shard_map this does nothing."""
+    def varying(value):
+        return jax.typeof(value).manual_axis_type.varying
+    extra = tuple(sorted(varying(cotangent) - varying(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
 def _selected_preacts_fwd(x, b_dec, W_enc, b_enc, idx, values):
-    return values, (x, b_dec, W_enc, idx)
+    return values, (x, b_dec, W_enc, b_enc, idx)
 
 
 def _selected_preacts_bwd(residual, g):
-    x, b_dec, W_enc, idx = residual
+    x, b_dec, W_enc, b_enc, idx = residual
     d_sae = W_enc.shape[1]
     g = g.astype(jnp.float32)
     xc = x - b_dec
@@ -155,7 +164,8 @@ def _selected_preacts_bwd(residual, g):
     dW_enc_t = jnp.zeros((d_sae, xc.shape[-1]), jnp.float32).at[flat].add(updates)
     db_enc = jnp.zeros(d_sae, jnp.float32).at[flat].add(g.reshape(-1))
     db_dec = -(W_enc @ db_enc)
-    return None, db_dec, dW_enc_t.T, db_enc, None, None
+    return (None, _match_varying_axes(db_dec, b_dec), _match_varying_axes(dW_enc_t.T, W_enc),
+            _match_varying_axes(db_enc, b_enc), None, None)
 
 
 selected_preacts.defvjp(_selected_preacts_fwd, _selected_preacts_bwd)
@@ -170,8 +180,10 @@ def _gather_rows_weighted(weights, idx, table):
     def add_one(total, column):
         w, i = column
         return total + w[:, None] * table[i], None
-    init = jnp.zeros((idx.shape[0], table.shape[1]), jnp.float32)
-    return jax.lax.scan(add_one, init, (weights.T, idx.T))[0]
+    # the first term seeds the carry (rather than zeros) so that under shard_map the carry
+    # has the same varying-axes type as the terms added to it
+    first = weights[:, 0, None] * table[idx[:, 0]]
+    return jax.lax.scan(add_one, first, (weights[:, 1:].T, idx[:, 1:].T))[0]
 
 
 @jax.custom_vjp
@@ -196,7 +208,7 @@ def _sparse_decode_bwd(residual, g):
     d_acts = jax.lax.scan(dot_one, None, idx.T)[1].T
     updates = (acts[:, :, None] * g[:, None, :]).reshape(-1, g.shape[-1])
     dW_dec = jnp.zeros_like(W_dec).at[idx.reshape(-1)].add(updates)
-    return d_acts, None, dW_dec
+    return _match_varying_axes(d_acts, acts), None, _match_varying_axes(dW_dec, W_dec)
 
 
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
@@ -270,9 +282,7 @@ def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
 
 def _auxk_sparse(params, x, pre, residual, dead, spec: SAESpec, variance):
     dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
-    values, idx = jax.lax.top_k(dead_pre, spec.aux_k)
-    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
-    residual_hat = sparse_decode(jax.nn.relu(values), idx, params["W_dec"])
+    residual_hat, _, _ = select_and_decode(params, x, dead_pre, spec.aux_k, spec)
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
@@ -285,14 +295,69 @@ def auxk_loss(params, x, pre, residual, dead, spec: SAESpec, variance):
     return scale * _auxk_dense(params, x, residual, dead, spec, variance)
 
 
+def _model_shards() -> int:
+    """Size of the "model" axis of the mesh being traced under (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "model" not in mesh.axis_names else mesh.shape["model"]
+
+
+def _select_and_decode_local(params, x, pre, k: int):
+    """One device's share: Σ over the selected latents of acts·W_dec rows (no b_dec)."""
+    values, idx = jax.lax.top_k(pre, k)
+    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
+    acts = jax.nn.relu(values)
+    return sparse_decode(acts, idx, params["W_dec"]), acts, idx
+
+
+def _select_and_decode_sharded(params, x, pre, k: int):
+    """Inside shard_map, latents split over "model": each shard's top k, the global top k
+    of the candidates, then each shard decodes the selected latents it holds and the
+    partial reconstructions are summed over "model"."""
+    shard = jax.lax.axis_index("model")
+    width = pre.shape[1]
+    local_values, local_idx = jax.lax.top_k(pre, k)
+    candidates = jax.lax.all_gather(local_values, "model", axis=1, tiled=True)
+    candidate_idx = jax.lax.all_gather(local_idx + shard * width, "model", axis=1, tiled=True)
+    values, pick = jax.lax.top_k(candidates, k)
+    idx = jnp.take_along_axis(candidate_idx, pick, axis=1)  # global latent indices
+    mine = (idx >= shard * width) & (idx < (shard + 1) * width)
+    local = jnp.clip(idx - shard * width, 0, width - 1)
+    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], local,
+                              jnp.where(mine, values, 0.0))
+    acts_mine = jnp.where(mine, jax.nn.relu(values), 0.0)
+    partial = sparse_decode(acts_mine, local, params["W_dec"])
+    # each selected latent lives on exactly one shard: these sums assemble the full values
+    # (and give them the replicated type shard_map's out_specs ask for)
+    acts = jax.lax.psum(acts_mine, "model")
+    idx = jax.lax.psum(jnp.where(mine, idx, 0), "model")
+    return jax.lax.psum(partial, "model"), acts, idx
+
+
+def select_and_decode(params, x, pre, k: int, spec: SAESpec):
+    """(Σ_i acts·W_dec[idx], acts [B, k], idx [B, k]) for the top k of `pre` per row.
+
+    On a mesh whose "model" axis splits the latents, runs per shard under shard_map
+    (a replicated TopK would gather every pre-activation onto every device).
+    """
+    pre = jax.lax.stop_gradient(pre)
+    if _model_shards() == 1:
+        return _select_and_decode_local(params, x, pre, k)
+    from jax.sharding import PartitionSpec as P
+
+    param_specs = {"W_enc": P(None, "model"), "b_enc": P("model"), "W_dec": P("model", None),
+                   "b_dec": P(), "threshold": P("model")}
+    specs = {name: param_specs[name] for name in params}
+    return jax.shard_map(
+        partial(_select_and_decode_sharded, k=k),
+        in_specs=(specs, P("data", None), P("data", "model")),
+        out_specs=(P("data", None), P("data", None), P("data", None)))(params, x, pre)
+
+
 def _sparse_forward(params, x, spec: SAESpec):
     """TopK through the sparse kernels: (reconstruction, values [B,k], idx [B,k], pre)."""
     pre = jax.lax.stop_gradient(pre_activations(params, x, spec))
-    values, idx = jax.lax.top_k(pre, spec.k)
-    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
-    acts = jax.nn.relu(values)
-    x_hat = sparse_decode(acts, idx, params["W_dec"]) + params["b_dec"]
-    return x_hat, acts, idx, pre
+    decoded, acts, idx = select_and_decode(params, x, pre, spec.k, spec)
+    return decoded + params["b_dec"], acts, idx, pre
 
 
 def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):

@@ -185,7 +185,8 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
     t_start, step = time.perf_counter(), start_step
     t_steady = None
     try:
-        with _StopFlag() as stop:
+        # the SAE's shard_map kernels read the mesh from jax.set_mesh
+        with _StopFlag() as stop, jax.set_mesh(mesh):
             while step < end_step:
                 batch = next(loader)
                 state, _ = step_fn(state, batch)
