@@ -39,8 +39,8 @@ def init_distributed(cfg: MeshConfig) -> None:
         if num < 1 or pid < 0:
             raise SaejaxError("multi-process training needs mesh.num_processes and mesh.process_id "
                               "(or SAEJAX_NUM_PROCESSES / SAEJAX_PROCESS_ID) with the coordinator")
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU processes talk over gloo; accelerators use their own collectives regardless
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
     elif cfg.distributed == "auto":
         jax.distributed.initialize()
