@@ -19,6 +19,8 @@ def _add_train(sub):
                    help="override a config key, e.g. --set sae.d_sae=8192 (repeatable)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print memory per device and communication per step; do not train")
     p.set_defaults(func=_cmd_train)
 
 
@@ -33,6 +35,15 @@ def _cmd_train(args) -> int:
         cfg = load_config(args.config, args.overrides)  # defaults + --set when no file
     else:
         raise SaejaxError("give a config file (or --set data.path=...), or --resume RUN")
+    if args.dry_run:
+        from saejax.dryrun import describe, estimate
+
+        d_in = cfg.sae.d_in
+        if not d_in:
+            from saejax.data import ArraySource
+            d_in = ArraySource(cfg.data.path, cfg.data.hook).d_in
+        print(describe(estimate(cfg, d_in)))
+        return 0
     result = train(cfg, resume=bool(args.resume), max_steps=args.max_steps)
     if result.stopped_early:
         return 130

@@ -205,9 +205,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.slices < 0 or (cfg.data.slices and cfg.train.batch_size % cfg.data.slices):
         raise SaejaxError(f"data.slices {cfg.data.slices} must divide train.batch_size "
                           f"{cfg.train.batch_size}")
-    if cfg.train.batch_size % cfg.mesh.data:
-        raise SaejaxError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
-                          f"mesh.data {cfg.mesh.data}")
+    if cfg.train.batch_size % (cfg.mesh.data * cfg.mesh.model):
+        raise SaejaxError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
+                          f"{cfg.mesh.data * cfg.mesh.model} devices of the mesh (input rows are "
+                          "split over all of them)")
     if cfg.sae.d_sae % cfg.mesh.model:
         raise SaejaxError(f"sae.d_sae {cfg.sae.d_sae} is not divisible by mesh.model {cfg.mesh.model}")
     if not cfg.data.path:

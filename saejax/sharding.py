@@ -79,7 +79,9 @@ def state_shardings(state, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data", None))
+    """Input rows split over every device (process-major), so each process supplies only its
+    own rows; the step regathers them over "model" where the latents are split."""
+    return NamedSharding(mesh, P(("data", "model"), None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

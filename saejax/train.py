@@ -135,9 +135,9 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
     mesh = SH.make_mesh(cfg.mesh)
     n_procs, proc = jax.process_count(), jax.process_index()
     n_slices = data_slices(cfg)
-    if n_slices % n_procs or cfg.mesh.data % n_procs:
-        raise SaejaxError(f"{n_procs} processes need data.slices ({n_slices}) and mesh.data "
-                          f"({cfg.mesh.data}) to be multiples of {n_procs}")
+    if n_slices % n_procs:
+        raise SaejaxError(f"{n_procs} processes need data.slices ({n_slices}) to be a multiple "
+                          f"of {n_procs}")
     is_main = proc == 0
     source = ArraySource(cfg.data.path, cfg.data.hook)
     if cfg.sae.d_in and cfg.sae.d_in != source.d_in:

@@ -28,6 +28,8 @@ def overrides(arch):
 
 def main():
     data, out, arch, *runs = sys.argv[1:]
+    if arch == "bytes":
+        return measured_bytes(data, out, runs)
     for run in runs:
         name, mesh, *rest = run.split(":")
         data_n, model_n = mesh.split(",")
@@ -46,6 +48,34 @@ def main():
                  loss=np.array([r["loss"] for r in records]),
                  resampled=np.array([r.get("resampled", 0) for r in records]),
                  shards=np.array(len(result.state.params["W_enc"].sharding.device_set)))
+
+
+
+def measured_bytes(data_path, out, meshes):
+    """Per-device bytes of the placed state against the dry-run estimate, per mesh."""
+    import jax
+
+    from saejax import sharding as SH
+    from saejax.data import ArraySource
+    from saejax.dryrun import estimate
+    from saejax.train import prepare
+
+    report = {}
+    for mesh_text in meshes:
+        data_n, model_n = mesh_text.split(",")
+        cfg = small_config(data_path, os.path.join(out, "unused"), *overrides("topk"),
+                           f"mesh.data={data_n}", f"mesh.model={model_n}")
+        source = ArraySource(cfg.data.path, None)
+        _, _, state, _ = prepare(cfg, source)
+        state = SH.place(state, SH.state_shardings(state, SH.make_mesh(cfg.mesh)))
+
+        def on_one_device(tree):
+            return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree_util.tree_leaves(tree))
+        est = estimate(cfg, source.d_in)["bytes_per_device"]
+        report[mesh_text] = {"parameters": [on_one_device(state.params), est["parameters"]],
+                             "optimizer": [on_one_device(state.opt_state), est["optimizer"]],
+                             "shards": len(state.params["W_enc"].sharding.device_set)}
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from helpers import superposition_data
 HERE = os.path.dirname(__file__)
 
 
-def run_meshes(tmp_path, arch, *runs):
+def run_meshes(tmp_path, arch, *runs, raw=False):
     data = tmp_path / "acts.npy"
     if not data.exists():
         rows, _ = superposition_data(16384, d=32, m=128, p=0.03)
@@ -22,6 +22,8 @@ def run_meshes(tmp_path, arch, *runs):
     result = subprocess.run([sys.executable, os.path.join(HERE, "mesh_runs.py"), str(data),
                              str(tmp_path), arch, *runs], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    if raw:
+        return result.stdout
     return {r.split(":")[0]: dict(np.load(tmp_path / f"{r.split(':')[0]}.npz")) for r in runs}
 
 
@@ -55,3 +57,15 @@ def test_checkpoint_moves_between_meshes(tmp_path):
     assert_same_run(out["a"], out["full"], "(4,2) -> (2,4)", last_windows=5)
     assert_same_run(out["b"], out["full"], "(4,2) -> 1 device", last_windows=5)
     assert out["full"]["resampled"].sum() > 0 and out["a"]["resampled"][-5:].sum() > 0
+
+
+def test_dry_run_matches_measured_parameter_bytes(tmp_path):
+    import json
+
+    report = json.loads(run_meshes(tmp_path, "bytes", "8,1", "4,2", "2,4", "1,8", raw=True))
+    for mesh, r in report.items():
+        measured, estimated = r["parameters"]
+        assert measured == estimated, (mesh, measured, estimated)
+        measured, estimated = r["optimizer"]  # Adam's moments, plus its step count
+        assert 0 <= measured - estimated <= 64, (mesh, measured, estimated)
+    assert report["1,8"]["parameters"][0] < report["8,1"]["parameters"][0] / 4
