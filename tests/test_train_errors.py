@@ -104,5 +104,5 @@ def test_existing_run_is_not_overwritten(capsys, rows_path, tmp_path):
 def test_mesh_needs_the_devices_it_names(capsys, rows_path, tmp_path):
     code, err = run_train(capsys, *base(rows_path, tmp_path / "r"), "--set=mesh.data=2")
     check(code, err, "needs 2 devices but 1 are visible")
-    code, err = run_train(capsys, *base(rows_path, tmp_path / "r2"), "--set=mesh.model=3")
+    code, err = run_train(capsys, *base(rows_path, tmp_path / "r2"), "--set=mesh.model=3", "--set=train.batch_size=384")
     check(code, err, "not divisible by mesh.model 3")
