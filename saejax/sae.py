@@ -230,10 +230,30 @@ def topk_activation(pre, k: int):
 
 def batchtopk_activation(pre, k: int):
     """Keep the batch's k x batch largest ReLU'd pre-activations, wherever they fall."""
-    flat = jax.nn.relu(pre).reshape(-1)
     n_keep = k * pre.shape[0]
-    cutoff = jax.lax.top_k(flat, n_keep)[0][-1]
+    cutoff = _batchtopk_cutoff(jax.lax.stop_gradient(jax.nn.relu(pre)), n_keep)
     return jnp.where((pre >= cutoff) & (pre > 0), pre, 0.0)
+
+
+def _batchtopk_cutoff(relu_pre, n_keep: int):
+    """The n_keep-th largest entry of the whole (global) batch.
+
+    On a mesh, each device takes the top n_keep of its own block, the candidates are
+    gathered, and the cutoff is the n_keep-th largest of them: the same value, without
+    gathering every pre-activation onto every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return jax.lax.top_k(relu_pre.reshape(-1), n_keep)[0][-1]
+    from jax.sharding import PartitionSpec as P
+
+    def local(block):
+        top = jax.lax.top_k(block.reshape(-1), min(n_keep, block.size))[0]
+        candidates = jax.lax.all_gather(top, ("data", "model"), tiled=True)
+        return jax.lax.top_k(candidates, n_keep)[0][-1:]
+    cutoff = jax.shard_map(local, in_specs=P("data", "model"), out_specs=P(),
+                           check_vma=False)(relu_pre)
+    return cutoff[0]
 
 
 def activate(params, pre, spec: SAESpec, training: bool = True):
@@ -301,9 +321,19 @@ def _model_shards() -> int:
     return 1 if mesh.empty or "model" not in mesh.axis_names else mesh.shape["model"]
 
 
+def _top_k(pre, k: int):
+    """lax.top_k behind an optimisation barrier: without it XLA:CPU fuses the selection into
+    the gathers that consume it and redoes it per element (60x slower at small shapes).
+    A third operand keeps XLA from folding the barrier's operands back into the TopK tuple
+    (which its TopK decomposer cannot handle under SPMD)."""
+    values, idx = jax.lax.top_k(pre, k)
+    values, idx, _ = jax.lax.optimization_barrier((values, idx, jnp.zeros((), jnp.int32)))
+    return values, idx
+
+
 def _select_and_decode_local(params, x, pre, k: int):
     """One device's share: Σ over the selected latents of acts·W_dec rows (no b_dec)."""
-    values, idx = jax.lax.top_k(pre, k)
+    values, idx = _top_k(pre, k)
     values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
     acts = jax.nn.relu(values)
     return sparse_decode(acts, idx, params["W_dec"]), acts, idx
@@ -315,10 +345,10 @@ def _select_and_decode_sharded(params, x, pre, k: int):
     partial reconstructions are summed over "model"."""
     shard = jax.lax.axis_index("model")
     width = pre.shape[1]
-    local_values, local_idx = jax.lax.top_k(pre, k)
+    local_values, local_idx = _top_k(pre, k)
     candidates = jax.lax.all_gather(local_values, "model", axis=1, tiled=True)
     candidate_idx = jax.lax.all_gather(local_idx + shard * width, "model", axis=1, tiled=True)
-    values, pick = jax.lax.top_k(candidates, k)
+    values, pick = _top_k(candidates, k)
     idx = jnp.take_along_axis(candidate_idx, pick, axis=1)  # global latent indices
     mine = (idx >= shard * width) & (idx < (shard + 1) * width)
     local = jnp.clip(idx - shard * width, 0, width - 1)

@@ -23,7 +23,7 @@ def overrides(arch):
     if arch == "relu":
         return common + ["sae.architecture=relu", "sae.l1_coefficient=20.0", "sae.l1_warmup_steps=4",
                          "train.resample.steps=[40]", "sae.dead_tokens=256"]
-    return common + ["sae.architecture=topk", "sae.k=4", "sae.dead_tokens=1024"]
+    return common + [f"sae.architecture={arch}", "sae.k=4", "sae.dead_tokens=1024"]
 
 
 def main():

@@ -27,16 +27,16 @@ def run_meshes(tmp_path, arch, *runs, raw=False):
     return {r.split(":")[0]: dict(np.load(tmp_path / f"{r.split(':')[0]}.npz")) for r in runs}
 
 
-def assert_same_run(got, ref, what, last_windows=None):
+def assert_same_run(got, ref, what, last_windows=None, atol=2e-5):
     n = last_windows or len(ref["loss"])
     np.testing.assert_allclose(got["loss"][-n:], ref["loss"][-n:], rtol=2e-4,
                                err_msg=f"{what}: losses")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        np.testing.assert_allclose(got[name], ref[name], rtol=2e-3, atol=2e-5,
+        np.testing.assert_allclose(got[name], ref[name], rtol=2e-3, atol=atol,
                                    err_msg=f"{what}: {name}")
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
 def test_meshes_match_one_device(tmp_path, arch):
     meshes = {"m1x1": "1,1", "m8x1": "8,1", "m4x2": "4,2", "m2x4": "2,4", "m1x8": "1,8"}
     out = run_meshes(tmp_path, arch, *(f"{name}:{mesh}" for name, mesh in meshes.items()))
@@ -46,7 +46,11 @@ def test_meshes_match_one_device(tmp_path, arch):
     for name, mesh in meshes.items():
         data_n, model_n = map(int, mesh.split(","))
         assert int(out[name]["shards"]) == data_n * model_n
-        assert_same_run(out[name], ref, f"{arch} on mesh {mesh}")
+        # BatchTopK's single cutoff over the whole batch turns summation-order differences
+        # into an occasional different choice near the cutoff: the losses stay equal, the
+        # weights within 1e-2
+        assert_same_run(out[name], ref, f"{arch} on mesh {mesh}",
+                        atol=1e-2 if arch == "batchtopk" else 2e-5)
 
 
 def test_checkpoint_moves_between_meshes(tmp_path):
