@@ -172,3 +172,47 @@ class Capture:
             handle.remove()
         self._handles = []
         return False
+
+
+class Splice:
+    """Context manager: replace the activation at one hook point by `replace(tensor)`.
+
+    Used to run a model with an SAE's reconstruction (or zeros) substituted at its hook.
+    `replace` gets and returns a tensor [batch, positions, width].
+    """
+
+    def __init__(self, model, point: HookPoint, replace):
+        self.model, self.point, self.replace = model, point, replace
+        self._handle = None
+
+    def __enter__(self):
+        block = find_blocks(self.model)[self.point.layer]
+        p = self.point
+        if p.kind == "resid_pre":
+            def pre(module, args, kwargs):
+                if args:
+                    return (self.replace(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": self.replace(kwargs["hidden_states"])}
+            self._handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+            return self
+        if p.kind == "resid_post":
+            module = block
+        elif p.kind == "attn_out":
+            module = _child(block, _ATTN_NAMES, "attention", p)
+        elif p.kind == "mlp_out":
+            module = _child(block, ("mlp",), "MLP", p)
+        else:
+            module = _child(_child(block, ("mlp",), "MLP", p), _MLP_PRE_NAMES, "MLP input", p)
+
+        def post(module, args, output):
+            if isinstance(output, tuple):
+                return (self.replace(output[0]), *output[1:])
+            return self.replace(output)
+        self._handle = module.register_forward_hook(post)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return False

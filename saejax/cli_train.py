@@ -6,10 +6,12 @@ import json
 
 def add_parsers(sub) -> None:
     from saejax.bench import add_parser as add_bench
+    from saejax.lm_eval import add_parser as add_eval
 
     _add_train(sub)
     _add_export(sub)
     add_bench(sub)
+    add_eval(sub)
 
 
 def _add_train(sub):

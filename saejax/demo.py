@@ -48,6 +48,12 @@ def run_demo(args) -> int:
         m = results[arch]
         print(f"    FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}   "
               f"{m['tokens_per_s']:,.0f} tokens/s   ({time.time() - t1:.0f}s)")
+        lm = _lm_eval_one(run_dir, store_path, args)
+        m.update({k: lm[k] for k in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced",
+                                     "ce_loss_recovered")})
+        print(f"    CE loss recovered {lm['ce_loss_recovered']:.4f}   KL {lm['kl_spliced']:.4f}   "
+              f"(CE clean {lm['ce_clean']:.3f}, with SAE {lm['ce_spliced']:.3f}, "
+              f"zero-ablated {lm['ce_zero']:.3f}; {lm['sequences']} held-out sequences)")
 
     report = {"store": store_path, "rows": len(store), "hook": DEMO_HOOK,
               "runs": {a: {"run_dir": os.path.join(args.out, "runs", a), **m} for a, m in results.items()},
@@ -57,7 +63,7 @@ def run_demo(args) -> int:
     print(f"\nsummary ({time.time() - t0:.0f}s): store {store_path}; report {args.out}/report.json")
     for arch, m in results.items():
         print(f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "
-              f"-> {args.out}/runs/{arch}/sae")
+              f"CE loss recovered {m['ce_loss_recovered']:.4f}  -> {args.out}/runs/{arch}/sae")
     return 0
 
 
@@ -68,6 +74,21 @@ DEMO_SAES = [
     ("relu", ["sae.l1_coefficient=2.0", "sae.l1_warmup_steps=100", "train.resample.every_steps=150",
               "train.lr=0.0003"]),
 ]
+
+
+def _lm_eval_one(run_dir: str, store_path: str, args) -> dict:
+    """CE loss recovered and KL with the SAE spliced in (skipped when already done)."""
+    from saejax.lm_eval import evaluate_run
+
+    path = os.path.join(run_dir, "eval_lm.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["lm"]
+    return evaluate_run(run_dir, store_path, sequences=DEMO_EVAL_SEQUENCES,
+                        progress=not args.quiet)["lm"]
+
+
+DEMO_EVAL_SEQUENCES = 32
 
 
 def _train_one(store_path: str, run_dir: str, arch: str, extra: list[str], args) -> dict:
