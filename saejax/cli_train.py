@@ -7,11 +7,13 @@ import json
 def add_parsers(sub) -> None:
     from saejax.bench import add_parser as add_bench
     from saejax.lm_eval import add_parser as add_eval
+    from saejax.steering import add_parser as add_steer
 
     _add_train(sub)
     _add_export(sub)
     add_bench(sub)
     add_eval(sub)
+    add_steer(sub)
 
 
 def _add_train(sub):

@@ -76,6 +76,7 @@ def save_sae(path: str, params: dict, spec: S.SAESpec, input_scale: float, cfg, 
     info = {"format": "saejax", "saejax_version": __version__, "spec": asdict(spec),
             "input_scale": input_scale, "normalize_decoder": cfg.sae.normalize_decoder,
             "model": data_meta.get("model"), "hook": hook, "data_path": cfg.data.path,
+            "model_spec": (data_meta.get("extract_config") or {}).get("model"),
             "context_size": data_meta.get("context_size"), "prepend_bos": data_meta.get("prepend_bos")}
     with open(os.path.join(tmp, "sae.json"), "w") as f:
         json.dump(info, f, indent=2)

@@ -82,3 +82,29 @@ def corpus_file(tmp_path_factory):
         for text in CORPUS_TEXT:
             f.write(json.dumps({"text": text}) + "\n")
     return str(path)
+
+
+def trained_tiny_gpt2(model_dir, out_dir):
+    """The tiny GPT-2 after 150 Adam steps on the test corpus: its predictions now depend on
+    its residual stream (a random one predicts ~uniformly whatever the activations)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor(tok(" ".join(CORPUS_TEXT[:40]))["input_ids"][:512]).view(16, 32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def trained_gpt2(tiny_gpt2, tmp_path_factory):
+    return trained_tiny_gpt2(tiny_gpt2, str(tmp_path_factory.mktemp("trained_gpt2")))

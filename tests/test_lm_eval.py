@@ -17,34 +17,10 @@ from saejax.store import ActivationStore  # noqa: E402
 HOOK = "blocks.1.hook_resid_post"
 
 
-def trained_tiny_gpt2(model_dir, out_dir):
-    """The tiny GPT-2 after 150 Adam steps on the test corpus: its predictions now depend on
-    its residual stream (a random one predicts ~uniformly whatever the activations)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from conftest import CORPUS_TEXT
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = torch.tensor(tok(" ".join(CORPUS_TEXT[:40]))["input_ids"][:512]).view(16, 32)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
-def gpt2_store(tiny_gpt2, corpus_file, tmp_path_factory):
-    base = tmp_path_factory.mktemp("lm_eval")
-    model_dir = trained_tiny_gpt2(tiny_gpt2, str(base / "model"))
-    out = base / "store"
+def gpt2_store(trained_gpt2, corpus_file, tmp_path_factory):
+    model_dir = trained_gpt2
+    out = tmp_path_factory.mktemp("lm_eval") / "store"
     run_extract(ExtractConfig(out=str(out), model=model_dir, corpus=corpus_file, hooks=[HOOK],
                               tokens=3000, context=32, batch_size=4, dtype="float32"),
                 progress=False)
