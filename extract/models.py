@@ -127,3 +127,22 @@ def load_model(name: str = BUILTIN_MODEL, revision: str | None = None,
         raise SaejaxError(f"cannot load model '{name}': {first_line}") from None
     model.eval()
     return LoadedModel(model, tokenizer, model_id, revision)
+
+
+def load_tokenizer(store_meta: dict):
+    """The tokenizer of the model a store was extracted from (no model weights loaded)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    name = (store_meta.get("extract_config") or {}).get("model") or BUILTIN_MODEL
+    kwargs = {}
+    if name in (BUILTIN_MODEL, "", None):
+        where, kwargs["gguf_file"] = builtin_model_location()
+    elif name.endswith(".gguf"):
+        where, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    else:
+        where = name
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SaejaxError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None

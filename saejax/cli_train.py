@@ -14,6 +14,7 @@ def add_parsers(sub) -> None:
     add_bench(sub)
     add_eval(sub)
     add_steer(sub)
+    _add_features(sub)
 
 
 def _add_train(sub):
@@ -76,3 +77,21 @@ def _cmd_export(args) -> int:
     out = (export_saelens if args.format == "saelens" else export_sparsify)(args.run, args.out)
     print(json.dumps({"format": args.format, "out": out}))
     return 0
+
+
+def _add_features(sub) -> None:
+    p = sub.add_parser("features", help="top-activating examples of every latent (one pass)")
+    p.add_argument("run", help="run directory or SAE folder")
+    p.add_argument("--store", default=None, help="store to scan (default: the run's)")
+    p.add_argument("--top", type=int, default=20, help="top examples per latent")
+    p.add_argument("--samples", type=int, default=64, help="random activating rows kept per latent")
+    p.add_argument("--max-rows", type=int, default=None, help="scan at most this many rows")
+    p.add_argument("--show", type=int, action="append", default=[], metavar="LATENT",
+                   help="print a latent's examples with their contexts (repeatable)")
+    p.set_defaults(func=_cmd_features)
+
+
+def _cmd_features(args) -> int:
+    from saejax.examples import run_features_command  # JAX loads only when the command runs
+
+    return run_features_command(args)

@@ -123,21 +123,11 @@ def run_lm_eval(sae, store, model_name: str | None, n_sequences: int, batch_size
     return out
 
 
-def evaluate_run(run: str, store_path: str | None = None, model: str | None = None,
-                 sequences: int = 32, batch_size: int = 8, progress: bool = False) -> dict:
-    """Held-out SAE metrics and the LM splice metrics of a run; also written to
-    RUN/eval_lm.json (atomically) when the run directory is writable."""
+def resolve_run_store(run: str, sae, store_path: str | None = None):
+    """The store a run trained on (or `store_path`) and the SAE's hook, checked against the SAE."""
     from saejax.config import load_config
-    from saejax.data import ArraySource, validation_rows
-    from saejax.metrics import evaluate_rows
-    from saejax.saved import load_sae
     from saejax.store import ActivationStore
 
-    if sequences < 1 or batch_size < 1:
-        raise SaejaxError("--sequences and --batch-size must be at least 1")
-    if not os.path.isdir(run):
-        raise SaejaxError(f"run directory not found: {run}")
-    sae = load_sae(run)
     config_path = os.path.join(run, "config.yaml")
     cfg = load_config(config_path, check=False) if os.path.exists(config_path) else None
     store_path = store_path or (cfg.data.path if cfg else sae.info.get("data_path"))
@@ -153,6 +143,27 @@ def evaluate_run(run: str, store_path: str | None = None, model: str | None = No
     if store.d_in_of(hook) != sae.spec.d_in:
         raise SaejaxError(f"the SAE has d_in {sae.spec.d_in} but {hook} in {store_path} has "
                           f"width {store.d_in_of(hook)}")
+    return store, hook
+
+
+def evaluate_run(run: str, store_path: str | None = None, model: str | None = None,
+                 sequences: int = 32, batch_size: int = 8, progress: bool = False) -> dict:
+    """Held-out SAE metrics and the LM splice metrics of a run; also written to
+    RUN/eval_lm.json (atomically) when the run directory is writable."""
+    from saejax.config import load_config
+    from saejax.data import ArraySource, validation_rows
+    from saejax.metrics import evaluate_rows
+    from saejax.saved import load_sae
+
+    if sequences < 1 or batch_size < 1:
+        raise SaejaxError("--sequences and --batch-size must be at least 1")
+    if not os.path.isdir(run):
+        raise SaejaxError(f"run directory not found: {run}")
+    sae = load_sae(run)
+    config_path = os.path.join(run, "config.yaml")
+    cfg = load_config(config_path, check=False) if os.path.exists(config_path) else None
+    store, hook = resolve_run_store(run, sae, store_path)
+    store_path = store.path
     data_cfg = cfg.data if cfg else load_config(None, [f"data.path={store_path}"]).data
     rows = validation_rows(ArraySource(store_path, hook), data_cfg)
     result = {"sae": evaluate_rows(sae.params, sae.spec, 1.0, rows)}

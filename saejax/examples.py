@@ -1,0 +1,146 @@
+"""Top-activating examples of every latent, in one streaming pass over a store.
+
+For each chunk of rows the SAE encodes the chunk on the device and the running state is
+merged with it (all on the device, jitted): the k largest activations of every latent with
+their rows, and a uniform sample of m of its activating rows (each activation gets a random
+priority; the m highest priorities survive), from which examples at activation quantiles
+are drawn at the end. Firing counts and activation sums give densities. Contexts come from
+the store's tokens at display time (`store.context(row)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax import sae as S
+from saejax.errors import SaejaxError
+
+
+def _merge(vals, rows, new_vals, new_rows, k):
+    v = jnp.concatenate([vals, new_vals], axis=1)
+    r = jnp.concatenate([rows, new_rows], axis=1)
+    top, pick = jax.lax.top_k(v, k)
+    return top, jnp.take_along_axis(r, pick, axis=1)
+
+
+@partial(jax.jit, static_argnames=("spec", "k", "m"), donate_argnums=0)
+def _update(state, params, x, first_row, key, spec: S.SAESpec, k: int, m: int):
+    f = S.encode(params, x, spec).T  # [d_sae, n]
+    n = f.shape[1]
+    rows = first_row + jnp.arange(n, dtype=jnp.int32)
+    kk, mm = min(k, n), min(m, n)
+    top_v, top_i = jax.lax.top_k(f, kk)
+    top_vals, top_rows = _merge(state["top_vals"], state["top_rows"], top_v, rows[top_i], k)
+    priority = jnp.where(f > 0, jax.random.uniform(key, f.shape), -1.0)
+    pri_v, pri_i = jax.lax.top_k(priority, mm)
+    pri_all = jnp.concatenate([state["sample_priority"], pri_v], axis=1)
+    val_all = jnp.concatenate([state["sample_vals"], jnp.take_along_axis(f, pri_i, axis=1)], axis=1)
+    row_all = jnp.concatenate([state["sample_rows"], rows[pri_i]], axis=1)
+    keep_p, keep = jax.lax.top_k(pri_all, m)
+    return {"top_vals": top_vals, "top_rows": top_rows, "sample_priority": keep_p,
+            "sample_vals": jnp.take_along_axis(val_all, keep, axis=1),
+            "sample_rows": jnp.take_along_axis(row_all, keep, axis=1),
+            "fire_count": state["fire_count"] + jnp.sum(f > 0, axis=1, dtype=jnp.int32),
+            "act_sum": state["act_sum"] + jnp.sum(f, axis=1)}
+
+
+def scan_examples(sae, store, hook: str, k: int = 20, m: int = 64, max_rows: int | None = None,
+                  chunk_rows: int = 8192, seed: int = 0, progress: bool = False) -> dict:
+    """One pass over the store; NumPy arrays per latent (rows are store row numbers)."""
+    from tqdm import tqdm
+
+    d = sae.spec.d_sae
+    state = {"top_vals": jnp.full((d, k), -jnp.inf), "top_rows": jnp.full((d, k), -1, jnp.int32),
+             "sample_priority": jnp.full((d, m), -2.0), "sample_vals": jnp.zeros((d, m)),
+             "sample_rows": jnp.full((d, m), -1, jnp.int32),
+             "fire_count": jnp.zeros(d, jnp.int32), "act_sum": jnp.zeros(d)}
+    stop = len(store) if max_rows is None else min(len(store), max_rows)
+    key = jax.random.PRNGKey(seed)
+    bar = tqdm(total=stop, unit="row", desc="features", disable=not progress, file=sys.stderr)
+    for first, rows in store.iter_chunks(chunk_rows, hook, 0, stop):
+        key, sub = jax.random.split(key)
+        x = jnp.asarray(rows.astype(np.float32))
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise SaejaxError(f"rows {first}..{first + len(rows) - 1} of {store.path} contain NaN or Inf")
+        state = _update(state, sae.params, x, jnp.int32(first), sub, sae.spec, k, m)
+        bar.update(len(rows))
+    bar.close()
+    out = {name: np.asarray(value) for name, value in jax.device_get(state).items()}
+    out["n_rows"] = np.int64(stop)
+    return out
+
+
+def quantile_examples(result: dict, latent: int, n: int = 5) -> list[tuple[float, int]]:
+    """(activation, row) of the kept random samples nearest to n evenly spaced quantiles."""
+    valid = result["sample_priority"][latent] >= 0
+    vals, rows = result["sample_vals"][latent][valid], result["sample_rows"][latent][valid]
+    if len(vals) == 0:
+        return []
+    order = np.argsort(vals)
+    picks = np.unique(np.round(np.linspace(0, len(vals) - 1, min(n, len(vals)))).astype(int))
+    return [(float(vals[order[i]]), int(rows[order[i]])) for i in picks]
+
+
+def run_features_command(args) -> int:
+    from saejax.lm_eval import resolve_run_store
+    from saejax.saved import load_sae
+
+    if args.top < 1 or args.samples < 1:
+        raise SaejaxError("--top and --samples must be at least 1")
+    sae = load_sae(args.run)
+    for latent in args.show:
+        if not 0 <= latent < sae.spec.d_sae:
+            raise SaejaxError(f"latent {latent} is out of range: the SAE has latents "
+                              f"0..{sae.spec.d_sae - 1}")
+    store, hook = resolve_run_store(args.run, sae, args.store)
+    out_dir = os.path.join(args.run, "features")
+    path = os.path.join(out_dir, "examples.npz")
+    if os.path.exists(path) and not (args.max_rows or args.store):
+        result = dict(np.load(path))
+    else:
+        result = scan_examples(sae, store, hook, args.top, args.samples, args.max_rows,
+                               progress=sys.stderr.isatty())
+        os.makedirs(out_dir, exist_ok=True)
+        np.savez(path + ".tmp.npz", **result)
+        os.replace(path + ".tmp.npz", path)
+        density = result["fire_count"] / max(int(result["n_rows"]), 1)
+        with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
+            json.dump({"rows_scanned": int(result["n_rows"]), "store": store.path, "hook": hook,
+                       "density": density.tolist(),
+                       "mean_activation": (result["act_sum"] / np.maximum(result["fire_count"], 1)).tolist()},
+                      f)
+        os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
+        print(f"scanned {int(result['n_rows']):,} rows; wrote {path}")
+    if args.show:
+        from extract.models import load_tokenizer
+
+        tok = load_tokenizer(store.meta)
+        for latent in args.show:
+            _print_latent(result, latent, store, tok)
+    return 0
+
+
+def _print_latent(result, latent, store, tok) -> None:
+    density = result["fire_count"][latent] / max(int(result["n_rows"]), 1)
+    print(f"latent {latent}: fires on {density:.3%} of {int(result['n_rows']):,} rows")
+
+    def show(value, row):
+        ids, at = store.context(int(row), before=12, after=3)
+        left, here, right = (tok.decode(ids[:at]), tok.decode(ids[at:at + 1]),
+                             tok.decode(ids[at + 1:]))
+        text = f"{left}[[{here}]]{right}".replace("\n", "⏎")
+        print(f"  {value:9.3f}  row {int(row):>9,}  {text}")
+    print("  top examples")
+    for value, row in zip(result["top_vals"][latent], result["top_rows"][latent]):
+        if row >= 0 and value > 0:
+            show(value, row)
+    print("  at activation quantiles (random activating rows)")
+    for value, row in quantile_examples(result, latent):
+        show(value, row)
