@@ -15,6 +15,7 @@ def add_parsers(sub) -> None:
     add_eval(sub)
     add_steer(sub)
     _add_features(sub)
+    _add_search(sub)
 
 
 def _add_train(sub):
@@ -95,3 +96,21 @@ def _cmd_features(args) -> int:
     from saejax.examples import run_features_command  # JAX loads only when the command runs
 
     return run_features_command(args)
+
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="rank latents by how they respond to example prompts")
+    p.add_argument("run", help="run directory or SAE folder")
+    p.add_argument("--positive", action="append", default=[], help="prompt (repeatable)")
+    p.add_argument("--negative", action="append", default=[], help="prompt (repeatable)")
+    p.add_argument("--top", type=int, default=10, help="latents to list per ranking")
+    p.add_argument("--percentile", type=float, default=1.0, help="top percentile per token")
+    p.add_argument("--model", default=None)
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args) -> int:
+    from saejax.search import _cmd_search as run
+
+    return run(args)
