@@ -16,6 +16,7 @@ def add_parsers(sub) -> None:
     add_steer(sub)
     _add_features(sub)
     _add_search(sub)
+    _add_dashboard(sub)
 
 
 def _add_train(sub):
@@ -114,3 +115,22 @@ def _cmd_search(args) -> int:
     from saejax.search import _cmd_search as run
 
     return run(args)
+
+
+
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser("dashboard", help="a static HTML dashboard of an SAE")
+    p.add_argument("run", help="run directory or SAE folder")
+    p.add_argument("--out", default=None, help="folder (default RUN/dashboard)")
+    p.add_argument("--store", default=None)
+    p.add_argument("--pages", type=int, default=128, help="latent pages, densest first")
+    p.add_argument("--llm-url", default=None,
+                   help="OpenAI-compatible endpoint for explanations (key in $OPENAI_API_KEY)")
+    p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.set_defaults(func=_cmd_dashboard)
+
+
+def _cmd_dashboard(args) -> int:
+    from saejax.dashboard import run_dashboard_command
+
+    return run_dashboard_command(args)
