@@ -108,6 +108,7 @@ def _add_search(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="latents to list per ranking")
     p.add_argument("--percentile", type=float, default=1.0, help="top percentile per token")
     p.add_argument("--model", default=None)
+    p.add_argument("--store", default=None, help="store for the examples (default: the run's)")
     p.set_defaults(func=_cmd_search)
 
 

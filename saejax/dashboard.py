@@ -262,12 +262,57 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
 <input id="q" placeholder="search latents, tokens, explanations"><table id="latents"><thead><tr>
 <th>latent</th><th>density</th><th>mean act.</th><th>title</th><th>summary</th></tr></thead>
 <tbody>{''.join(rows_html)}</tbody></table><script>{_INDEX_JS}</script></body></html>"""
+    plots = _write_plots(run, density, tmp)
+    if plots:
+        index = index.replace("<input id=", "".join(
+            f'<img src="{name}" alt="{name}" style="max-width:48%;margin-right:8px">' for name in plots)
+            + "<br><input id=", 1)
     with open(os.path.join(tmp, "index.html"), "w") as fh:
         fh.write(index)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
     return os.path.join(final, "index.html")
+
+
+def _write_plots(run: str, density: np.ndarray, folder: str) -> list[str]:
+    """density.png (log10 firing frequency over latents) and, for a run, training.png
+    (FVU, L0 and dead fraction against tokens from metrics.jsonl). Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no plots in the dashboard (needs matplotlib: pip install 'saejax[plots]')",
+              file=sys.stderr)
+        return []
+    names = []
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
+    live = density[density > 0]
+    ax.hist(np.log10(live) if len(live) else [], bins=40, color="#4a7bd0")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(f"density ({int(np.sum(density == 0))} never fired)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "density.png"))
+    plt.close(fig)
+    names.append("density.png")
+    metrics_path = os.path.join(run, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        if records:
+            tokens = [r["tokens"] for r in records]
+            fig, axes = plt.subplots(1, 3, figsize=(9, 2.8), dpi=110)
+            for ax, key in zip(axes, ("fvu", "l0", "dead_fraction")):
+                ax.plot(tokens, [r.get(key) for r in records])
+                ax.set_title(key)
+                ax.set_xlabel("tokens")
+            fig.tight_layout()
+            fig.savefig(os.path.join(folder, "training.png"))
+            plt.close(fig)
+            names.append("training.png")
+    return names
 
 
 def run_dashboard_command(args) -> int:

@@ -59,6 +59,32 @@ def token_latents(loaded, sae, point, prompts: list[str]) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _examples_printer(run: str, sae, store_path: str | None, n: int = 3):
+    """Prints a latent's top store examples when `saejax features RUN` has been run."""
+    import os
+
+    path = os.path.join(run, "features", "examples.npz")
+    if not os.path.exists(path):
+        print(f"(run `saejax features {run}` to see each latent's top examples here)")
+        return lambda latent: None
+    from extract.models import load_tokenizer
+    from saejax.lm_eval import resolve_run_store
+
+    result = dict(np.load(path))
+    store, _ = resolve_run_store(run, sae, store_path)
+    tok = load_tokenizer(store.meta)
+
+    def show(latent: int) -> None:
+        for value, row in list(zip(result["top_vals"][latent], result["top_rows"][latent]))[:n]:
+            if row < 0 or value <= 0:
+                continue
+            ids, at = store.context(int(row), before=10, after=2)
+            text = (tok.decode(ids[:at]) + "[[" + tok.decode(ids[at:at + 1]) + "]]" +
+                    tok.decode(ids[at + 1:])).replace("\n", "⏎")
+            print(f"      {value:8.3f}  {text}")
+    return show
+
+
 def _cmd_search(args) -> int:
     from extract.hooks import parse_hooks, validate_hooks
     from extract.models import BUILTIN_MODEL, BUILTIN_MODEL_ID, load_model
@@ -80,6 +106,7 @@ def _cmd_search(args) -> int:
     pos = token_latents(loaded, sae, point, positive)
     neg = token_latents(loaded, sae, point, negative) if negative else None
     scores = rank_latents(pos, neg, args.percentile)
+    examples = _examples_printer(args.run, sae, args.store)
     for name, label in (("contrast", "normalised mean activation, positive − negative"),
                         ("top_share", f"share of tokens with the latent in their top {args.percentile:g}%")):
         order = np.argsort(-scores[name])[:args.top]
@@ -87,4 +114,5 @@ def _cmd_search(args) -> int:
         for latent in order:
             print(f"  latent {int(latent):>7}  {scores[name][latent]:+.4f}   "
                   f"(max on positives {pos[:, latent].max():.3f})")
+            examples(int(latent))
     return 0

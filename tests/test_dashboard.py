@@ -80,3 +80,42 @@ def test_dashboard_renders_list_and_latent_pages(dashboard, capsys):
     blue = (pixels[:, 2] > 180) & (pixels[:, 0] < 120)  # the histogram bars
     assert orange.sum() > 200, "no highlighted tokens rendered"
     assert blue.sum() > 200, "no histogram rendered"
+
+
+def test_llm_explanations_from_an_openai_compatible_endpoint(dashboard, tmp_path):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    prompts = []
+
+    class Fake(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompts.append((self.path, body["messages"][0]["content"]))
+            reply = {"choices": [{"message": {"content": "Residual test title\nIt fires on tests."}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    run, store_path = dashboard
+    out = tmp_path / "dash"
+    try:
+        assert main(["dashboard", run, "--store", store_path, "--pages", "2", "--out", str(out),
+                     "--llm-url", f"http://127.0.0.1:{server.server_port}/v1"]) == 0
+    finally:
+        server.shutdown()
+    assert len(prompts) == 2 and prompts[0][0] == "/v1/chat/completions"
+    assert "[[" in prompts[0][1]  # the top examples, with the firing token marked
+    page = next((out / "latents").iterdir()).read_text()
+    assert "Residual test title" in page and "It fires on tests." in page
+    assert "Residual test title" in (out / "index.html").read_text()
+    assert (out / "density.png").exists()
