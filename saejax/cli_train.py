@@ -17,6 +17,7 @@ def add_parsers(sub) -> None:
     _add_features(sub)
     _add_search(sub)
     _add_dashboard(sub)
+    _add_sweep(sub)
 
 
 def _add_train(sub):
@@ -135,3 +136,24 @@ def _cmd_dashboard(args) -> int:
     from saejax.dashboard import run_dashboard_command
 
     return run_dashboard_command(args)
+
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="train several SAE sizes in lockstep on the same batches")
+    p.add_argument("config", nargs="?", help="YAML config shared by every member")
+    p.add_argument("--d-sae", required=True, help="comma list, e.g. 1024,2048,4096")
+    p.add_argument("--k", default="", help="comma list (topk/batchtopk)")
+    p.add_argument("--l1", default="", help="comma list of λ (relu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="folder of the member runs and the table")
+    p.add_argument("--ce", action="store_true", help="also CE loss recovered per member")
+    p.add_argument("--ce-sequences", type=int, default=16)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from saejax.sweep import run_sweep_command
+
+    return run_sweep_command(args)

@@ -60,10 +60,9 @@ def data_slices(cfg: RunConfig) -> int:
     return cfg.data.slices or jax.process_count()
 
 
-def prepare(cfg: RunConfig, source: ArraySource):
-    """Input scale, b_dec initialisation and the initial state (deterministic in the seeds)."""
+def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple[float, np.ndarray]:
+    """(input scale, initial b_dec) from a seeded sample of training rows."""
     d_in = source.d_in
-    spec = S.SAESpec.from_config(cfg.sae, d_in)
     split = split_rows(source.n_rows, cfg.data.validation_tokens)
     sample = sample_rows(source, 16384, cfg.data.seed, split.train_rows)
     scale = 1.0
@@ -73,6 +72,14 @@ def prepare(cfg: RunConfig, source: ArraySource):
     sample = sample * scale
     b_dec = {"geometric_median": lambda: S.geometric_median(sample[:4096]),
              "mean": lambda: sample.mean(0), "zeros": lambda: np.zeros(d_in)}[cfg.sae.b_dec_init]()
+    return scale, b_dec
+
+
+def prepare(cfg: RunConfig, source: ArraySource, stats: tuple | None = None):
+    """Input scale, b_dec initialisation and the initial state (deterministic in the seeds).
+    `stats` reuses (scale, b_dec) already computed for the same data (sweeps)."""
+    spec = S.SAESpec.from_config(cfg.sae, source.d_in)
+    scale, b_dec = stats if stats is not None else data_statistics(cfg, source)
     total_steps = cfg.train.tokens // cfg.train.batch_size
     tx = T.make_optimizer(cfg.train, total_steps)
     params = S.init_params(spec, jax.random.PRNGKey(cfg.train.seed), b_dec,
