@@ -129,6 +129,8 @@ def _add_dashboard(sub) -> None:
     p.add_argument("--llm-url", default=None,
                    help="OpenAI-compatible endpoint for explanations (key in $OPENAI_API_KEY)")
     p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.add_argument("--split-with", default=None, metavar="LARGER_RUN",
+                   help="show, per latent, the closest decoder directions of a larger SAE")
     p.set_defaults(func=_cmd_dashboard)
 
 

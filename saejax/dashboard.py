@@ -152,7 +152,7 @@ def _histogram_svg(values: np.ndarray, bins: int = 20) -> str:
 
 def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url: str | None = None,
                     llm_model: str = "gpt-4o-mini", store_path: str | None = None,
-                    progress: bool = False) -> str:
+                    progress: bool = False, split_with: str | None = None) -> str:
     from extract.models import BUILTIN_MODEL, BUILTIN_MODEL_ID, load_model
     from saejax.examples import quantile_examples, scan_examples
     from saejax.lm_eval import resolve_run_store
@@ -173,6 +173,15 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
     tok = loaded.tokenizer
     effects = unembedding_effects(loaded, sae)
     explainer = LLMExplainer(llm_url, llm_model) if llm_url else None
+    splits = None
+    if split_with:
+        from saejax.splitting import closest_latents
+
+        larger = load_sae(split_with)
+        if larger.spec.d_in != sae.spec.d_in:
+            raise SaejaxError(f"{split_with} has d_in {larger.spec.d_in}, not {sae.spec.d_in}")
+        splits = closest_latents(np.asarray(sae.params["W_dec"]), np.asarray(larger.params["W_dec"]))
+        split_name = os.path.basename(os.path.abspath(split_with))
 
     density = result["fire_count"] / max(n_rows, 1)
     mean_act = result["act_sum"] / np.maximum(result["fire_count"], 1)
@@ -233,13 +242,19 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
             pro = ", ".join(html.escape(repr(t)) for t in _token_strings(tok, effects[0][latent]))
             sup = ", ".join(html.escape(repr(t)) for t in _token_strings(tok, effects[1][latent]))
             effect_html = (f'<p class="pos">promotes: {pro}</p><p class="neg">suppresses: {sup}</p>')
+        split_html = ""
+        if splits is not None:
+            split_html = (f"<h2>in the larger SAE ({html.escape(split_name)}, d_sae "
+                          f"{len(larger.params['W_dec']):,})</h2><p id=\"splits\">" + ", ".join(
+                              f"latent {int(j)} (cos {c:.3f})"
+                              for j, c in zip(splits[0][latent], splits[1][latent])) + "</p>")
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>latent {latent}</title>
 <style>{_CSS}</style></head><body><p><a href="../index.html">all latents</a></p>
 <h1 id="title">latent {latent}{(' — ' + html.escape(title)) if title else ''}</h1>
 <p>density {density[latent]:.4%} of {n_rows:,} rows; mean activation when active {mean_act[latent]:.3f}</p>
 <p id="explanation">{html.escape(llm_text) + '<br>' if llm_text else ''}{html.escape(summary)}</p>
 <h2>activation histogram (random activating rows)</h2>{_histogram_svg(result['sample_vals'][latent][valid])}
-<h2>output tokens (through the unembedding)</h2>{effect_html}
+<h2>output tokens (through the unembedding)</h2>{effect_html}{split_html}
 <h2>top examples</h2><table id="top">{''.join(blocks)}</table>
 <h2>at activation quantiles</h2><table id="quantiles">{''.join(quant)}</table></body></html>"""
         with open(os.path.join(tmp, "latents", f"{latent}.html"), "w") as fh:
@@ -319,6 +334,6 @@ def run_dashboard_command(args) -> int:
     if args.pages < 0:
         raise SaejaxError("--pages must be at least 0")
     path = write_dashboard(args.run, args.out, args.pages, args.llm_url, args.llm_model,
-                           args.store, progress=sys.stderr.isatty())
+                           args.store, progress=sys.stderr.isatty(), split_with=args.split_with)
     print(f"wrote {path}")
     return 0

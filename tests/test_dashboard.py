@@ -110,7 +110,8 @@ def test_llm_explanations_from_an_openai_compatible_endpoint(dashboard, tmp_path
     out = tmp_path / "dash"
     try:
         assert main(["dashboard", run, "--store", store_path, "--pages", "2", "--out", str(out),
-                     "--llm-url", f"http://127.0.0.1:{server.server_port}/v1"]) == 0
+                     "--llm-url", f"http://127.0.0.1:{server.server_port}/v1",
+                     "--split-with", run]) == 0  # against itself: each latent's nearest is itself
     finally:
         server.shutdown()
     assert len(prompts) == 2 and prompts[0][0] == "/v1/chat/completions"
@@ -118,4 +119,7 @@ def test_llm_explanations_from_an_openai_compatible_endpoint(dashboard, tmp_path
     page = next((out / "latents").iterdir()).read_text()
     assert "Residual test title" in page and "It fires on tests." in page
     assert "Residual test title" in (out / "index.html").read_text()
+    latent_page = next((out / "latents").iterdir())
+    own = latent_page.stem
+    assert f'id="splits">latent {own} (cos 1.000)' in latent_page.read_text()
     assert (out / "density.png").exists()
