@@ -55,8 +55,31 @@ def run_demo(args) -> int:
               f"(CE clean {lm['ce_clean']:.3f}, with SAE {lm['ce_spliced']:.3f}, "
               f"zero-ablated {lm['ce_zero']:.3f}; {lm['sequences']} held-out sequences)")
 
+    step = len(DEMO_SAES) + 2
+    sweep_dir = os.path.join(args.out, "sweep")
+    print(f"[{step}] sweep: topk at d_sae {', '.join(map(str, DEMO_SWEEP))} in lockstep "
+          f"({args.train_tokens // 4:,} tokens) -> {sweep_dir}")
+    t1 = time.time()
+    sweep_rows = _sweep(store_path, sweep_dir, args)
+    print(f"    ({time.time() - t1:.0f}s)")
+
+    dash_dir = os.path.join(args.out, "runs", "topk", "dashboard")
+    print(f"[{step + 1}] dashboard of the topk SAE (feature splitting against the largest sweep "
+          f"member) -> {dash_dir}/index.html")
+    t1 = time.time()
+    dashboard = _dashboard(os.path.join(args.out, "runs", "topk"), sweep_rows, args)
+    print(f"    ({time.time() - t1:.0f}s)")
+
+    decor_dir = os.path.join(args.out, "decorrelation")
+    print(f"[{step + 2}] decorrelation of the built-in model's MLPs over all layers -> {decor_dir}")
+    t1 = time.time()
+    decor_plot = _decorrelation(decor_dir, args)
+    print(f"    ({time.time() - t1:.0f}s)")
+
     report = {"store": store_path, "rows": len(store), "hook": DEMO_HOOK,
               "runs": {a: {"run_dir": os.path.join(args.out, "runs", a), **m} for a, m in results.items()},
+              "sweep": {"table": os.path.join(sweep_dir, "sweep.md"), "members": sweep_rows},
+              "dashboard": dashboard, "decorrelation_plot": decor_plot,
               "wall_s": time.time() - t0}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -64,6 +87,12 @@ def run_demo(args) -> int:
     for arch, m in results.items():
         print(f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "
               f"CE loss recovered {m['ce_loss_recovered']:.4f}  -> {args.out}/runs/{arch}/sae")
+    for r in sweep_rows:
+        print(f"  sweep d_sae {r['d_sae']:5d}  FVU {r['fvu']:.4f}  L0 {r['l0']:5.1f}  "
+              f"CE loss recovered {r['ce_loss_recovered']:.4f}")
+    print(f"  sweep table   {sweep_dir}/sweep.md")
+    print(f"  dashboard     {dashboard}")
+    print(f"  decorrelation {decor_plot}")
     return 0
 
 
@@ -74,6 +103,49 @@ DEMO_SAES = [
     ("relu", ["sae.l1_coefficient=2.0", "sae.l1_warmup_steps=100", "train.resample.every_steps=150",
               "train.lr=0.0003"]),
 ]
+
+
+DEMO_SWEEP = (1152, 2304, 4608)
+
+
+def _sweep(store_path: str, sweep_dir: str, args) -> list[dict]:
+    from saejax.lm_eval import evaluate_run
+    from saejax.sweep import members_of, run_sweep, write_table
+
+    done = os.path.join(sweep_dir, "sweep.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)["members"]
+    sets = [f"data.path={store_path}", f"train.tokens={args.train_tokens // 4}", "sae.k=32"]
+    rows = run_sweep(CONFIG_PATH, sets, members_of("topk", list(DEMO_SWEEP), [], []), sweep_dir,
+                     progress=not args.quiet)
+    for r in rows:
+        r["ce_loss_recovered"] = evaluate_run(r["run_dir"], store_path, sequences=8)["lm"][
+            "ce_loss_recovered"]
+    write_table(rows, sweep_dir)
+    return rows
+
+
+def _dashboard(run_dir: str, sweep_rows: list[dict], args) -> str:
+    from saejax.dashboard import write_dashboard
+
+    index = os.path.join(run_dir, "dashboard", "index.html")
+    if os.path.exists(index):
+        return index
+    largest = max(sweep_rows, key=lambda r: r["d_sae"])["run_dir"]
+    return write_dashboard(run_dir, pages=32, split_with=largest, progress=not args.quiet)
+
+
+def _decorrelation(out: str, args) -> str:
+    plot = os.path.join(out, "decorrelation.png")
+    if not os.path.exists(plot):
+        from saejax.cli import main as cli_main
+
+        code = cli_main(["analyze", "decorrelation", "builtin", "--prompts", "builtin",
+                         "--max-prompts", "32", "--out", out])
+        if code != 0:
+            raise SaejaxError("the decorrelation step failed")
+    return plot
 
 
 def _lm_eval_one(run_dir: str, store_path: str, args) -> dict:

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+_MODELS: dict = {}  # the last model loaded, reused by consecutive evaluations
+
+
 def held_out_sequences(store, validation_tokens: int, limit: int) -> list[tuple[int, int]]:
     """(sequence id, one of its rows) for whole sequences inside the validation rows."""
     from saejax.data import split_rows
@@ -68,8 +71,11 @@ def run_lm_eval(sae, store, model_name: str | None, n_sequences: int, batch_size
 
     meta = store.meta
     name = model_name or (meta.get("extract_config") or {}).get("model") or meta.get("model")
-    loaded = load_model(name, revision=(meta.get("extract_config") or {}).get("revision"),
-                        dtype="float32")
+    revision = (meta.get("extract_config") or {}).get("revision")
+    if (name, revision) not in _MODELS:  # sweeps evaluate several SAEs on one model
+        _MODELS.clear()
+        _MODELS[(name, revision)] = load_model(name, revision=revision, dtype="float32")
+    loaded = _MODELS[(name, revision)]
     point = parse_hooks(hook)[0]
     validate_hooks([point], loaded.model)
     keep_first_clean = bool(meta.get("prepend_bos")) and bool(meta.get("bos_dropped", True))
