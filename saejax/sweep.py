@@ -94,7 +94,7 @@ def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
                 f.write(dump_yaml(cfg))
         cfg.log.progress = False
         members.append(Member(name, cfg, spec, state,
-                              jax.jit(T.make_train_step(spec, cfg.sae, tx, total_steps), donate_argnums=0),
+                              T.make_train_step(spec, cfg.sae, tx, total_steps),
                               jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0),
                               ckpt, None, info,
                               T.resample_steps(cfg.train, total_steps) if _resample_enabled(cfg) else set()))
@@ -116,14 +116,21 @@ def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start, unit="step", desc=f"sweep ×{len(members)}",
                disable=not progress, file=sys.stderr)
+    # every member's step in ONE compiled program: one dispatch per batch, and XLA runs the
+    # members one after another with all cores each (separately dispatched programs would
+    # run concurrently on the CPU's thread pool and fight over the cores)
+    step_fns = [m.step_fn for m in members]
+    all_steps = jax.jit(lambda states, batch: tuple(f(s, batch)[0] for f, s in zip(step_fns, states)),
+                        donate_argnums=0)
     step, t0 = start, time.perf_counter()
     stopped = False
     try:
         with _StopFlag() as stop:
             while step < total_steps:
                 batch = next(loader)
-                for m in members:
-                    m.state, _ = m.step_fn(m.state, batch)
+                states = all_steps(tuple(m.state for m in members), batch)
+                for m, state in zip(members, states):
+                    m.state = state
                 step += 1
                 pool.append(batch)
                 for m in members:
