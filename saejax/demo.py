@@ -81,8 +81,9 @@ def run_demo(args) -> int:
               "sweep": {"table": os.path.join(sweep_dir, "sweep.md"), "members": sweep_rows},
               "dashboard": dashboard, "decorrelation_plot": decor_plot,
               "wall_s": time.time() - t0}
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    with open(os.path.join(args.out, "report.json.tmp"), "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
     print(f"\nsummary ({time.time() - t0:.0f}s): store {store_path}; report {args.out}/report.json")
     for arch, m in results.items():
         print(f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "

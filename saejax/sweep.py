@@ -5,8 +5,11 @@ consumes the same batch; the data statistics (input scale, b_dec initialisation)
 computed once. Members differ in d_sae and k (TopK family) or λ (relu). Each member is
 a normal run directory (config, metrics, checkpoints, eval, sae/) under OUT/, so
 `saejax eval`, `export`, `features`, `dashboard` work on each. Checkpoints are written for
-all members at the same steps; running the same command again resumes. The table:
-OUT/sweep.json, OUT/sweep.md and OUT/sweep.png (FVU and L0 against d_sae).
+all members at the same steps; running the same command again resumes. The table
+(OUT/sweep.json, .csv, .md) has per member FVU, L0, dead fraction, optionally CE loss
+recovered, the member's own step throughput (timed alone after training, since in lockstep
+the members share one program) and the sweep's wall time; OUT/sweep.png plots the FVU-L0
+frontier per size, dead fraction against size and throughput against size.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ class Member:
 
 
 def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, max_steps: int | None = None) -> list[dict]:
+    """Train the grid's members in lockstep; `max_steps` stops early (checkpointed), as a test would."""
     import collections
 
     import jax.numpy as jnp
@@ -126,7 +130,7 @@ def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
     stopped = False
     try:
         with _StopFlag() as stop:
-            while step < total_steps:
+            while step < (total_steps if max_steps is None else min(total_steps, max_steps)):
                 batch = next(loader)
                 states = all_steps(tuple(m.state for m in members), batch)
                 for m, state in zip(members, states):
@@ -161,9 +165,17 @@ def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
               file=sys.stderr)
         raise KeyboardInterrupt
     rows = []
+    if pool:
+        last_batch = pool[-1]
+    else:  # nothing trained in this call (a finished sweep run again): time on the first batch
+        first = Loader(source, base.data, base.train.batch_size, transform=jax.device_put)
+        last_batch = next(first)
+        first.close()
     for m in members:
+        alone = _tokens_per_s_alone(m.step_fn, m.state, last_batch)
         final = evaluate(m.state.params, m.spec, float(m.state.input_scale), source, m.cfg.data)
-        final.update(steps=step, tokens_per_s_all_members=(step - start) * base.train.batch_size / max(elapsed, 1e-9))
+        final.update(steps=step, tokens_per_s=alone,
+                     sweep_tokens_per_s=(step - start) * base.train.batch_size / max(elapsed, 1e-9))
         save_sae(os.path.join(m.cfg.run_dir, "sae"), m.state.params, m.spec,
                  float(m.state.input_scale), m.cfg, source.meta, source.hook)
         with open(os.path.join(m.cfg.run_dir, "eval.json"), "w") as f:
@@ -173,42 +185,98 @@ def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
                      "k": m.spec.k if m.spec.architecture in ("topk", "batchtopk") else None,
                      "l1": m.cfg.sae.l1_coefficient if m.spec.architecture == "relu" else None,
                      "fvu": final["fvu"], "l0": final["l0"], "dead_fraction": final["dead_fraction"],
-                     "dense_fraction": final["dense_fraction"]})
+                     "dense_fraction": final["dense_fraction"], "tokens_per_s": alone,
+                     "sweep_wall_s": elapsed if step > start else None})
     return rows
 
 
+def _tokens_per_s_alone(step_fn, state, batch, steps: int = 3) -> float:
+    """The member's own training-step throughput, on a copy of its state (the step donates)."""
+    import jax.numpy as jnp
+
+    step_fn = jax.jit(step_fn, donate_argnums=0)
+    state = step_fn(jax.tree.map(jnp.copy, state), batch)[0]
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state = step_fn(state, batch)[0]
+    jax.block_until_ready(state)
+    return steps * batch.shape[0] / (time.perf_counter() - t0)
+
+
+COLUMNS = ("name", "architecture", "d_sae", "k", "l1", "fvu", "l0", "dead_fraction", "dense_fraction",
+           "ce_loss_recovered", "tokens_per_s", "sweep_wall_s", "run_dir")
+
+
+def _atomic_write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_table(rows: list[dict], out: str) -> None:
-    with open(os.path.join(out, "sweep.json.tmp"), "w") as f:
-        json.dump({"members": rows}, f, indent=2)
-    os.replace(os.path.join(out, "sweep.json.tmp"), os.path.join(out, "sweep.json"))
+    """sweep.json, sweep.csv, sweep.md and sweep.png in OUT (each written whole, then renamed)."""
+    import csv
+    import io
+
+    _atomic_write(os.path.join(out, "sweep.json"), json.dumps({"members": rows}, indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in COLUMNS})
+    _atomic_write(os.path.join(out, "sweep.csv"), buf.getvalue())
+
     has_ce = any(r.get("ce_loss_recovered") is not None for r in rows)
-    head = "| d_sae | k / λ | FVU | L0 | dead | " + ("CE loss recovered | " if has_ce else "") + "run |"
+    head = ("| d_sae | k / λ | FVU | L0 | dead | " + ("CE loss recovered | " if has_ce else "")
+            + "tokens/s (alone) | run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         knob = r["k"] if r["k"] is not None else (f"λ {r['l1']:g}" if r["l1"] is not None else "")
         ce = f"{r['ce_loss_recovered']:.4f} | " if has_ce and r.get("ce_loss_recovered") is not None else (
             "– | " if has_ce else "")
         lines.append(f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | {r['l0']:.1f} | "
-                     f"{r['dead_fraction']:.1%} | {ce}{r['run_dir']} |")
-    with open(os.path.join(out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+                     f"{r['dead_fraction']:.1%} | {ce}{r['tokens_per_s']:,.0f} | {r['run_dir']} |")
+    wall = next((r["sweep_wall_s"] for r in rows if r.get("sweep_wall_s") is not None), None)
+    if wall is not None:
+        lines += ["", f"All {len(rows)} members trained in lockstep in {wall:,.0f} s of wall time."]
+    _atomic_write(os.path.join(out, "sweep.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
+    _plot(rows, os.path.join(out, "sweep.png"))
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    """FVU against L0 (one line per d_sae across k or λ), dead fraction and throughput against d_sae."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=110)
-    xs = [r["d_sae"] for r in rows]
-    for ax, key in zip(axes, ("fvu", "l0")):
-        ax.plot(xs, [r[key] for r in rows], marker="o")
+    sizes = sorted({r["d_sae"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
+    for d in sizes:
+        pts = sorted((r["l0"], r["fvu"]) for r in rows if r["d_sae"] == d)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"d_sae {d:,}")
+    axes[0].set_xlabel("L0")
+    axes[0].set_ylabel("FVU")
+    axes[0].set_title("FVU-L0 frontier per size")
+    axes[0].legend(fontsize=7)
+    for ax, key, title in ((axes[1], "dead_fraction", "dead fraction"),
+                           (axes[2], "tokens_per_s", "training tokens/s (step alone)")):
+        for knob in sorted({(r["k"], r["l1"]) for r in rows}, key=str):
+            pts = sorted((r["d_sae"], r[key]) for r in rows if (r["k"], r["l1"]) == knob)
+            label = f"k {knob[0]}" if knob[0] is not None else (f"λ {knob[1]:g}" if knob[1] is not None else None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_sae")
-        ax.set_title(key)
+        ax.set_title(title)
+        if len({(r["k"], r["l1"]) for r in rows}) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sweep.png"))
+    fig.savefig(path + ".tmp.png")
     plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 def run_sweep_command(args) -> int:
