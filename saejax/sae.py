@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax import cpu_kernels
 from saejax.config import SAEConfig
 
 
@@ -159,10 +160,13 @@ def _selected_preacts_bwd(residual, g):
     d_sae = W_enc.shape[1]
     g = g.astype(jnp.float32)
     xc = x - b_dec
-    flat = idx.reshape(-1)
-    updates = (g[:, :, None] * xc[:, None, :]).reshape(-1, xc.shape[-1])
-    dW_enc_t = jnp.zeros((d_sae, xc.shape[-1]), jnp.float32).at[flat].add(updates)
-    db_enc = jnp.zeros(d_sae, jnp.float32).at[flat].add(g.reshape(-1))
+    if cpu_kernels.enabled():
+        dW_enc_t, db_enc = cpu_kernels.scatter_rows(g, idx, xc, d_sae)
+    else:
+        flat = idx.reshape(-1)
+        updates = (g[:, :, None] * xc[:, None, :]).reshape(-1, xc.shape[-1])
+        dW_enc_t = jnp.zeros((d_sae, xc.shape[-1]), jnp.float32).at[flat].add(updates)
+        db_enc = jnp.zeros(d_sae, jnp.float32).at[flat].add(g.reshape(-1))
     db_dec = -(W_enc @ db_enc)
     return (None, _match_varying_axes(db_dec, b_dec), _match_varying_axes(dW_enc_t.T, W_enc),
             _match_varying_axes(db_enc, b_enc), None, None)
@@ -177,6 +181,9 @@ def _gather_rows_weighted(weights, idx, table):
     One [B]-row gather per j fuses with the multiply-add; gathering all [B, k] rows at
     once would materialise a [B, k, d] array (gigabytes at scale) first.
     """
+    if cpu_kernels.enabled():
+        return cpu_kernels.gather_rows(weights, idx, table)
+
     def add_one(total, column):
         w, i = column
         return total + w[:, None] * table[i], None
@@ -202,12 +209,15 @@ def _sparse_decode_fwd(acts, idx, W_dec):
 
 def _sparse_decode_bwd(residual, g):
     acts, idx, W_dec = residual
-
-    def dot_one(_, i):
-        return None, jnp.sum(g * W_dec[i], axis=-1)
-    d_acts = jax.lax.scan(dot_one, None, idx.T)[1].T
-    updates = (acts[:, :, None] * g[:, None, :]).reshape(-1, g.shape[-1])
-    dW_dec = jnp.zeros_like(W_dec).at[idx.reshape(-1)].add(updates)
+    if cpu_kernels.enabled():
+        d_acts = cpu_kernels.row_dots(g, idx, W_dec)
+        dW_dec = cpu_kernels.scatter_rows(acts, idx, g, W_dec.shape[0])[0]
+    else:
+        def dot_one(_, i):
+            return None, jnp.sum(g * W_dec[i], axis=-1)
+        d_acts = jax.lax.scan(dot_one, None, idx.T)[1].T
+        updates = (acts[:, :, None] * g[:, None, :]).reshape(-1, g.shape[-1])
+        dW_dec = jnp.zeros_like(W_dec).at[idx.reshape(-1)].add(updates)
     return _match_varying_axes(d_acts, acts), None, _match_varying_axes(dW_dec, W_dec)
 
 
@@ -326,6 +336,8 @@ def _top_k(pre, k: int):
     the gathers that consume it and redoes it per element (60x slower at small shapes).
     A third operand keeps XLA from folding the barrier's operands back into the TopK tuple
     (which its TopK decomposer cannot handle under SPMD)."""
+    if cpu_kernels.enabled():
+        return cpu_kernels.top_k(pre, k)
     values, idx = jax.lax.top_k(pre, k)
     values, idx, _ = jax.lax.optimization_barrier((values, idx, jnp.zeros((), jnp.int32)))
     return values, idx

@@ -26,8 +26,21 @@ def loss_and_grads(spec, params, x, dead):
     return parts["loss"], parts, fires, smallest, grads
 
 
+@pytest.fixture(params=["cpp", "xla"])
+def kernels(request, monkeypatch):
+    """Both implementations of the sparse kernels: the C++ CPU kernels and XLA's primitives."""
+    from saejax import cpu_kernels
+    if request.param == "cpp" and not cpu_kernels.enabled():
+        pytest.skip("C++ CPU kernels unavailable")
+    if request.param == "xla":
+        monkeypatch.setattr(cpu_kernels, "enabled", lambda: False)
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("n_dead", [0, 7, 200])
-def test_sparse_topk_equals_dense_reference(n_dead):
+def test_sparse_topk_equals_dense_reference(n_dead, kernels):
     sparse = S.SAESpec("topk", d_in=48, d_sae=256, k=8, aux_k=24, sparse_topk=True)
     dense = dataclasses.replace(sparse, sparse_topk=False)
     params = random_params(sparse)
@@ -47,7 +60,7 @@ def test_sparse_topk_equals_dense_reference(n_dead):
         assert float(jnp.abs(ref[4][name]).max()) > 0
 
 
-def test_sparse_encoder_gradient_touches_only_selected_latents():
+def test_sparse_encoder_gradient_touches_only_selected_latents(kernels):
     spec = S.SAESpec("topk", d_in=16, d_sae=128, k=2, aux_k=8)
     params = random_params(spec, seed=3)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 16)), jnp.float32)
