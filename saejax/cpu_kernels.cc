@@ -4,13 +4,15 @@
 // with SIMD and all cores. Each kernel has a pure-JAX twin in saejax/sae.py that is the
 // reference (and the path on GPU/TPU); tests/test_cpu_kernels.py checks they agree.
 //
-//   SaejaxTopK        x [B, N] -> values [B, k], idx [B, k]: each row's k largest values,
-//                     in descending order, ties to the lower index (as lax.top_k).
+//   SaejaxTopK        x [B, N], bias [N] -> values [B, k], idx [B, k]: each row's k largest
+//                     x[b] + bias, in descending order, ties to the lower index (as lax.top_k
+//                     of x + bias; the sum is formed here, so x + bias is never stored).
 //   SaejaxGatherRows  w [B, k], idx [B, k], table [N, D] -> out [B, D]:
 //                     out[b] = sum_i w[b, i] * table[idx[b, i]]
 //   SaejaxRowDots     g [B, D], idx [B, k], table [N, D] -> out [B, k]:
 //                     out[b, i] = <g[b], table[idx[b, i]]>
-//   SaejaxScatterRows w [B, k], idx [B, k], rows [B, D] -> out [N, D], wsum [N]:
+//   SaejaxScatterRows w [B, k], idx [B, k], rows [B, D] -> out [N, D] (or [D, N] with
+//                     transposed=1), wsum [N]:
 //                     out[j] = sum over (b, i) with idx[b, i] = j of w[b, i] * rows[b],
 //                     wsum[j] = the same sum of w[b, i]. Entries are bucketed by j first
 //                     (a counting sort), so each output row is written by one thread, in a
@@ -63,17 +65,18 @@ inline bool RanksBefore(const Item& a, const Item& b) {
 
 // The k best of one row. heap holds k items with the worst at heap[0]
 // (std heap functions keep the "largest" under the comparator at the front).
-void TopKRow(const float* x, int64_t n, int64_t k, std::vector<Item>& heap,
+void TopKRow(const float* x, const float* bias, int64_t n, int64_t k, std::vector<Item>& heap,
              float* out_values, int32_t* out_index) {
   heap.resize(k);
-  for (int64_t j = 0; j < k; ++j) heap[j] = {x[j], static_cast<int32_t>(j)};
+  for (int64_t j = 0; j < k; ++j) heap[j] = {x[j] + bias[j], static_cast<int32_t>(j)};
   std::make_heap(heap.begin(), heap.end(), RanksBefore);
   float worst = heap.front().value;
   auto offer = [&](int64_t j) {
     // a later index never displaces an equal value: strictly greater only
-    if (x[j] > worst) {
+    const float value = x[j] + bias[j];
+    if (value > worst) {
       std::pop_heap(heap.begin(), heap.end(), RanksBefore);
-      heap.back() = {x[j], static_cast<int32_t>(j)};
+      heap.back() = {value, static_cast<int32_t>(j)};
       std::push_heap(heap.begin(), heap.end(), RanksBefore);
       worst = heap.front().value;
     }
@@ -81,8 +84,8 @@ void TopKRow(const float* x, int64_t n, int64_t k, std::vector<Item>& heap,
   int64_t j = k;
 #if defined(__AVX512F__)
   for (; j + 16 <= n; j += 16) {
-    __mmask16 above = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), _mm512_set1_ps(worst),
-                                         _CMP_GT_OQ);
+    const __m512 value = _mm512_add_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(bias + j));
+    __mmask16 above = _mm512_cmp_ps_mask(value, _mm512_set1_ps(worst), _CMP_GT_OQ);
     while (above) {
       offer(j + __builtin_ctz(above));
       above &= above - 1;
@@ -90,8 +93,8 @@ void TopKRow(const float* x, int64_t n, int64_t k, std::vector<Item>& heap,
   }
 #elif defined(__AVX2__)
   for (; j + 8 <= n; j += 8) {
-    int above = _mm256_movemask_ps(
-        _mm256_cmp_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(worst), _CMP_GT_OQ));
+    const __m256 value = _mm256_add_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(bias + j));
+    int above = _mm256_movemask_ps(_mm256_cmp_ps(value, _mm256_set1_ps(worst), _CMP_GT_OQ));
     while (above) {
       offer(j + __builtin_ctz(above));
       above &= above - 1;
@@ -106,6 +109,19 @@ void TopKRow(const float* x, int64_t n, int64_t k, std::vector<Item>& heap,
   }
 }
 
+// <a, b> over d floats, in 16 independent lanes so that the compiler vectorises it.
+inline float Dot(const float* a, const float* b, int64_t d) {
+  float lanes[16] = {0.0f};
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    for (int l = 0; l < 16; ++l) lanes[l] += a[c + l] * b[c + l];
+  }
+  float total = 0.0f;
+  for (int l = 0; l < 16; ++l) total += lanes[l];
+  for (; c < d; ++c) total += a[c] * b[c];
+  return total;
+}
+
 ffi::Error CheckIndices(const int32_t* idx, int64_t count, int64_t n) {
   for (int64_t m = 0; m < count; ++m) {
     if (idx[m] < 0 || idx[m] >= n) {
@@ -117,19 +133,23 @@ ffi::Error CheckIndices(const int32_t* idx, int64_t count, int64_t n) {
   return ffi::Error::Success();
 }
 
-ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
-                    ffi::ResultBuffer<ffi::S32> index, int64_t k, int64_t threads) {
+ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                    ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> index,
+                    int64_t k, int64_t threads) {
   auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("SaejaxTopK: x must be [B, N]");
   const int64_t rows = dims[0], n = dims[1];
   if (k < 1 || k > n) return ffi::Error::InvalidArgument("SaejaxTopK: need 1 <= k <= N");
+  if (bias.element_count() != static_cast<size_t>(n))
+    return ffi::Error::InvalidArgument("SaejaxTopK: bias must be [N]");
   const float* data = x.typed_data();
+  const float* shift = bias.typed_data();
   float* out_values = values->typed_data();
   int32_t* out_index = index->typed_data();
   ParallelFor(rows, threads, [&](int64_t begin, int64_t end) {
     std::vector<Item> heap;
     for (int64_t b = begin; b < end; ++b)
-      TopKRow(data + b * n, n, k, heap, out_values + b * k, out_index + b * k);
+      TopKRow(data + b * n, shift, n, k, heap, out_values + b * k, out_index + b * k);
   });
   return ffi::Error::Success();
 }
@@ -172,10 +192,7 @@ ffi::Error RowDotsImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx,
     for (int64_t b = begin; b < end; ++b) {
       const float* gb = grad + b * d;
       for (int64_t i = 0; i < k; ++i) {
-        const float* r = tab + static_cast<int64_t>(index[b * k + i]) * d;
-        float total = 0.0f;
-        for (int64_t c = 0; c < d; ++c) total += gb[c] * r[c];
-        result[b * k + i] = total;
+        result[b * k + i] = Dot(gb, tab + static_cast<int64_t>(index[b * k + i]) * d, d);
       }
     }
   });
@@ -184,10 +201,12 @@ ffi::Error RowDotsImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx,
 
 ffi::Error ScatterRowsImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> idx,
                            ffi::Buffer<ffi::F32> rows_in, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> wsum, int64_t threads) {
+                           ffi::ResultBuffer<ffi::F32> wsum, int64_t threads, int64_t transposed) {
   const int64_t rows = w.dimensions()[0], k = w.dimensions()[1];
   const int64_t d = rows_in.dimensions()[1];
-  const int64_t n = out->dimensions()[0];
+  const int64_t n = wsum->dimensions()[0];
+  if (out->element_count() != static_cast<size_t>(n * d))
+    return ffi::Error::InvalidArgument("SaejaxScatterRows: out must be [N, D] or [D, N]");
   const int64_t count = rows * k;
   const int32_t* index = idx.typed_data();
   if (auto err = CheckIndices(index, count, n); err.failure()) return err;
@@ -213,29 +232,48 @@ ffi::Error ScatterRowsImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> idx,
     const int64_t total = count + n;
     int64_t t = 1;
     for (int64_t j = 0; j < n && t < threads; ++j) {
-      if (start[j + 1] + (j + 1) >= total * t / threads) bounds[t++] = j + 1;
+      if (start[j + 1] + (j + 1) >= total * t / threads) {
+        // transposed output: whole blocks of 16 latents per thread (full cache lines)
+        const int64_t bound = transposed ? std::min(n, (j + 16) / 16 * 16) : j + 1;
+        if (bound > bounds[t - 1]) bounds[t++] = bound;
+      }
     }
   }
-  auto work = [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      float* o = result + j * d;
-      float total = 0.0f;
-      if (start[j] == start[j + 1]) {
-        std::memset(o, 0, sizeof(float) * d);
+  // one latent's row, accumulated in `acc` (a row of out, or a buffer when transposed)
+  auto accumulate = [&](int64_t j, float* acc) {
+    float total = 0.0f;
+    if (start[j] == start[j + 1]) {
+      std::memset(acc, 0, sizeof(float) * d);
+    }
+    for (int64_t p = start[j]; p < start[j + 1]; ++p) {
+      const int64_t m = order[p];
+      const float a = weights[m];
+      const float* r = src + (m / k) * d;
+      if (p == start[j]) {
+        for (int64_t c = 0; c < d; ++c) acc[c] = a * r[c];
       } else {
-        for (int64_t p = start[j]; p < start[j + 1]; ++p) {
-          const int64_t m = order[p];
-          const float a = weights[m];
-          const float* r = src + (m / k) * d;
-          if (p == start[j]) {
-            for (int64_t c = 0; c < d; ++c) o[c] = a * r[c];
-          } else {
-            for (int64_t c = 0; c < d; ++c) o[c] += a * r[c];
-          }
-          total += a;
-        }
+        for (int64_t c = 0; c < d; ++c) acc[c] += a * r[c];
       }
-      sums[j] = total;
+      total += a;
+    }
+    sums[j] = total;
+  };
+  auto work = [&](int64_t begin, int64_t end) {
+    if (!transposed) {
+      for (int64_t j = begin; j < end; ++j) accumulate(j, result + j * d);
+      return;
+    }
+    // [D, N]: 16 latents at a time into a buffer, then each of out's D rows gets one
+    // contiguous run of 16 values (a full cache line when aligned)
+    constexpr int64_t kBlock = 16;
+    std::vector<float> block(kBlock * d);
+    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+      const int64_t width = std::min(kBlock, end - j0);
+      for (int64_t l = 0; l < width; ++l) accumulate(j0 + l, block.data() + l * d);
+      for (int64_t c = 0; c < d; ++c) {
+        float* row = result + c * n + j0;
+        for (int64_t l = 0; l < width; ++l) row[l] = block[l * d + c];
+      }
     }
   };
   std::vector<std::thread> workers;
@@ -251,6 +289,7 @@ ffi::Error ScatterRowsImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> idx,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxTopK, TopKImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
@@ -280,4 +319,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxScatterRows, ScatterRowsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("transposed"));

@@ -109,6 +109,8 @@ def _varying(*inputs) -> tuple:
 def _call(name, out_types, *inputs, **attrs):
     """ffi_call whose outputs vary over the mesh axes its inputs vary over (shard_map types
     the outputs of an opaque call as replicated otherwise)."""
+    if not _load():
+        raise RuntimeError(f"saejax C++ CPU kernels unavailable: {_state['why']}")
     outs = jax.ffi.ffi_call(name, out_types)(*inputs, threads=np.int64(_threads()), **attrs)
     axes = _varying(*inputs)
     if axes:
@@ -116,12 +118,13 @@ def _call(name, out_types, *inputs, **attrs):
     return outs
 
 
-def top_k(x, k: int):
-    """(values, idx) of each row's k largest entries, as lax.top_k (descending, ties low index)."""
-    rows, _ = x.shape
+def top_k(x, k: int, bias=None):
+    """lax.top_k(x + bias, k) (descending, ties to the lower index) without storing x + bias."""
+    rows, width = x.shape
+    bias = jnp.zeros(width, jnp.float32) if bias is None else bias.astype(jnp.float32)
     return _call("SaejaxTopK", (jax.ShapeDtypeStruct((rows, k), jnp.float32),
                                 jax.ShapeDtypeStruct((rows, k), jnp.int32)),
-                 x.astype(jnp.float32), k=np.int64(k))
+                 x.astype(jnp.float32), bias, k=np.int64(k))
 
 
 def gather_rows(weights, idx, table):
@@ -136,8 +139,12 @@ def row_dots(g, idx, table):
                  g.astype(jnp.float32), idx.astype(jnp.int32), table.astype(jnp.float32))
 
 
-def scatter_rows(weights, idx, rows, n: int):
-    """(out [n, D], wsum [n]): out[j] = Σ_{idx[b,i]=j} weights[b, i]·rows[b]; wsum the Σ weights."""
-    return _call("SaejaxScatterRows", (jax.ShapeDtypeStruct((n, rows.shape[1]), jnp.float32),
+def scatter_rows(weights, idx, rows, n: int, transposed: bool = False):
+    """(out [n, D], wsum [n]): out[j] = Σ_{idx[b,i]=j} weights[b, i]·rows[b]; wsum the Σ weights.
+
+    transposed=True returns out as [D, n] (written in that layout, not transposed after)."""
+    d = rows.shape[1]
+    return _call("SaejaxScatterRows", (jax.ShapeDtypeStruct((d, n) if transposed else (n, d), jnp.float32),
                                        jax.ShapeDtypeStruct((n,), jnp.float32)),
-                 weights.astype(jnp.float32), idx.astype(jnp.int32), rows.astype(jnp.float32))
+                 weights.astype(jnp.float32), idx.astype(jnp.int32), rows.astype(jnp.float32),
+                 transposed=np.int64(transposed))

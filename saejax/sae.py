@@ -160,15 +160,16 @@ def _selected_preacts_bwd(residual, g):
     d_sae = W_enc.shape[1]
     g = g.astype(jnp.float32)
     xc = x - b_dec
-    if cpu_kernels.enabled():
-        dW_enc_t, db_enc = cpu_kernels.scatter_rows(g, idx, xc, d_sae)
+    if cpu_kernels.enabled():  # written as [d_in, d_sae] directly
+        dW_enc, db_enc = cpu_kernels.scatter_rows(g, idx, xc, d_sae, transposed=True)
     else:
         flat = idx.reshape(-1)
         updates = (g[:, :, None] * xc[:, None, :]).reshape(-1, xc.shape[-1])
         dW_enc_t = jnp.zeros((d_sae, xc.shape[-1]), jnp.float32).at[flat].add(updates)
         db_enc = jnp.zeros(d_sae, jnp.float32).at[flat].add(g.reshape(-1))
+        dW_enc = dW_enc_t.T
     db_dec = -(W_enc @ db_enc)
-    return (None, _match_varying_axes(db_dec, b_dec), _match_varying_axes(dW_enc_t.T, W_enc),
+    return (None, _match_varying_axes(db_dec, b_dec), _match_varying_axes(dW_enc, W_enc),
             _match_varying_axes(db_enc, b_enc), None, None)
 
 
@@ -225,10 +226,15 @@ sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
 # ---- the forward pass -------------------------------------------------------------
-def pre_activations(params, x, spec: SAESpec):
+def encoder_scores(params, x, spec: SAESpec):
+    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias."""
     dt = jnp.dtype(spec.compute_dtype)
     xc = (x - params["b_dec"]).astype(dt)
-    return (xc @ params["W_enc"].astype(dt)).astype(jnp.float32) + params["b_enc"]
+    return (xc @ params["W_enc"].astype(dt)).astype(jnp.float32)
+
+
+def pre_activations(params, x, spec: SAESpec):
+    return encoder_scores(params, x, spec) + params["b_enc"]
 
 
 def topk_activation(pre, k: int):
@@ -310,15 +316,17 @@ def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
-def _auxk_sparse(params, x, pre, residual, dead, spec: SAESpec, variance):
-    dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
-    residual_hat, _, _ = select_and_decode(params, x, dead_pre, spec.aux_k, spec)
+def _auxk_sparse(params, x, scores, residual, dead, spec: SAESpec, variance):
+    """`scores` without b_enc (select_and_decode adds it): −inf + b_enc stays −inf."""
+    dead_scores = jnp.where(dead[None, :], scores, -jnp.inf)
+    residual_hat, _, _ = select_and_decode(params, x, dead_scores, spec.aux_k, spec)
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
 def auxk_loss(params, x, pre, residual, dead, spec: SAESpec, variance):
     """AuxK: reconstruct the main residual from the top aux_k dead latents, scaled by
-    min(n_dead / aux_k, 1). `pre` and `residual` are constants (no gradient)."""
+    min(n_dead / aux_k, 1). `pre` and `residual` are constants (no gradient); on the sparse
+    kernels `pre` is the encoder scores without b_enc, as `loss_fn` returns them."""
     scale = jnp.minimum(dead.sum() / spec.aux_k, 1.0)
     if spec.uses_sparse_kernels:
         return scale * _auxk_sparse(params, x, pre, residual, dead, spec, variance)
@@ -331,33 +339,37 @@ def _model_shards() -> int:
     return 1 if mesh.empty or "model" not in mesh.axis_names else mesh.shape["model"]
 
 
-def _top_k(pre, k: int):
-    """lax.top_k behind an optimisation barrier: without it XLA:CPU fuses the selection into
+def _top_k(pre, k: int, bias=None):
+    """lax.top_k(pre + bias) (on CPU, the C++ kernel forms the sum as it scans).
+
+    XLA's top_k sits behind an optimisation barrier: without it XLA:CPU fuses the selection into
     the gathers that consume it and redoes it per element (60x slower at small shapes).
     A third operand keeps XLA from folding the barrier's operands back into the TopK tuple
     (which its TopK decomposer cannot handle under SPMD)."""
+    if bias is not None:  # selection only: gradients flow through selected_preacts
+        bias = jax.lax.stop_gradient(bias)
     if cpu_kernels.enabled():
-        return cpu_kernels.top_k(pre, k)
-    values, idx = jax.lax.top_k(pre, k)
+        return cpu_kernels.top_k(pre, k, bias)
+    values, idx = jax.lax.top_k(pre if bias is None else pre + bias, k)
     values, idx, _ = jax.lax.optimization_barrier((values, idx, jnp.zeros((), jnp.int32)))
     return values, idx
 
 
-def _select_and_decode_local(params, x, pre, k: int):
+def _select_and_decode_local(params, x, scores, k: int):
     """One device's share: Σ over the selected latents of acts·W_dec rows (no b_dec)."""
-    values, idx = _top_k(pre, k)
+    values, idx = _top_k(scores, k, params["b_enc"])
     values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
     acts = jax.nn.relu(values)
     return sparse_decode(acts, idx, params["W_dec"]), acts, idx
 
 
-def _select_and_decode_sharded(params, x, pre, k: int):
+def _select_and_decode_sharded(params, x, scores, k: int):
     """Inside shard_map, latents split over "model": each shard's top k, the global top k
     of the candidates, then each shard decodes the selected latents it holds and the
     partial reconstructions are summed over "model"."""
     shard = jax.lax.axis_index("model")
-    width = pre.shape[1]
-    local_values, local_idx = _top_k(pre, k)
+    width = scores.shape[1]
+    local_values, local_idx = _top_k(scores, k, params["b_enc"])
     candidates = jax.lax.all_gather(local_values, "model", axis=1, tiled=True)
     candidate_idx = jax.lax.all_gather(local_idx + shard * width, "model", axis=1, tiled=True)
     values, pick = _top_k(candidates, k)
@@ -375,15 +387,17 @@ def _select_and_decode_sharded(params, x, pre, k: int):
     return jax.lax.psum(partial, "model"), acts, idx
 
 
-def select_and_decode(params, x, pre, k: int, spec: SAESpec):
-    """(Σ_i acts·W_dec[idx], acts [B, k], idx [B, k]) for the top k of `pre` per row.
+def select_and_decode(params, x, scores, k: int, spec: SAESpec):
+    """(Σ_i acts·W_dec[idx], acts [B, k], idx [B, k]) for the top k of scores + b_enc per row.
 
-    On a mesh whose "model" axis splits the latents, runs per shard under shard_map
-    (a replicated TopK would gather every pre-activation onto every device).
+    `scores` are the encoder scores without b_enc (`encoder_scores`): the bias is added as
+    the selection scans them, so pre-activations are never stored whole. On a mesh whose
+    "model" axis splits the latents, runs per shard under shard_map (a replicated TopK
+    would gather every pre-activation onto every device).
     """
-    pre = jax.lax.stop_gradient(pre)
+    scores = jax.lax.stop_gradient(scores)
     if _model_shards() == 1:
-        return _select_and_decode_local(params, x, pre, k)
+        return _select_and_decode_local(params, x, scores, k)
     from jax.sharding import PartitionSpec as P
 
     param_specs = {"W_enc": P(None, "model"), "b_enc": P("model"), "W_dec": P("model", None),
@@ -392,14 +406,15 @@ def select_and_decode(params, x, pre, k: int, spec: SAESpec):
     return jax.shard_map(
         partial(_select_and_decode_sharded, k=k),
         in_specs=(specs, P("data", None), P("data", "model")),
-        out_specs=(P("data", None), P("data", None), P("data", None)))(params, x, pre)
+        out_specs=(P("data", None), P("data", None), P("data", None)))(params, x, scores)
 
 
 def _sparse_forward(params, x, spec: SAESpec):
-    """TopK through the sparse kernels: (reconstruction, values [B,k], idx [B,k], pre)."""
-    pre = jax.lax.stop_gradient(pre_activations(params, x, spec))
-    decoded, acts, idx = select_and_decode(params, x, pre, spec.k, spec)
-    return decoded + params["b_dec"], acts, idx, pre
+    """TopK through the sparse kernels: (reconstruction, values [B,k], idx [B,k], scores),
+    scores being the pre-activations without b_enc."""
+    scores = jax.lax.stop_gradient(encoder_scores(params, x, spec))
+    decoded, acts, idx = select_and_decode(params, x, scores, spec.k, spec)
+    return decoded + params["b_dec"], acts, idx, scores
 
 
 def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
@@ -407,7 +422,8 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
 
     Returns (loss, (parts, fires, smallest_active, pre, err)): fires [d_sae] counts the
     rows in which each latent is active; smallest_active is the smallest positive
-    activation (BatchTopK's threshold statistic); pre and err feed AuxK.
+    activation (BatchTopK's threshold statistic); pre and err feed AuxK (on the sparse
+    kernels pre is without b_enc, which the selection adds itself).
     """
     if spec.uses_sparse_kernels:
         x_hat, acts, idx, pre = _sparse_forward(params, x, spec)

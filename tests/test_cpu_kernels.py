@@ -27,6 +27,11 @@ def test_top_k_equals_lax_top_k_exactly(rows, width, k):
     ref = jax.lax.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
+    bias = rng.normal(size=width).astype(np.float32)  # the encoder bias, added while scanning
+    got = jax.jit(lambda a, b: K.top_k(a, k, b))(x, bias)
+    ref = jax.lax.top_k(x + bias, k)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
 
 
 def _case(rows=64, k=8, n=300, d=48, seed=0):
@@ -58,6 +63,9 @@ def test_scatter_rows_sums_repeated_latents_and_zeroes_the_rest():
     np.testing.assert_allclose(np.asarray(wsum), ref_sum, rtol=1e-5, atol=1e-5)
     unused = np.setdiff1d(np.arange(300), idx)
     assert unused.size and not np.asarray(out)[unused].any()
+    out_t, _ = jax.jit(lambda w, i, r: K.scatter_rows(w, i, r, 300, transposed=True))(weights, idx, data)
+    assert out_t.shape == (data.shape[1], 300)
+    np.testing.assert_array_equal(np.asarray(out_t), np.asarray(out).T)
 
 
 def test_scatter_rows_does_not_depend_on_the_thread_count(monkeypatch):
