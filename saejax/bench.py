@@ -119,6 +119,16 @@ def matmul_peak(batch: int, d_in: int, d_sae: int, dtype: str, repeats: int = 3)
     return 2.0 * batch * d_in * d_sae / best
 
 
+def _kernel_name(shape: StepShape) -> str | None:
+    """'sparse/c++' (the CPU kernels), 'sparse/xla' (XLA's primitives) or 'dense'; None if not TopK."""
+    if shape.arch != "topk":
+        return None
+    if shape.topk_kernel != "sparse":
+        return shape.topk_kernel
+    from saejax import cpu_kernels
+    return "sparse/c++" if cpu_kernels.enabled() else "sparse/xla"
+
+
 def bench_step(shape: StepShape, steps: int, peak: float, timer: StepTimer | None = None) -> dict:
     if timer is None:
         timer = StepTimer(shape)
@@ -128,7 +138,7 @@ def bench_step(shape: StepShape, steps: int, peak: float, timer: StepTimer | Non
     flops = tokens_per_s * shape.dense_matmuls * 2.0 * shape.d_in * shape.d_sae
     return {"arch": shape.arch, "d_sae": shape.d_sae, "d_in": shape.d_in, "batch": shape.batch,
             "k": shape.k if shape.arch in ("topk", "batchtopk") else None, "dtype": shape.dtype,
-            "topk_kernel": shape.topk_kernel if shape.arch == "topk" else None,
+            "topk_kernel": _kernel_name(shape),
             "tokens_per_s": tokens_per_s, "step_ms": 1000.0 * seconds / steps,
             "dense_matmuls": shape.dense_matmuls, "flops_per_s": flops,
             "fraction_of_peak": flops / peak}
