@@ -80,6 +80,18 @@ def _child(block, names, what: str, hook: HookPoint):
     raise SaejaxError(f"hook {hook.name}: cannot find the {what} module of {type(block).__name__}")
 
 
+def _hooked_module(block, point: HookPoint):
+    """The module whose output is the activation at `point` (every kind but resid_pre,
+    which is the block's input)."""
+    if point.kind == "resid_post":
+        return block
+    if point.kind == "attn_out":
+        return _child(block, _ATTN_NAMES, "attention", point)
+    if point.kind == "mlp_out":
+        return _child(block, ("mlp",), "MLP", point)
+    return _child(_child(block, ("mlp",), "MLP", point), _MLP_PRE_NAMES, "MLP input", point)
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -96,7 +108,7 @@ def hook_width(point: HookPoint, model) -> int:
     """Width of the activation at a hook point."""
     block = find_blocks(model)[point.layer]
     if point.kind == "mlp_pre":
-        module = _child(_child(block, ("mlp",), "MLP", point), _MLP_PRE_NAMES, "MLP input", point)
+        module = _hooked_module(block, point)
         weight = module.weight
         # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
         return int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])
@@ -128,18 +140,10 @@ class Capture:
                     self.captured[name] = (args[0] if args else kwargs["hidden_states"]).detach()
                 self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
                 continue
-            if p.kind == "resid_post":
-                module = block
-            elif p.kind == "attn_out":
-                module = _child(block, _ATTN_NAMES, "attention", p)
-            elif p.kind == "mlp_out":
-                module = _child(block, ("mlp",), "MLP", p)
-            else:
-                module = _child(_child(block, ("mlp",), "MLP", p), _MLP_PRE_NAMES, "MLP input", p)
 
             def post(module, args, output, name=p.name):
                 self.captured[name] = _first(output).detach()
-            self._handles.append(module.register_forward_hook(post))
+            self._handles.append(_hooked_module(block, p).register_forward_hook(post))
         if self.stop_early:
             self._add_stop(blocks)
         return self
@@ -195,14 +199,7 @@ class Splice:
                 return args, {**kwargs, "hidden_states": self.replace(kwargs["hidden_states"])}
             self._handle = block.register_forward_pre_hook(pre, with_kwargs=True)
             return self
-        if p.kind == "resid_post":
-            module = block
-        elif p.kind == "attn_out":
-            module = _child(block, _ATTN_NAMES, "attention", p)
-        elif p.kind == "mlp_out":
-            module = _child(block, ("mlp",), "MLP", p)
-        else:
-            module = _child(_child(block, ("mlp",), "MLP", p), _MLP_PRE_NAMES, "MLP input", p)
+        module = _hooked_module(block, p)
 
         def post(module, args, output):
             if isinstance(output, tuple):
