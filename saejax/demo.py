@@ -11,6 +11,7 @@ import os
 import time
 
 from saejax.errors import SaejaxError
+from saejax.files import write_json_atomic
 
 DEMO_HOOK = "blocks.15.hook_resid_post"
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
@@ -81,9 +82,7 @@ def run_demo(args) -> int:
               "sweep": {"table": os.path.join(sweep_dir, "sweep.md"), "members": sweep_rows},
               "dashboard": dashboard, "decorrelation_plot": decor_plot,
               "wall_s": time.time() - t0}
-    with open(os.path.join(args.out, "report.json.tmp"), "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
+    write_json_atomic(os.path.join(args.out, "report.json"), report)
     print(f"\nsummary ({time.time() - t0:.0f}s): store {store_path}; report {args.out}/report.json")
     for arch, m in results.items():
         print(f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "

@@ -10,7 +10,6 @@ the store's tokens at display time (`store.context(row)`).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from functools import partial
@@ -21,6 +20,7 @@ import numpy as np
 
 from saejax import sae as S
 from saejax.errors import SaejaxError
+from saejax.files import write_json_atomic
 
 
 def _merge(vals, rows, new_vals, new_rows, k):
@@ -111,12 +111,11 @@ def run_features_command(args) -> int:
         np.savez(path + ".tmp.npz", **result)
         os.replace(path + ".tmp.npz", path)
         density = result["fire_count"] / max(int(result["n_rows"]), 1)
-        with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
-            json.dump({"rows_scanned": int(result["n_rows"]), "store": store.path, "hook": hook,
-                       "density": density.tolist(),
-                       "mean_activation": (result["act_sum"] / np.maximum(result["fire_count"], 1)).tolist()},
-                      f)
-        os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
+        write_json_atomic(os.path.join(out_dir, "summary.json"),
+                          {"rows_scanned": int(result["n_rows"]), "store": store.path, "hook": hook,
+                           "density": density.tolist(),
+                           "mean_activation": (result["act_sum"] / np.maximum(result["fire_count"], 1)).tolist()},
+                          indent=None)
         print(f"scanned {int(result['n_rows']):,} rows; wrote {path}")
     if args.show:
         from extract.models import load_tokenizer

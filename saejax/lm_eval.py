@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from saejax.errors import SaejaxError
+from saejax.files import write_json_atomic
 
 
 def add_parser(sub) -> None:
@@ -176,10 +177,7 @@ def evaluate_run(run: str, store_path: str | None = None, model: str | None = No
     result["lm"] = run_lm_eval(sae, store, model, sequences, batch_size, hook,
                                data_cfg.validation_tokens, progress=progress)
     if os.access(run, os.W_OK):
-        target = os.path.join(run, "eval_lm.json")
-        with open(target + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(target + ".tmp", target)
+        write_json_atomic(os.path.join(run, "eval_lm.json"), result)
     return result
 
 

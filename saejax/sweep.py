@@ -14,7 +14,6 @@ frontier per size, dead fraction against size and throughput against size.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import jax
 import numpy as np
 
 from saejax.errors import SaejaxError
+from saejax.files import write_json_atomic, write_text_atomic
 
 
 def _floats(text):
@@ -178,8 +178,7 @@ def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
                      sweep_tokens_per_s=(step - start) * base.train.batch_size / max(elapsed, 1e-9))
         save_sae(os.path.join(m.cfg.run_dir, "sae"), m.state.params, m.spec,
                  float(m.state.input_scale), m.cfg, source.meta, source.hook)
-        with open(os.path.join(m.cfg.run_dir, "eval.json"), "w") as f:
-            json.dump(final, f, indent=2)
+        write_json_atomic(os.path.join(m.cfg.run_dir, "eval.json"), final)
         rows.append({"name": m.name, "run_dir": m.cfg.run_dir, "architecture": m.spec.architecture,
                      "d_sae": m.spec.d_sae,
                      "k": m.spec.k if m.spec.architecture in ("topk", "batchtopk") else None,
@@ -208,24 +207,18 @@ COLUMNS = ("name", "architecture", "d_sae", "k", "l1", "fvu", "l0", "dead_fracti
            "ce_loss_recovered", "tokens_per_s", "sweep_wall_s", "run_dir")
 
 
-def _atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_table(rows: list[dict], out: str) -> None:
     """sweep.json, sweep.csv, sweep.md and sweep.png in OUT (each written whole, then renamed)."""
     import csv
     import io
 
-    _atomic_write(os.path.join(out, "sweep.json"), json.dumps({"members": rows}, indent=2))
+    write_json_atomic(os.path.join(out, "sweep.json"), {"members": rows})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
         writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in COLUMNS})
-    _atomic_write(os.path.join(out, "sweep.csv"), buf.getvalue())
+    write_text_atomic(os.path.join(out, "sweep.csv"), buf.getvalue())
 
     has_ce = any(r.get("ce_loss_recovered") is not None for r in rows)
     head = ("| d_sae | k / λ | FVU | L0 | dead | " + ("CE loss recovered | " if has_ce else "")
@@ -240,7 +233,7 @@ def write_table(rows: list[dict], out: str) -> None:
     wall = next((r["sweep_wall_s"] for r in rows if r.get("sweep_wall_s") is not None), None)
     if wall is not None:
         lines += ["", f"All {len(rows)} members trained in lockstep in {wall:,.0f} s of wall time."]
-    _atomic_write(os.path.join(out, "sweep.md"), "\n".join(lines) + "\n")
+    write_text_atomic(os.path.join(out, "sweep.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(rows, os.path.join(out, "sweep.png"))
 

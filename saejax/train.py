@@ -9,7 +9,6 @@ device. Checkpoints are written every `checkpoint_every` steps and on SIGINT/SIG
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import signal
@@ -28,6 +27,7 @@ from saejax.checkpoint import Checkpointer
 from saejax.config import RunConfig, dump_yaml, load_config
 from saejax.data import ArraySource, Loader, sample_rows, split_rows
 from saejax.errors import SaejaxError
+from saejax.files import write_json_atomic
 from saejax.metrics import MetricsLogger, evaluate
 from saejax.saved import save_sae
 
@@ -245,6 +245,5 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
             final["steps"] = step
             save_sae(os.path.join(cfg.run_dir, "sae"), params, spec, float(scale), cfg,
                      source.meta, source.hook)
-            with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
-                json.dump(final, f, indent=2)
+            write_json_atomic(os.path.join(cfg.run_dir, "eval.json"), final)
     return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s, steady)
