@@ -35,22 +35,25 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Runs body(bounds[t], bounds[t + 1]) for every t, one thread each (the first on the caller).
+template <typename Body>
+void RunRanges(const std::vector<int64_t>& bounds, Body body) {
+  std::vector<std::thread> workers;
+  for (size_t t = 1; t + 1 < bounds.size(); ++t) {
+    if (bounds[t] < bounds[t + 1]) workers.emplace_back(body, bounds[t], bounds[t + 1]);
+  }
+  if (bounds[0] < bounds[1]) body(bounds[0], bounds[1]);
+  for (auto& w : workers) w.join();
+}
+
 // Runs body(begin, end) over [0, n) split into `threads` contiguous chunks.
 template <typename Body>
 void ParallelFor(int64_t n, int64_t threads, Body body) {
   threads = std::max<int64_t>(1, std::min(threads, n));
-  if (threads == 1) {
-    body(0, n);
-    return;
-  }
   const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) workers.emplace_back(body, begin, end);
-  }
-  body(0, std::min(n, chunk));
-  for (auto& w : workers) w.join();
+  std::vector<int64_t> bounds(threads + 1);
+  for (int64_t t = 0; t <= threads; ++t) bounds[t] = std::min(n, t * chunk);
+  RunRanges(bounds, body);
 }
 
 struct Item {
@@ -276,12 +279,7 @@ ffi::Error ScatterRowsImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> idx,
       }
     }
   };
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) {
-    if (bounds[t] < bounds[t + 1]) workers.emplace_back(work, bounds[t], bounds[t + 1]);
-  }
-  work(bounds[0], bounds[1]);
-  for (auto& worker : workers) worker.join();
+  RunRanges(bounds, work);
   return ffi::Error::Success();
 }
 
@@ -296,21 +294,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxTopK, TopKImpl,
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("threads"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxGatherRows, GatherRowsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+// (per-row data, idx [B, k], table [N, D]) -> one result: the gather and the row dots
+static auto TableLookupBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("threads");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxRowDots, RowDotsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxGatherRows, GatherRowsImpl, TableLookupBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxRowDots, RowDotsImpl, TableLookupBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxScatterRows, ScatterRowsImpl,
                               ffi::Ffi::Bind()

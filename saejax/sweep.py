@@ -126,11 +126,12 @@ def run_sweep(config_path: str | None, overrides: list[str], grid, out: str,
     step_fns = [m.step_fn for m in members]
     all_steps = jax.jit(lambda states, batch: tuple(f(s, batch)[0] for f, s in zip(step_fns, states)),
                         donate_argnums=0)
+    end_step = total_steps if max_steps is None else min(total_steps, max_steps)
     step, t0 = start, time.perf_counter()
     stopped = False
     try:
         with _StopFlag() as stop:
-            while step < (total_steps if max_steps is None else min(total_steps, max_steps)):
+            while step < end_step:
                 batch = next(loader)
                 states = all_steps(tuple(m.state for m in members), batch)
                 for m, state in zip(members, states):
