@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    help="store for the loader and loop figures (default: a temporary one of "
                         "random rows)")
     p.add_argument("--no-loop", action="store_true", help="skip the loader and loop figures")
+    p.add_argument("--loop-rounds", type=int, default=3,
+                   help="loop timings, each against the step timed beside it; the median is "
+                        "reported")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_bench)
 
@@ -197,7 +200,7 @@ def bench_loop(store_path: str, shape: StepShape, steps: int) -> float:
 
 
 def run_bench(shapes: list[StepShape], steps: int, store: str | None, loop: bool,
-              say=lambda line: None) -> dict:
+              say=lambda line: None, loop_rounds: int = 3) -> dict:
     import jax
 
     first = shapes[0]
@@ -225,16 +228,24 @@ def run_bench(shapes: list[StepShape], steps: int, store: str | None, loop: bool
                 path = synthetic_store(os.path.join(tmp, "store"),
                                        first.batch * (max(steps, 20) + 2), first.d_in)
             loader_tps = bench_loader(path, first, max(steps, 20))
-            # the step is timed again right after the loop: the figure is loop / mean(step)
-            loop_tps = bench_loop(path, first, steps)
-            again = bench_step(first, steps, peak, first_timer)["tokens_per_s"]
-        step_tps = 0.5 * (results[0]["tokens_per_s"] + again)
+            # Rounds of (loop, step): each loop is compared with the step timed on either side
+            # of it, and the median round is reported; one round swings by ±3% on a shared box.
+            rounds, step_before = [], results[0]["tokens_per_s"]
+            for _ in range(loop_rounds):
+                loop_tps = bench_loop(path, first, steps)
+                step_after = bench_step(first, steps, peak, first_timer)["tokens_per_s"]
+                step_tps = 0.5 * (step_before + step_after)
+                rounds.append({"tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
+                               "fraction_of_step": loop_tps / step_tps})
+                step_before = step_after
+        median = sorted(rounds, key=lambda r: r["fraction_of_step"])[len(rounds) // 2]
+        loop_tps, step_tps = median["tokens_per_s"], median["step_tokens_per_s"]
         out["loader_tokens_per_s"] = loader_tps
-        out["loop"] = {"arch": first.arch, "d_sae": first.d_sae, "tokens_per_s": loop_tps,
-                       "step_tokens_per_s": step_tps, "fraction_of_step": loop_tps / step_tps}
+        out["loop"] = {"arch": first.arch, "d_sae": first.d_sae, **median, "rounds": rounds}
         say(f"loader      {loader_tps:>10,.0f} tok/s from the store on disk")
         say(f"loop        {loop_tps:>10,.0f} tok/s = {loop_tps / step_tps:.3f} × the step's own "
-            f"({first.arch}, d_sae {first.d_sae:,})")
+            f"({first.arch}, d_sae {first.d_sae:,}; median of {len(rounds)} rounds: "
+            f"{', '.join(format(r['fraction_of_step'], '.3f') for r in rounds)})")
     return out
 
 
@@ -251,8 +262,9 @@ def _cmd_bench(args) -> int:
         raise SaejaxError(f"unknown --dtype '{args.dtype}'; choose float32 or bfloat16")
     if args.topk_kernel not in ("sparse", "dense"):
         raise SaejaxError(f"unknown --topk-kernel '{args.topk_kernel}'; choose sparse or dense")
-    if not sizes or min(sizes) < 1 or args.d_in < 1 or args.batch < 1 or args.steps < 1:
-        raise SaejaxError("--d-in, --d-sae, --batch and --steps must be positive")
+    if (not sizes or min(sizes) < 1 or args.d_in < 1 or args.batch < 1 or args.steps < 1
+            or args.loop_rounds < 1):
+        raise SaejaxError("--d-in, --d-sae, --batch, --steps and --loop-rounds must be positive")
     if any(a in ("topk", "batchtopk") for a in archs) and not 0 < args.k <= min(sizes):
         raise SaejaxError(f"--k {args.k} must be between 1 and the smallest --d-sae")
     if args.store is not None:
@@ -263,7 +275,7 @@ def _cmd_bench(args) -> int:
     shapes = [StepShape(a, args.d_in, d, args.batch, args.k, args.dtype, args.topk_kernel)
               for a in archs for d in sizes]
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
-    out = run_bench(shapes, args.steps, args.store, not args.no_loop, say)
+    out = run_bench(shapes, args.steps, args.store, not args.no_loop, say, args.loop_rounds)
     if args.json:
         print(json.dumps(out))
     return 0

@@ -13,7 +13,7 @@ def run_cli(*args):
 
 def test_bench_json_line():
     result = run_cli("bench", "--d-in", "32", "--d-sae", "64,128", "--batch", "256", "--k", "4",
-                     "--arch", "relu,topk", "--steps", "2", "--json")
+                     "--arch", "relu,topk", "--steps", "2", "--loop-rounds", "2", "--json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -24,12 +24,15 @@ def test_bench_json_line():
     assert rows[("topk", 64)]["dense_matmuls"] == 1 and rows[("relu", 64)]["dense_matmuls"] == 6
     assert out["matmul_peak_flops"] > 0 and out["loader_tokens_per_s"] > 0
     assert out["loop"]["tokens_per_s"] > 0 and out["loop"]["arch"] == "relu"
+    rounds = out["loop"]["rounds"]
+    assert len(rounds) == 2 and out["loop"] in [{**out["loop"], **r} for r in rounds]
 
 
 def test_bench_bad_options():
     for args, message in [(("--arch", "gated"), "unknown --arch"),
                           (("--d-sae", "12x"), "comma list"),
                           (("--dtype", "float64"), "unknown --dtype"),
-                          (("--k", "500", "--d-sae", "64"), "--k 500")]:
+                          (("--k", "500", "--d-sae", "64"), "--k 500"),
+                          (("--loop-rounds", "0"), "must be positive")]:
         result = run_cli("bench", *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -66,6 +66,23 @@ def test_nan_or_inf_is_reported_with_its_row(capsys, tmp_path, bad):
     assert "NaN or Inf" in err
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_nonfinite_rows_are_found_in_every_stored_dtype(dtype):
+    """The loader's bit test agrees with np.isfinite: NaN, ±Inf flagged; the largest finite
+    value, -0.0 and subnormals not."""
+    import ml_dtypes
+
+    from saejax.data import nonfinite_rows
+
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    info = ml_dtypes.finfo(dt) if dtype == "bfloat16" else np.finfo(dt)
+    rows = np.random.default_rng(0).normal(size=(40, 8)).astype(dt)
+    rows[3, 2], rows[7, 0], rows[9, 7] = np.nan, np.inf, -np.inf
+    rows[11, 5], rows[12, 1], rows[13, 4] = info.max, -0.0, info.smallest_subnormal
+    assert np.flatnonzero(nonfinite_rows(rows)).tolist() == [3, 7, 9]
+    assert np.flatnonzero(nonfinite_rows(rows[:, ::2])).tolist() == [3, 7]  # a strided view
+
+
 def test_k_larger_than_d_sae(capsys, rows_path, tmp_path):
     code, err = run_train(capsys, *base(rows_path, tmp_path / "r"), "--set=sae.k=64")
     check(code, err, "sae.k must be in 1..d_sae (32)")
