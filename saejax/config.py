@@ -26,6 +26,7 @@ class DataConfig:
     block_rows: int = 8192  # rows per contiguous read
     shuffle_blocks: int = 16  # blocks mixed together in the shuffle buffer
     prefetch: int = 4  # batches prepared ahead of the step
+    loader_threads: int = 0  # threads gathering batch rows; 0: half the cores, at most 8
     # The training rows are cut into this many contiguous, disjoint slices and every batch
     # takes batch_size/slices rows from each; in a multi-process run each process reads only
     # its own slices. 0 means one slice per process. Part of what defines the data order.

@@ -13,9 +13,11 @@ The last `validation_tokens` rows are held out and never trained on.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -144,12 +146,20 @@ class BatchPlan:
         return epoch, group, offset
 
 
+Piece = tuple[np.ndarray, np.ndarray]  # (a group's rows in read order, indices into them)
+
+
 class Loader:
     """Iterates batches (float arrays [batch, d_in] in the stored dtype) from `start_batch`.
 
     With `n_slices` > 1 the training rows are cut into that many contiguous slices, each
     with its own shuffled stream, and a batch is the concatenation of batch/n_slices rows
     from each; `slices` picks which of them this loader reads (a process reads only its own).
+
+    One producer thread plans batches as index lists into the groups it has read (the next
+    group's reads are already in flight while the current one is served); a pool of
+    `data.loader_threads` gathers the rows of each batch (`np.take` releases the GIL) and
+    hands them to `transform` (the device transfer), in order.
     """
 
     def __init__(self, source: ArraySource, cfg: DataConfig, batch_size: int, start_batch: int = 0,
@@ -168,61 +178,79 @@ class Loader:
         self.plan = self.plans[0]
         self.start_batch = start_batch
         self.transform = transform or (lambda b: b)
+        self.threads = cfg.loader_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, daemon=True)
         self._thread.start()
 
-    def _read_group(self, plan: BatchPlan, epoch: int, group: int) -> np.ndarray:
-        blocks = plan.groups(epoch)[group]
+    def _start_group(self, plan: BatchPlan, epoch: int, group: int):
+        """Issue the reads of one shuffle group; returns what `_finish_group` waits on."""
         br, first_row = plan.block_rows, plan.row_offset
-        pending = [(first_row + b * br, self.source.read_async(first_row + b * br,
-                                                              first_row + (b + 1) * br))
-                   for b in blocks]
+        return [(first_row + b * br, self.source.read_async(first_row + b * br,
+                                                           first_row + (b + 1) * br))
+                for b in plan.groups(epoch)[group]]
+
+    def _finish_group(self, plan: BatchPlan, epoch: int, group: int, pending) -> Piece:
         parts = []
         for first, get in pending:
             rows = get()
             check_finite(rows, first, self.source.path)
             parts.append(rows)
-        rows = np.concatenate(parts)
-        return rows[plan.row_permutation(epoch, group, len(rows))]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return rows, plan.row_permutation(epoch, group, len(rows))
 
-    def _plan_batches(self, plan: BatchPlan) -> Iterator[np.ndarray]:
+    def _plan_batches(self, plan: BatchPlan) -> Iterator[list[Piece]]:
+        """Each batch as pieces of shuffled groups: the rows of a group are taken in the
+        order of its permutation, and a batch may run on from one group into the next."""
         epoch, group, offset = plan.locate(self.start_batch)
-        carry = None
+        pending = self._start_group(plan, epoch, group)
+        pieces, have = [], 0
         while not self._stop.is_set():
-            n_groups = len(plan.groups(epoch))
-            rows = self._read_group(plan, epoch, group)[offset:]
+            rows, order = self._finish_group(plan, epoch, group, pending)
+            order = order[offset:]
             offset = 0
-            if carry is not None:
-                rows = np.concatenate([carry, rows])
-            n_full = len(rows) // plan.batch_size
-            for i in range(n_full):
-                yield rows[i * plan.batch_size:(i + 1) * plan.batch_size]
-            carry = rows[n_full * plan.batch_size:]
-            group += 1
-            if group == n_groups:
-                epoch, group = epoch + 1, 0
+            epoch, group = (epoch, group + 1) if group + 1 < len(plan.groups(epoch)) else (epoch + 1, 0)
+            pending = self._start_group(plan, epoch, group)  # read ahead while this one is served
+            at = 0
+            while at < len(order):
+                n = min(plan.batch_size - have, len(order) - at)
+                pieces.append((rows, order[at:at + n]))
+                have, at = have + n, at + n
+                if have == plan.batch_size:
+                    yield pieces
+                    pieces, have = [], 0
 
-    def _batches(self) -> Iterator[np.ndarray]:
+    def _batches(self) -> Iterator[list[Piece]]:
         if len(self.plans) == 1:
             yield from self._plan_batches(self.plans[0])
             return
         for parts in zip(*(self._plan_batches(p) for p in self.plans)):
-            yield np.concatenate(parts)
+            yield [piece for part in parts for piece in part]
+
+    def _make_batch(self, pieces: list[Piece]):
+        parts = [np.take(rows, index, axis=0) for rows, index in pieces]
+        return self.transform(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _produce(self) -> None:
         try:
-            for batch in self._batches():
-                item = self.transform(batch)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(("batch", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="saejax-loader") as pool:
+                in_flight: collections.deque = collections.deque()
+                for pieces in self._batches():
+                    in_flight.append(pool.submit(self._make_batch, pieces))
+                    if len(in_flight) > self.threads and not self._put(("batch", in_flight.popleft().result())):
+                        return
+                    if self._stop.is_set():
+                        return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
             self._queue.put(("error", e))
 

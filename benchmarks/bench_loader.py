@@ -1,0 +1,84 @@
+"""The loader's cost: wall tokens/s and host CPU per batch, alone on the machine.
+
+On a GPU the step can outrun the host, so what matters there is how many core-seconds the
+loader spends per token (read, NaN/Inf check, shuffle gather, device transfer). With
+`--baseline FILE` (another version of saejax/data.py, e.g. from `git show REV:saejax/data.py`)
+both loaders are timed in interleaved rounds on the same store, and the ratios printed.
+
+    python benchmarks/bench_loader.py [--store PATH] [--batch 4096] [--batches 60] [--rounds 3]
+                                      [--baseline OLD_DATA_PY] [--json]
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from saejax import data as current
+from saejax.bench import StepShape, run_config, synthetic_store
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("baseline_data", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_loader(module, store: str, batch: int, batches: int) -> dict:
+    cfg = run_config(StepShape("relu", 1, 1, batch), store).data
+    loader = module.Loader(module.ArraySource(store, None), cfg, batch)
+    try:
+        next(loader)  # the first group's read
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(batches):
+            next(loader)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        loader.close()
+    return {"tokens_per_s": batch * batches / wall, "cpu_ms_per_batch": 1000 * cpu / batches}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", default=None, help="default: a temporary store of random rows")
+    ap.add_argument("--d-in", type=int, default=576)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline", default=None, help="another saejax/data.py to compare with")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    loaders = {"current": current}
+    if args.baseline:
+        loaders["baseline"] = load_module(args.baseline)
+    with tempfile.TemporaryDirectory(prefix="saejax-bench-loader-") as tmp:
+        store = args.store or synthetic_store(os.path.join(tmp, "store"),
+                                              args.batch * (args.batches + 8), args.d_in)
+        runs = {name: [] for name in loaders}
+        for _ in range(args.rounds):
+            for name, module in loaders.items():
+                runs[name].append(time_loader(module, store, args.batch, args.batches))
+    out = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+           for name, rs in runs.items()}
+    if args.baseline:
+        out["cpu_ratio"] = out["baseline"]["cpu_ms_per_batch"] / out["current"]["cpu_ms_per_batch"]
+        out["wall_ratio"] = out["current"]["tokens_per_s"] / out["baseline"]["tokens_per_s"]
+    if args.json:
+        print(json.dumps(out))
+        return
+    for name in loaders:
+        print(f"{name:<9} {out[name]['tokens_per_s']:>12,.0f} tok/s  "
+              f"{out[name]['cpu_ms_per_batch']:>7.2f} CPU ms per batch of {args.batch}")
+    if args.baseline:
+        print(f"current / baseline: {out['wall_ratio']:.2f}× tokens/s, "
+              f"{out['cpu_ratio']:.2f}× less CPU per batch")
+
+
+if __name__ == "__main__":
+    main()
