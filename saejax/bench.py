@@ -173,18 +173,20 @@ def synthetic_store(path: str, n_rows: int, d_in: int, dtype: str = "bfloat16") 
     return path
 
 
-def bench_loader(store_path: str, shape: StepShape, batches: int) -> float:
-    """Tokens/s of the loader alone (background reads, shuffle, finiteness check)."""
+def bench_loader(store_path: str, shape: StepShape, batches: int) -> tuple[float, float]:
+    """(tokens/s, host CPU ms per batch) of the loader alone: reads, NaN/Inf check, shuffle
+    gather, device transfer. The CPU figure is what a faster device would ask of the host."""
     from saejax.data import ArraySource, Loader
 
     cfg = run_config(shape, store_path)
     loader = Loader(ArraySource(store_path, None), cfg.data, shape.batch)
     try:
         next(loader)  # first read primes the pipeline
-        t = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(batches):
             next(loader)
-        return shape.batch * batches / (time.perf_counter() - t)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        return shape.batch * batches / wall, 1000.0 * cpu / batches
     finally:
         loader.close()
 
@@ -227,7 +229,7 @@ def run_bench(shapes: list[StepShape], steps: int, store: str | None, loop: bool
                 say("store       writing a temporary store of random rows ...")
                 path = synthetic_store(os.path.join(tmp, "store"),
                                        first.batch * (max(steps, 20) + 2), first.d_in)
-            loader_tps = bench_loader(path, first, max(steps, 20))
+            loader_tps, loader_cpu_ms = bench_loader(path, first, max(steps, 20))
             # Rounds of (loop, step): each loop is compared with the step timed on either side
             # of it, and the median round is reported; one round swings by ±3% on a shared box.
             rounds, step_before = [], results[0]["tokens_per_s"]
@@ -241,8 +243,10 @@ def run_bench(shapes: list[StepShape], steps: int, store: str | None, loop: bool
         median = sorted(rounds, key=lambda r: r["fraction_of_step"])[len(rounds) // 2]
         loop_tps, step_tps = median["tokens_per_s"], median["step_tokens_per_s"]
         out["loader_tokens_per_s"] = loader_tps
+        out["loader_cpu_ms_per_batch"] = loader_cpu_ms
         out["loop"] = {"arch": first.arch, "d_sae": first.d_sae, **median, "rounds": rounds}
-        say(f"loader      {loader_tps:>10,.0f} tok/s from the store on disk")
+        say(f"loader      {loader_tps:>10,.0f} tok/s from the store on disk, {loader_cpu_ms:.1f} host "
+            f"CPU ms per batch")
         say(f"loop        {loop_tps:>10,.0f} tok/s = {loop_tps / step_tps:.3f} × the step's own "
             f"({first.arch}, d_sae {first.d_sae:,}; median of {len(rounds)} rounds: "
             f"{', '.join(format(r['fraction_of_step'], '.3f') for r in rounds)})")

@@ -23,6 +23,7 @@ def test_bench_json_line():
     assert all(r["tokens_per_s"] > 0 and r["fraction_of_peak"] > 0 for r in rows.values())
     assert rows[("topk", 64)]["dense_matmuls"] == 1 and rows[("relu", 64)]["dense_matmuls"] == 6
     assert out["matmul_peak_flops"] > 0 and out["loader_tokens_per_s"] > 0
+    assert out["loader_cpu_ms_per_batch"] > 0
     assert out["loop"]["tokens_per_s"] > 0 and out["loop"]["arch"] == "relu"
     rounds = out["loop"]["rounds"]
     assert len(rounds) == 2 and out["loop"] in [{**out["loop"], **r} for r in rounds]
