@@ -1,11 +1,12 @@
 """The loader's cost: wall tokens/s and host CPU per batch, alone on the machine.
 
 On a GPU the step can outrun the host, so what matters there is how many core-seconds the
-loader spends per token (read, NaN/Inf check, shuffle gather, device transfer). With
+loader spends per token (read, NaN/Inf check, shuffle gather, device transfer), and the
+NaN/Inf check alone on one 8,192-row read block. With
 `--baseline FILE` (another version of saejax/data.py, e.g. from `git show REV:saejax/data.py`)
 both loaders are timed in interleaved rounds on the same store, and the ratios printed.
 
-    python benchmarks/bench_loader.py [--store PATH] [--batch 4096] [--batches 60] [--rounds 3]
+    python benchmarks/bench_loader.py [--store PATH] [--batch 4096] [--batches 96] [--rounds 3]
                                       [--baseline OLD_DATA_PY] [--json]
 """
 
@@ -16,10 +17,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
+import timeit
 
 from saejax import data as current
-from saejax.bench import StepShape, run_config, synthetic_store
+from saejax.bench import StepShape, bench_loader, synthetic_store
 
 
 def load_module(path: str):
@@ -30,18 +31,12 @@ def load_module(path: str):
     return module
 
 
-def time_loader(module, store: str, batch: int, batches: int) -> dict:
-    cfg = run_config(StepShape("relu", 1, 1, batch), store).data
-    loader = module.Loader(module.ArraySource(store, None), cfg, batch)
-    try:
-        next(loader)  # the first group's read
-        cpu, wall = time.process_time(), time.perf_counter()
-        for _ in range(batches):
-            next(loader)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    finally:
-        loader.close()
-    return {"tokens_per_s": batch * batches / wall, "cpu_ms_per_batch": 1000 * cpu / batches}
+def time_loader(module, store: str, batch: int, batches: int, block) -> dict:
+    tokens_per_s, cpu_ms = bench_loader(store, StepShape("relu", 1, 1, batch), batches, module)
+    check_s = min(timeit.repeat(lambda: module.check_finite(block, 0, store), number=10,
+                                repeat=3)) / 10
+    return {"tokens_per_s": tokens_per_s, "cpu_ms_per_batch": cpu_ms,
+            "check_rows_per_s": len(block) / check_s}
 
 
 def main() -> None:
@@ -49,7 +44,7 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="default: a temporary store of random rows")
     ap.add_argument("--d-in", type=int, default=576)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--batches", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", default=None, help="another saejax/data.py to compare with")
     ap.add_argument("--json", action="store_true")
@@ -58,26 +53,31 @@ def main() -> None:
     if args.baseline:
         loaders["baseline"] = load_module(args.baseline)
     with tempfile.TemporaryDirectory(prefix="saejax-bench-loader-") as tmp:
+        # the timed batches run three times over the store: its per-group work all counts
         store = args.store or synthetic_store(os.path.join(tmp, "store"),
-                                              args.batch * (args.batches + 8), args.d_in)
+                                              args.batch * (args.batches // 3 + 2), args.d_in)
+        block = current.ArraySource(store).read(0, 8192)  # one read block, as the loader checks it
         runs = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, module in loaders.items():
-                runs[name].append(time_loader(module, store, args.batch, args.batches))
+                runs[name].append(time_loader(module, store, args.batch, args.batches, block))
     out = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
            for name, rs in runs.items()}
     if args.baseline:
         out["cpu_ratio"] = out["baseline"]["cpu_ms_per_batch"] / out["current"]["cpu_ms_per_batch"]
         out["wall_ratio"] = out["current"]["tokens_per_s"] / out["baseline"]["tokens_per_s"]
+        out["check_ratio"] = out["current"]["check_rows_per_s"] / out["baseline"]["check_rows_per_s"]
     if args.json:
         print(json.dumps(out))
         return
     for name in loaders:
         print(f"{name:<9} {out[name]['tokens_per_s']:>12,.0f} tok/s  "
-              f"{out[name]['cpu_ms_per_batch']:>7.2f} CPU ms per batch of {args.batch}")
+              f"{out[name]['cpu_ms_per_batch']:>7.2f} CPU ms per batch of {args.batch}  "
+              f"NaN/Inf check {out[name]['check_rows_per_s']:>12,.0f} rows/s")
     if args.baseline:
         print(f"current / baseline: {out['wall_ratio']:.2f}× tokens/s, "
-              f"{out['cpu_ratio']:.2f}× less CPU per batch")
+              f"{out['cpu_ratio']:.2f}× less CPU per batch, {out['check_ratio']:.2f}× the check's "
+              f"rows/s")
 
 
 if __name__ == "__main__":

@@ -82,9 +82,9 @@ _EXPONENT_MASKS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C0
 
 
 def nonfinite_rows(rows: np.ndarray) -> np.ndarray:
-    """Boolean [n]: which rows hold a NaN or Inf. Tests the exponent bits as integers, which
-    is ~20× faster than `np.isfinite` on bfloat16 (no float32 copy); the loader runs this on
-    every row it reads, on the cores the training step uses."""
+    """Boolean [n]: which rows hold a NaN or Inf. Tests the exponent bits as integers: no
+    float32 copy of bfloat16 rows, ≈ 1.9× the rows/s of `np.isfinite` on one (8,192-row read
+    blocks, benchmarks/bench_loader.py); the loader runs this on every row it reads."""
     mask = _EXPONENT_MASKS.get(rows.dtype.name)
     if mask is None:
         return ~np.isfinite(rows.astype(np.float32, copy=False)).all(axis=1)
