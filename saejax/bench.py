@@ -75,6 +75,18 @@ def run_config(shape: StepShape, data_path: str = "", run_dir: str = ""):
         f"data.validation_tokens={shape.batch}"], check=bool(data_path))
 
 
+def time_steps(step, state, batch, steps: int):
+    """(seconds, state) for `steps` calls of a jitted step on one batch, dispatched back to
+    back with one sync at the end. The step may donate `state`: use the returned one."""
+    import jax
+
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    return time.perf_counter() - t, state
+
+
 class StepTimer:
     """The compiled training step of one shape on a fixed random batch on the device."""
 
@@ -93,15 +105,11 @@ class StepTimer:
         rows = np.random.default_rng(seed).normal(size=(shape.batch, shape.d_in))
         self.batch = jax.device_put(jnp.asarray(rows, jnp.float32))
         self.step = jax.jit(T.make_train_step(spec, cfg.sae, tx, 1_000_000), donate_argnums=0)
-        self._jax = jax
 
     def run(self, steps: int) -> float:
-        """Seconds for `steps` steps (dispatched back to back, one sync at the end)."""
-        t = time.perf_counter()
-        for _ in range(steps):
-            self.state, _ = self.step(self.state, self.batch)
-        self._jax.block_until_ready(self.state.step)
-        return time.perf_counter() - t
+        """Seconds for `steps` steps."""
+        seconds, self.state = time_steps(self.step, self.state, self.batch, steps)
+        return seconds
 
 
 def matmul_peak(batch: int, d_in: int, d_sae: int, dtype: str, repeats: int = 3) -> float:

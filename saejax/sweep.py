@@ -194,14 +194,12 @@ def _tokens_per_s_alone(step_fn, state, batch, steps: int = 3) -> float:
     """The member's own training-step throughput, on a copy of its state (the step donates)."""
     import jax.numpy as jnp
 
+    from saejax.bench import time_steps
+
     step_fn = jax.jit(step_fn, donate_argnums=0)
-    state = step_fn(jax.tree.map(jnp.copy, state), batch)[0]
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state = step_fn(state, batch)[0]
-    jax.block_until_ready(state)
-    return steps * batch.shape[0] / (time.perf_counter() - t0)
+    _, state = time_steps(step_fn, jax.tree.map(jnp.copy, state), batch, 1)  # compile, warm up
+    seconds, _ = time_steps(step_fn, state, batch, steps)
+    return steps * batch.shape[0] / seconds
 
 
 COLUMNS = ("name", "architecture", "d_sae", "k", "l1", "fvu", "l0", "dead_fraction", "dense_fraction",
