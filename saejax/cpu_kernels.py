@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax.sharding import varying_axes
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = ("SaejaxTopK", "SaejaxGatherRows", "SaejaxRowDots", "SaejaxScatterRows")
 _lock = threading.Lock()
@@ -97,22 +99,13 @@ def enabled() -> bool:
     return _load()
 
 
-def _varying(*inputs) -> tuple:
-    """Mesh axes (under shard_map) over which any input varies; () outside shard_map."""
-    axes = set()
-    for value in inputs:
-        manual = getattr(jax.typeof(value), "manual_axis_type", None)
-        axes |= set(getattr(manual, "varying", ()) or ())
-    return tuple(sorted(axes))
-
-
 def _call(name, out_types, *inputs, **attrs):
     """ffi_call whose outputs vary over the mesh axes its inputs vary over (shard_map types
     the outputs of an opaque call as replicated otherwise)."""
     if not _load():
         raise RuntimeError(f"saejax C++ CPU kernels unavailable: {_state['why']}")
     outs = jax.ffi.ffi_call(name, out_types)(*inputs, threads=np.int64(_threads()), **attrs)
-    axes = _varying(*inputs)
+    axes = varying_axes(*inputs)
     if axes:
         outs = jax.tree.map(lambda o: jax.lax.pcast(o, axes, to="varying"), outs)
     return outs

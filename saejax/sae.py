@@ -20,6 +20,7 @@ import numpy as np
 
 from saejax import cpu_kernels
 from saejax.config import SAEConfig
+from saejax.sharding import LATENT_SPECS, varying_axes
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,7 @@ def selected_preacts(x, b_dec, W_enc, b_enc, idx, values):
 def _match_varying_axes(cotangent, primal):
     """Under shard_map, sum a cotangent over the mesh axes its primal does not vary over
     (e.g. a weight gradient over "data"); outside shard_map this does nothing."""
-    def varying(value):
-        return jax.typeof(value).manual_axis_type.varying
-    extra = tuple(sorted(varying(cotangent) - varying(primal)))
+    extra = tuple(sorted(set(varying_axes(cotangent)) - set(varying_axes(primal))))
     return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
@@ -400,9 +399,7 @@ def select_and_decode(params, x, scores, k: int, spec: SAESpec):
         return _select_and_decode_local(params, x, scores, k)
     from jax.sharding import PartitionSpec as P
 
-    param_specs = {"W_enc": P(None, "model"), "b_enc": P("model"), "W_dec": P("model", None),
-                   "b_dec": P(), "threshold": P("model")}
-    specs = {name: param_specs[name] for name in params}
+    specs = {name: LATENT_SPECS[name] for name in params}
     return jax.shard_map(
         partial(_select_and_decode_sharded, k=k),
         in_specs=(specs, P("data", None), P("data", "model")),

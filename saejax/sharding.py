@@ -26,6 +26,15 @@ LATENT_SPECS = {"W_enc": P(None, "model"), "b_enc": P("model"), "W_dec": P("mode
 PER_LATENT_STATE = ("tokens_since_fired", "fire_count")
 
 
+def varying_axes(*values) -> tuple:
+    """Mesh axes (under shard_map) over which any of `values` varies; () outside shard_map."""
+    axes = set()
+    for value in values:
+        manual = getattr(jax.typeof(value), "manual_axis_type", None)
+        axes |= set(getattr(manual, "varying", ()) or ())
+    return tuple(sorted(axes))
+
+
 def init_distributed(cfg: MeshConfig) -> None:
     """jax.distributed.initialize() from the config, or from the environment of a launcher
     (SAEJAX_COORDINATOR, SAEJAX_NUM_PROCESSES, SAEJAX_PROCESS_ID; on TPU pods and SLURM, JAX
