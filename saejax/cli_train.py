@@ -100,7 +100,6 @@ def _cmd_features(args) -> int:
     return run_features_command(args)
 
 
-
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="rank latents by how they respond to example prompts")
     p.add_argument("run", help="run directory or SAE folder")
@@ -117,7 +116,6 @@ def _cmd_search(args) -> int:
     from saejax.search import _cmd_search as run
 
     return run(args)
-
 
 
 def _add_dashboard(sub) -> None:
@@ -138,7 +136,6 @@ def _cmd_dashboard(args) -> int:
     from saejax.dashboard import run_dashboard_command
 
     return run_dashboard_command(args)
-
 
 
 def _add_sweep(sub) -> None:

@@ -232,14 +232,14 @@ class Loader:
         parts = [np.take(rows, index, axis=0) for rows, index in pieces]
         return self.transform(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
-    def _put(self, item) -> bool:
+    def _put(self, item) -> None:
+        """Queue an item, giving up when the loader is closed."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
-                return True
+                return
             except queue.Full:
                 continue
-        return False
 
     def _produce(self) -> None:
         try:
@@ -247,8 +247,8 @@ class Loader:
                 in_flight: collections.deque = collections.deque()
                 for pieces in self._batches():
                     in_flight.append(pool.submit(self._make_batch, pieces))
-                    if len(in_flight) > self.threads and not self._put(("batch", in_flight.popleft().result())):
-                        return
+                    if len(in_flight) > self.threads:  # the oldest batch goes out, in order
+                        self._put(("batch", in_flight.popleft().result()))
                     if self._stop.is_set():
                         return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
