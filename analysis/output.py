@@ -1,41 +1,10 @@
-"""Writing results: JSON (NaN → null) and .npy, each file replaced atomically."""
+"""Labels of the models analysed, as shown in reports and as file-name prefixes.
+(The results themselves are written through saejax.io, whole or not at all.)"""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-
-import numpy as np
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp.npy"
-    np.save(tmp, np.asarray(array))
-    os.replace(tmp, path)
 
 
 def file_label(label: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from saejax.io import save_figure
 
 
 def have_matplotlib() -> bool:
@@ -32,9 +32,6 @@ def plot_depth_curves(curves: dict, ylabel: str, title: str, path: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    fig.savefig(tmp)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

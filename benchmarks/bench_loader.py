@@ -20,7 +20,7 @@ import tempfile
 import timeit
 
 from saejax import data as current
-from saejax.bench import StepShape, bench_loader, synthetic_store
+from saejax.train.bench import StepShape, bench_loader, synthetic_store
 
 
 def load_module(path: str):

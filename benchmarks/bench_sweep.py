@@ -14,9 +14,9 @@ import shutil
 import tempfile
 import time
 
-from saejax.config import load_config
-from saejax.sweep import members_of, run_sweep
-from saejax.train import train
+from saejax.config import load_config, with_values
+from saejax.train.sweep import members_of, run_sweep
+from saejax.train.run import train
 
 
 def main():
@@ -35,11 +35,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="saejax-bench-sweep-")
     try:
         t = time.perf_counter()
-        run_sweep(None, sets, grid, os.path.join(tmp, "sweep"), progress=False)
+        run_sweep(load_config(None, sets), grid, os.path.join(tmp, "sweep"), progress=False)
         lockstep = time.perf_counter() - t
         t = time.perf_counter()
         for name, extra in grid:
-            train(load_config(None, [*sets, *extra, f"run_dir={os.path.join(tmp, 'alone', name)}"]))
+            train(with_values(load_config(None, sets),
+                              {**extra, "run_dir": os.path.join(tmp, "alone", name)}))
         separate = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

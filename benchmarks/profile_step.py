@@ -18,7 +18,7 @@ import tempfile
 
 import jax
 
-from saejax.bench import StepShape, StepTimer
+from saejax.train.bench import StepShape, StepTimer
 
 
 def main() -> None:

@@ -82,19 +82,10 @@ def _validate_cheap(cfg: ExtractConfig) -> None:
 
 
 def _identity(cfg: ExtractConfig, loaded, hook_d_in: dict, chunk_rows: int, corpus_desc: str) -> dict:
-    return {
-        "format_version": st.STORE_FORMAT_VERSION,
-        "model": loaded.model_id,
-        "revision": cfg.revision,
-        "hooks": list(cfg.hooks),
-        "hook_d_in": hook_d_in,
-        "dtype": cfg.dtype,
-        "context_size": cfg.context,
-        "prepend_bos": cfg.prepend_bos,
-        "bos_dropped": cfg.prepend_bos and not cfg.keep_bos,
-        "corpus": corpus_desc,
-        "chunk_rows": chunk_rows,
-    }
+    """The new store's meta; its IDENTITY_KEYS must match to resume or grow a store."""
+    return st.new_meta(loaded.model_id, hook_d_in, cfg.dtype,
+                       cfg.context, chunk_rows, revision=cfg.revision, prepend_bos=cfg.prepend_bos,
+                       bos_dropped=cfg.prepend_bos and not cfg.keep_bos, corpus=corpus_desc)
 
 
 def _check_compatible(path: str, existing: dict, wanted: dict) -> None:
@@ -200,8 +191,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
             os.makedirs(cfg.out, exist_ok=True) if not st.is_remote(cfg.out) else None
         except OSError as e:
             raise SaejaxError(f"output {cfg.out} cannot be created: {e.strerror}") from None
-        meta = {**identity, "n_tokens": 0, "target_tokens": cfg.tokens, "complete": False,
-                "d_in": hook_d_in[points[0].name], "tokenizer": loaded.model_id,
+        meta = {**identity, "target_tokens": cfg.tokens, "complete": False,
+                "tokenizer": loaded.model_id,
                 "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                 "pad_token_id": pad_id, "vocab_size": int(model.config.vocab_size),
                 "norm_sum": {h: 0.0 for h in cfg.hooks}, "mean_norm": {h: 0.0 for h in cfg.hooks},
@@ -210,10 +201,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
 
     capacity = math.ceil(cfg.tokens / chunk_rows) * chunk_rows
     try:
-        arrays = {p.name: st.create_array(cfg.out, st.hook_array_name(p.name), [capacity, hook_d_in[p.name]],
-                                          [chunk_rows, hook_d_in[p.name]], cfg.dtype) for p in points}
-        tokens_arr = st.create_array(cfg.out, "tokens", [capacity], [chunk_rows], "int32")
-        doc_arr = st.create_array(cfg.out, "doc", [capacity, 2], [chunk_rows, 2], "int32")
+        arrays, tokens_arr, doc_arr = st.create_arrays(cfg.out, identity, capacity)
     except ValueError as e:
         raise SaejaxError(f"cannot create the arrays of store {cfg.out}: {e}") from None
 

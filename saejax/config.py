@@ -5,6 +5,7 @@ Unknown keys and ill-typed values are errors (one line each), never silently ign
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -233,6 +234,18 @@ def load_config(path: str | None, overrides: list[str] = (), check: bool = True)
     for text in overrides:
         _apply(cfg, parse_override(text))
     return validate(cfg) if check else cfg
+
+
+def with_values(cfg: RunConfig, values: dict, check: bool = True) -> RunConfig:
+    """A copy of `cfg` with dotted keys set to typed values, e.g. {"sae.d_sae": 8192}
+    (for programs that build configs; the command line's `--set` parses text instead)."""
+    new = copy.deepcopy(cfg)
+    for key, value in values.items():
+        nested = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _apply(new, nested)
+    return validate(new) if check else new
 
 
 def to_dict(cfg) -> dict:

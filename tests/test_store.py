@@ -6,25 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from helpers import make_store
 from saejax import store as st
 from saejax.cli import main
 from saejax.errors import SaejaxError
-
-
-def make_store(path, rows, context=8):
-    """A store written through the same primitives the extractor uses."""
-    n, d = rows.shape
-    os.makedirs(path)
-    meta = {"format_version": 1, "model": "synthetic", "hooks": ["h"], "hook_d_in": {"h": d},
-            "d_in": d, "dtype": "float32", "context_size": context, "prepend_bos": False,
-            "bos_dropped": False, "n_tokens": n, "chunk_rows": 16, "vocab_size": 100,
-            "mean_norm": {"h": float(np.linalg.norm(rows, axis=1).mean())}}
-    st.write_meta(path, meta)
-    st.create_array(path, "acts/h", [n, d], [16, d], "float32")[...].write(rows).result()
-    st.create_array(path, "tokens", [n], [16], "int32")[...].write((np.arange(n) % 100).astype(np.int32)).result()
-    doc = np.stack([np.arange(n) // context, np.arange(n) % context], 1).astype(np.int32)
-    st.create_array(path, "doc", [n, 2], [16, 2], "int32")[...].write(doc).result()
-    return st.ActivationStore.open(path)
 
 
 def test_reader_api(tmp_path):

@@ -21,7 +21,7 @@ def batch_rows(batch, d_in):
 
 class SaejaxStep:
     def __init__(self, arch, d_in, d_sae, batch, k):
-        from saejax.bench import StepShape, StepTimer
+        from saejax.train.bench import StepShape, StepTimer
         self.timer = StepTimer(StepShape(arch, d_in, d_sae, batch, k))
         import jax.numpy as jnp
         self.timer.batch = jnp.asarray(batch_rows(batch, d_in))

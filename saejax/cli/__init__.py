@@ -1,0 +1,75 @@
+"""The `saejax` command line: argparse only.
+
+Every subcommand is a `Command` (cli/command.py) declared in one of the modules below and
+listed once in `REGISTRY`. Errors the user can fix are one line on stderr with exit status
+2; Ctrl-C exits 130 and says how to resume. Nothing outside this package imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from saejax.cli import analyze, data, interp, training
+from saejax.cli.command import Command
+from saejax.errors import SaejaxError
+
+_BY_NAME = {c.name: c for c in (*data.COMMANDS, *training.COMMANDS, *interp.COMMANDS,
+                                *analyze.COMMANDS)}
+REGISTRY: tuple[Command, ...] = tuple(_BY_NAME[name] for name in (
+    "extract", "store", "demo", "analyze", "train", "export", "bench", "eval", "steer",
+    "features", "search", "dashboard", "sweep"))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other error."""
+
+    def error(self, message):
+        raise SaejaxError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add(sub, command: Command) -> None:
+    parser = sub.add_parser(command.name, help=command.help)
+    command.arguments(parser)
+    if command.subcommands:
+        nested = parser.add_subparsers(dest=f"{command.name}_command", required=True,
+                                       parser_class=Parser)
+        for child in command.subcommands:
+            _add(nested, child)
+    else:
+        parser.set_defaults(func=command.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saejax import __version__
+
+    parser = Parser(prog="saejax", description="High-throughput sparse autoencoders in JAX.")
+    parser.add_argument("--version", action="version", version=f"saejax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in REGISTRY:
+        _add(sub, command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except SaejaxError as e:
+        print(f"saejax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsaejax: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if os.environ.get("SAEJAX_DEBUG"):
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"saejax: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

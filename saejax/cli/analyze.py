@@ -1,0 +1,73 @@
+"""`saejax analyze weights | dpo-change | decorrelation` (interp/analyze.py does the work)."""
+
+from __future__ import annotations
+
+from saejax.cli.command import Command
+
+
+def _common(p) -> None:
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def _options(args):
+    from saejax.interp.analyze import ModelOptions
+
+    return ModelOptions(args.revision, args.trust_remote_code, args.dtype, not args.no_plot)
+
+
+def _weights_arguments(p) -> None:
+    p.add_argument("models", nargs="+", help="model names, directories or .gguf files")
+    _common(p)
+
+
+def _weights(args) -> int:
+    from saejax.interp.analyze import analyze_weights
+
+    analyze_weights(args.models, args.out, _options(args))
+    return 0
+
+
+def _dpo_arguments(p) -> None:
+    p.add_argument("base")
+    p.add_argument("tuned")
+    p.add_argument("--top", type=int, default=100, help="neurons per layer (default 100)")
+    _common(p)
+
+
+def _dpo(args) -> int:
+    from saejax.interp.analyze import analyze_dpo_change
+
+    analyze_dpo_change(args.base, args.tuned, args.out, args.top, _options(args))
+    return 0
+
+
+def _decorrelation_arguments(p) -> None:
+    p.add_argument("models", nargs="+")
+    p.add_argument("--prompts", required=True,
+                   help="text file, one prompt per line, or 'builtin' (sentences of the "
+                        "built-in corpus)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many")
+    _common(p)
+
+
+def _decorrelation(args) -> int:
+    from saejax.interp.analyze import analyze_decorrelation
+
+    analyze_decorrelation(args.models, args.prompts, args.out, args.max_prompts, _options(args))
+    return 0
+
+
+COMMANDS = (
+    Command("analyze", "MLP weight statistics, DPO change, decorrelation", subcommands=(
+        Command("weights", "normalised median of ‖w_in‖·b_in per layer", _weights_arguments,
+                _weights),
+        Command("dpo-change", "weight statistic on the neurons DPO changed most", _dpo_arguments,
+                _dpo),
+        Command("decorrelation", "1 − mean pairwise cosine of MLP pre-activations",
+                _decorrelation_arguments, _decorrelation),
+    )),
+)

@@ -1,0 +1,32 @@
+"""The one way to declare a subcommand: a `Command` with its arguments and its handler.
+
+Handlers turn the parsed arguments into plain values and call library functions; nothing
+outside `saejax.cli` ever sees an argparse Namespace. Handlers import what they need when
+they run, so `saejax --help` and `saejax store info` start without JAX or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    run: Callable[[argparse.Namespace], int] | None = None
+    subcommands: tuple["Command", ...] = ()
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def whole_number(text: str) -> int:
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None

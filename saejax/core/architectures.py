@@ -1,0 +1,29 @@
+"""The SAE architectures and the rules that follow from the name alone.
+
+No JAX here, so the config, the dry run and the command line share these rules with the
+maths in `core.sae` without importing an accelerator runtime.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+def selects_top_k(architecture: str) -> bool:
+    """TopK and BatchTopK keep a fixed number of latents (`sae.k`) instead of a penalty."""
+    return architecture in ("topk", "batchtopk")
+
+
+def has_threshold(architecture: str) -> bool:
+    """JumpReLU learns a threshold per latent; BatchTopK keeps its inference threshold there."""
+    return architecture in ("jumprelu", "batchtopk")
+
+
+def uses_sparse_kernels(architecture: str, topk_kernel: str) -> bool:
+    """Only TopK trains through the sparse gather/scatter kernels (BatchTopK's per-row
+    counts vary, so it trains densely)."""
+    return architecture == "topk" and topk_kernel == "sparse"
+
+
+def has_l1_penalty(architecture: str) -> bool:
+    return architecture == "relu"

@@ -1,0 +1,485 @@
+"""Sparse autoencoders in Flax: relu, topk, batchtopk and jumprelu.
+
+Parameters follow the ecosystem's layout: W_enc [d_in, d_sae], b_enc [d_sae],
+W_dec [d_sae, d_in], b_dec [d_in], and threshold [d_sae] (jumprelu; batchtopk
+keeps its learned inference threshold there too, updated as a running statistic,
+not by gradients). All maths is in pure functions of the parameter dict so that
+training, evaluation and export share one definition; `SparseAutoencoder` is the
+Flax module that declares and initialises the parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax.core import cpu_kernels
+from saejax.core.architectures import has_threshold, uses_sparse_kernels
+from saejax.core.sharding import LATENT_SPECS, varying_axes
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """What the pure functions need to know about an SAE (hashable: a jit static)."""
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int = 32
+    aux_k: int = 256
+    jumprelu_bandwidth: float = 1e-3
+    compute_dtype: str = "float32"
+    sparse_topk: bool = True  # topk trains through the sparse kernels (dense: the reference)
+
+    @property
+    def uses_sparse_kernels(self) -> bool:
+        return uses_sparse_kernels(self.architecture, "sparse" if self.sparse_topk else "dense")
+
+    @property
+    def has_threshold(self) -> bool:
+        return has_threshold(self.architecture)
+
+
+class SparseAutoencoder(nn.Module):
+    """Declares the parameters; `init_params` below is the usual entry point."""
+    spec: SAESpec
+    init_threshold: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x):
+        s = self.spec
+
+        def unit_rows(key, shape, dtype=jnp.float32):
+            w = jax.random.normal(key, shape, dtype)
+            return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+
+        W_dec = self.param("W_dec", unit_rows, (s.d_sae, s.d_in))
+        # Tied initialisation: each encoder column starts as its decoder row.
+        W_enc = self.param("W_enc", lambda key: W_dec.T)
+        b_enc = self.param("b_enc", nn.initializers.zeros, (s.d_sae,))
+        b_dec = self.param("b_dec", nn.initializers.zeros, (s.d_in,))
+        params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+        if s.has_threshold:
+            params["threshold"] = self.param(
+                "threshold", nn.initializers.constant(self.init_threshold), (s.d_sae,))
+        return forward(params, x, s)[0]
+
+
+def init_params(spec: SAESpec, key, b_dec: np.ndarray | None = None,
+                init_threshold: float = 1e-3) -> dict:
+    module = SparseAutoencoder(spec, init_threshold)
+    params = dict(module.init(key, jnp.zeros((1, spec.d_in)))["params"])
+    if b_dec is not None:
+        params["b_dec"] = jnp.asarray(b_dec, jnp.float32)
+    return params
+
+
+# ---- JumpReLU with straight-through threshold gradients ---------------------------
+def _rectangle(u):
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z, threshold, bandwidth):
+    return z * (z > threshold)
+
+
+def _jumprelu_fwd(z, threshold, bandwidth):
+    return jumprelu(z, threshold, bandwidth), (z, threshold)
+
+
+def _jumprelu_bwd(bandwidth, residual, g):
+    z, threshold = residual
+    dz = g * (z > threshold)
+    dthreshold = -(threshold / bandwidth) * _rectangle((z - threshold) / bandwidth) * g
+    return dz, dthreshold.reshape(-1, threshold.shape[-1]).sum(0)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step_fn(z, threshold, bandwidth):
+    """Heaviside H(z - threshold), with the straight-through gradient for threshold."""
+    return (z > threshold).astype(z.dtype)
+
+
+def _step_fwd(z, threshold, bandwidth):
+    return step_fn(z, threshold, bandwidth), (z, threshold)
+
+
+def _step_bwd(bandwidth, residual, g):
+    z, threshold = residual
+    dthreshold = -(1.0 / bandwidth) * _rectangle((z - threshold) / bandwidth) * g
+    return jnp.zeros_like(z), dthreshold.reshape(-1, threshold.shape[-1]).sum(0)
+
+
+step_fn.defvjp(_step_fwd, _step_bwd)
+
+
+# ---- sparse TopK kernels: after the encoder matmul, cost grows with k, not d_sae ----
+@jax.custom_vjp
+def selected_preacts(x, b_dec, W_enc, b_enc, idx, values):
+    """Pre-activations `values` [B, k] of the latents `idx` [B, k], with sparse gradients.
+
+    The forward pass returns `values` unchanged: they come from the dense encoder matmul,
+    which selection needs anyway. The backward pass touches only the selected encoder
+    columns and biases, O(B·k·d_in) instead of O(B·d_sae·d_in):
+        dW_enc[:, j] = Σ_{(b,i): idx=j} g[b,i]·(x[b] − b_dec)     (scatter-add)
+        db_enc[j]    = Σ_{(b,i): idx=j} g[b,i]
+        db_dec       = −W_enc · db_enc
+    `x` is data: it gets no gradient.
+    """
+    return values
+
+
+def _match_varying_axes(cotangent, primal):
+    """Under shard_map, sum a cotangent over the mesh axes its primal does not vary over
+    (e.g. a weight gradient over "data"); outside shard_map this does nothing."""
+    extra = tuple(sorted(set(varying_axes(cotangent)) - set(varying_axes(primal))))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
+def _selected_preacts_fwd(x, b_dec, W_enc, b_enc, idx, values):
+    return values, (x, b_dec, W_enc, b_enc, idx)
+
+
+def _selected_preacts_bwd(residual, g):
+    x, b_dec, W_enc, b_enc, idx = residual
+    d_sae = W_enc.shape[1]
+    g = g.astype(jnp.float32)
+    xc = x - b_dec
+    if cpu_kernels.enabled():  # written as [d_in, d_sae] directly
+        dW_enc, db_enc = cpu_kernels.scatter_rows(g, idx, xc, d_sae, transposed=True)
+    else:
+        flat = idx.reshape(-1)
+        updates = (g[:, :, None] * xc[:, None, :]).reshape(-1, xc.shape[-1])
+        dW_enc_t = jnp.zeros((d_sae, xc.shape[-1]), jnp.float32).at[flat].add(updates)
+        db_enc = jnp.zeros(d_sae, jnp.float32).at[flat].add(g.reshape(-1))
+        dW_enc = dW_enc_t.T
+    db_dec = -(W_enc @ db_enc)
+    return (None, _match_varying_axes(db_dec, b_dec), _match_varying_axes(dW_enc, W_enc),
+            _match_varying_axes(db_enc, b_enc), None, None)
+
+
+selected_preacts.defvjp(_selected_preacts_fwd, _selected_preacts_bwd)
+
+
+def _gather_rows_weighted(weights, idx, table):
+    """Σ_j weights[:, j, None]·table[idx[:, j]] as a scan over j.
+
+    One [B]-row gather per j fuses with the multiply-add; gathering all [B, k] rows at
+    once would materialise a [B, k, d] array (gigabytes at scale) first.
+    """
+    if cpu_kernels.enabled():
+        return cpu_kernels.gather_rows(weights, idx, table)
+
+    def add_one(total, column):
+        w, i = column
+        return total + w[:, None] * table[i], None
+    # the first term seeds the carry (rather than zeros) so that under shard_map the carry
+    # has the same varying-axes type as the terms added to it
+    first = weights[:, 0, None] * table[idx[:, 0]]
+    return jax.lax.scan(add_one, first, (weights[:, 1:].T, idx[:, 1:].T))[0]
+
+
+@jax.custom_vjp
+def sparse_decode(acts, idx, W_dec):
+    """Σ_i acts[b, i]·W_dec[idx[b, i]]: only the k selected decoder rows of each input.
+
+    Backward: d acts[b, i] = g[b]·W_dec[idx[b, i]] (a gather per i) and
+    dW_dec[j] = Σ_{(b,i): idx=j} acts[b, i]·g[b] (a scatter-add into the selected rows).
+    """
+    return _gather_rows_weighted(acts, idx, W_dec)
+
+
+def _sparse_decode_fwd(acts, idx, W_dec):
+    return _gather_rows_weighted(acts, idx, W_dec), (acts, idx, W_dec)
+
+
+def _sparse_decode_bwd(residual, g):
+    acts, idx, W_dec = residual
+    if cpu_kernels.enabled():
+        d_acts = cpu_kernels.row_dots(g, idx, W_dec)
+        dW_dec = cpu_kernels.scatter_rows(acts, idx, g, W_dec.shape[0])[0]
+    else:
+        def dot_one(_, i):
+            return None, jnp.sum(g * W_dec[i], axis=-1)
+        d_acts = jax.lax.scan(dot_one, None, idx.T)[1].T
+        updates = (acts[:, :, None] * g[:, None, :]).reshape(-1, g.shape[-1])
+        dW_dec = jnp.zeros_like(W_dec).at[idx.reshape(-1)].add(updates)
+    return _match_varying_axes(d_acts, acts), None, _match_varying_axes(dW_dec, W_dec)
+
+
+sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+
+
+# ---- the forward pass -------------------------------------------------------------
+def encoder_scores(params, x, spec: SAESpec):
+    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias."""
+    dt = jnp.dtype(spec.compute_dtype)
+    xc = (x - params["b_dec"]).astype(dt)
+    return (xc @ params["W_enc"].astype(dt)).astype(jnp.float32)
+
+
+def pre_activations(params, x, spec: SAESpec):
+    return encoder_scores(params, x, spec) + params["b_enc"]
+
+
+def topk_activation(pre, k: int):
+    """Keep each row's k largest pre-activations (ReLU'd), zero the rest."""
+    values, indices = jax.lax.top_k(pre, k)
+    rows = jnp.arange(pre.shape[0])[:, None]
+    return jnp.zeros_like(pre).at[rows, indices].set(jax.nn.relu(values))
+
+
+def batchtopk_activation(pre, k: int):
+    """Keep the batch's k x batch largest ReLU'd pre-activations, wherever they fall."""
+    n_keep = k * pre.shape[0]
+    cutoff = _batchtopk_cutoff(jax.lax.stop_gradient(jax.nn.relu(pre)), n_keep)
+    return jnp.where((pre >= cutoff) & (pre > 0), pre, 0.0)
+
+
+def _batchtopk_cutoff(relu_pre, n_keep: int):
+    """The n_keep-th largest entry of the whole (global) batch.
+
+    On a mesh, each device takes the top n_keep of its own block, the candidates are
+    gathered, and the cutoff is the n_keep-th largest of them: the same value, without
+    gathering every pre-activation onto every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return jax.lax.top_k(relu_pre.reshape(-1), n_keep)[0][-1]
+    from jax.sharding import PartitionSpec as P
+
+    def local(block):
+        top = jax.lax.top_k(block.reshape(-1), min(n_keep, block.size))[0]
+        candidates = jax.lax.all_gather(top, ("data", "model"), tiled=True)
+        return jax.lax.top_k(candidates, n_keep)[0][-1:]
+    cutoff = jax.shard_map(local, in_specs=P("data", "model"), out_specs=P(),
+                           check_vma=False)(relu_pre)
+    return cutoff[0]
+
+
+def activate(params, pre, spec: SAESpec, training: bool = True):
+    a = spec.architecture
+    if a == "relu":
+        return jax.nn.relu(pre)
+    if a == "topk":
+        return topk_activation(pre, spec.k)
+    if a == "batchtopk":
+        if training:
+            return batchtopk_activation(pre, spec.k)
+        return jnp.where(pre > params["threshold"], pre, 0.0)  # inference: the learned threshold
+    return jumprelu(pre, params["threshold"], spec.jumprelu_bandwidth)
+
+
+def decode(params, f, spec: SAESpec):
+    dt = jnp.dtype(spec.compute_dtype)
+    return (f.astype(dt) @ params["W_dec"].astype(dt)).astype(jnp.float32) + params["b_dec"]
+
+
+def encode(params, x, spec: SAESpec, training: bool = False):
+    return activate(params, pre_activations(params, x, spec), spec, training)
+
+
+def forward(params, x, spec: SAESpec, training: bool = False):
+    """(reconstruction, latents, pre-activations)."""
+    pre = pre_activations(params, x, spec)
+    f = activate(params, pre, spec, training)
+    return decode(params, f, spec), f, pre
+
+
+# ---- losses -----------------------------------------------------------------------
+def total_variance(x):
+    return jnp.sum(jnp.square(x - x.mean(0)))
+
+
+def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
+    """The reference: the encoder recomputed and differentiated densely."""
+    pre = pre_activations(params, x, spec)
+    dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
+    f_aux = topk_activation(dead_pre, spec.aux_k)
+    dt = jnp.dtype(spec.compute_dtype)
+    residual_hat = (f_aux.astype(dt) @ params["W_dec"].astype(dt)).astype(jnp.float32)
+    return jnp.sum(jnp.square(residual_hat - residual)) / variance
+
+
+def _auxk_sparse(params, x, scores, residual, dead, spec: SAESpec, variance):
+    """`scores` without b_enc (select_and_decode adds it): −inf + b_enc stays −inf."""
+    dead_scores = jnp.where(dead[None, :], scores, -jnp.inf)
+    residual_hat, _, _ = select_and_decode(params, x, dead_scores, spec.aux_k, spec)
+    return jnp.sum(jnp.square(residual_hat - residual)) / variance
+
+
+def auxk_loss(params, x, pre, residual, dead, spec: SAESpec, variance):
+    """AuxK: reconstruct the main residual from the top aux_k dead latents, scaled by
+    min(n_dead / aux_k, 1). `pre` and `residual` are constants (no gradient); on the sparse
+    kernels `pre` is the encoder scores without b_enc, as `loss_fn` returns them."""
+    scale = jnp.minimum(dead.sum() / spec.aux_k, 1.0)
+    if spec.uses_sparse_kernels:
+        return scale * _auxk_sparse(params, x, pre, residual, dead, spec, variance)
+    return scale * _auxk_dense(params, x, residual, dead, spec, variance)
+
+
+def _model_shards() -> int:
+    """Size of the "model" axis of the mesh being traced under (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "model" not in mesh.axis_names else mesh.shape["model"]
+
+
+def _top_k(pre, k: int, bias=None):
+    """lax.top_k(pre + bias) (on CPU, the C++ kernel forms the sum as it scans).
+
+    XLA's top_k sits behind an optimisation barrier: without it XLA:CPU fuses the selection into
+    the gathers that consume it and redoes it per element (60x slower at small shapes).
+    A third operand keeps XLA from folding the barrier's operands back into the TopK tuple
+    (which its TopK decomposer cannot handle under SPMD)."""
+    if bias is not None:  # selection only: gradients flow through selected_preacts
+        bias = jax.lax.stop_gradient(bias)
+    if cpu_kernels.enabled():
+        return cpu_kernels.top_k(pre, k, bias)
+    values, idx = jax.lax.top_k(pre if bias is None else pre + bias, k)
+    values, idx, _ = jax.lax.optimization_barrier((values, idx, jnp.zeros((), jnp.int32)))
+    return values, idx
+
+
+def _select_and_decode_local(params, x, scores, k: int):
+    """One device's share: Σ over the selected latents of acts·W_dec rows (no b_dec)."""
+    values, idx = _top_k(scores, k, params["b_enc"])
+    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
+    acts = jax.nn.relu(values)
+    return sparse_decode(acts, idx, params["W_dec"]), acts, idx
+
+
+def _select_and_decode_sharded(params, x, scores, k: int):
+    """Inside shard_map, latents split over "model": each shard's top k, the global top k
+    of the candidates, then each shard decodes the selected latents it holds and the
+    partial reconstructions are summed over "model"."""
+    shard = jax.lax.axis_index("model")
+    width = scores.shape[1]
+    local_values, local_idx = _top_k(scores, k, params["b_enc"])
+    candidates = jax.lax.all_gather(local_values, "model", axis=1, tiled=True)
+    candidate_idx = jax.lax.all_gather(local_idx + shard * width, "model", axis=1, tiled=True)
+    values, pick = _top_k(candidates, k)
+    idx = jnp.take_along_axis(candidate_idx, pick, axis=1)  # global latent indices
+    mine = (idx >= shard * width) & (idx < (shard + 1) * width)
+    local = jnp.clip(idx - shard * width, 0, width - 1)
+    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], local,
+                              jnp.where(mine, values, 0.0))
+    acts_mine = jnp.where(mine, jax.nn.relu(values), 0.0)
+    partial = sparse_decode(acts_mine, local, params["W_dec"])
+    # each selected latent lives on exactly one shard: these sums assemble the full values
+    # (and give them the replicated type shard_map's out_specs ask for)
+    acts = jax.lax.psum(acts_mine, "model")
+    idx = jax.lax.psum(jnp.where(mine, idx, 0), "model")
+    return jax.lax.psum(partial, "model"), acts, idx
+
+
+def select_and_decode(params, x, scores, k: int, spec: SAESpec):
+    """(Σ_i acts·W_dec[idx], acts [B, k], idx [B, k]) for the top k of scores + b_enc per row.
+
+    `scores` are the encoder scores without b_enc (`encoder_scores`): the bias is added as
+    the selection scans them, so pre-activations are never stored whole. On a mesh whose
+    "model" axis splits the latents, runs per shard under shard_map (a replicated TopK
+    would gather every pre-activation onto every device).
+    """
+    scores = jax.lax.stop_gradient(scores)
+    if _model_shards() == 1:
+        return _select_and_decode_local(params, x, scores, k)
+    from jax.sharding import PartitionSpec as P
+
+    specs = {name: LATENT_SPECS[name] for name in params}
+    return jax.shard_map(
+        partial(_select_and_decode_sharded, k=k),
+        in_specs=(specs, P("data", None), P("data", "model")),
+        out_specs=(P("data", None), P("data", None), P("data", None)))(params, x, scores)
+
+
+def _sparse_forward(params, x, spec: SAESpec):
+    """TopK through the sparse kernels: (reconstruction, values [B,k], idx [B,k], scores),
+    scores being the pre-activations without b_enc."""
+    scores = jax.lax.stop_gradient(encoder_scores(params, x, spec))
+    decoded, acts, idx = select_and_decode(params, x, scores, spec.k, spec)
+    return decoded + params["b_dec"], acts, idx, scores
+
+
+def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
+    """The main training loss (AuxK apart, see `loss_and_grads`). `x` is in training units.
+
+    Returns (loss, (parts, fires, smallest_active, pre, err)): fires [d_sae] counts the
+    rows in which each latent is active; smallest_active is the smallest positive
+    activation (BatchTopK's threshold statistic); pre and err feed AuxK (on the sparse
+    kernels pre is without b_enc, which the selection adds itself).
+    """
+    if spec.uses_sparse_kernels:
+        x_hat, acts, idx, pre = _sparse_forward(params, x, spec)
+        active = acts > 0
+        fires = jnp.zeros(spec.d_sae, jnp.int32).at[idx.reshape(-1)].add(
+            active.reshape(-1).astype(jnp.int32))
+        smallest = jnp.min(jnp.where(active, acts, jnp.inf))
+    else:
+        x_hat, f, pre = forward(params, x, spec, training=True)
+        active = f > 0
+        fires = jnp.sum(active, axis=0, dtype=jnp.int32)
+        smallest = jnp.min(jnp.where(active, f, jnp.inf))
+    err = x - x_hat
+    sq = jnp.sum(jnp.square(err))
+    variance = jnp.maximum(total_variance(x), 1e-12)
+    parts = {"mse": sq / x.shape[0], "fvu": sq / variance,
+             "l0": jnp.mean(jnp.sum(active, axis=-1)),
+             "aux_loss": jnp.float32(0.0), "sparsity_loss": jnp.float32(0.0)}
+    a = spec.architecture
+    if a == "relu":
+        dec_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
+        parts["sparsity_loss"] = jnp.mean(f @ dec_norms)
+        loss = parts["mse"] + sparsity_coefficient * parts["sparsity_loss"]
+    elif a == "jumprelu":
+        l0 = step_fn(pre, params["threshold"], spec.jumprelu_bandwidth).sum(-1).mean()
+        parts["sparsity_loss"] = l0
+        loss = parts["mse"] + sparsity_coefficient * l0
+    else:
+        loss = parts["fvu"]
+    parts["loss"] = loss
+    return loss, (parts, fires, smallest, jax.lax.stop_gradient(pre), jax.lax.stop_gradient(err))
+
+
+def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coefficient):
+    """(parts, fires, smallest_active, grads) of the full loss, AuxK included.
+
+    AuxK has its own gradient inside a lax.cond that runs only while some latent is dead:
+    differentiating through the cond instead would keep both branches' residuals alive and
+    cost as much as the AuxK pass itself on every step.
+    """
+    (_, (parts, fires, smallest, pre, err)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, x, spec, sparsity_coefficient)
+    if spec.architecture not in ("topk", "batchtopk"):
+        return parts, fires, smallest, grads
+    variance = jnp.maximum(total_variance(x), 1e-12)
+
+    def with_aux(grads):
+        aux, aux_grads = jax.value_and_grad(auxk_loss)(params, x, pre, err, dead, spec, variance)
+        return aux, jax.tree_util.tree_map(lambda g, a: g + aux_coefficient * a, grads, aux_grads)
+
+    aux, grads = jax.lax.cond(jnp.any(dead), with_aux, lambda g: (jnp.float32(0.0), g), grads)
+    parts = {**parts, "aux_loss": aux, "loss": parts["loss"] + aux_coefficient * aux}
+    return parts, fires, smallest, grads
+
+
+# ---- initialisation helpers ---------------------------------------------------------
+def geometric_median(points: np.ndarray, iters: int = 100, tol: float = 1e-6) -> np.ndarray:
+    """Weiszfeld's algorithm, in float64."""
+    x = np.asarray(points, np.float64)
+    median = x.mean(0)
+    for _ in range(iters):
+        dist = np.maximum(np.linalg.norm(x - median, axis=1), 1e-12)
+        w = 1.0 / dist
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if np.linalg.norm(new - median) <= tol * max(1.0, np.linalg.norm(median)):
+            return new
+        median = new
+    return median

@@ -1,0 +1,134 @@
+"""Top-activating examples of every latent, in one streaming pass over a store.
+
+For each chunk of rows the SAE encodes the chunk on the device and the running state is
+merged with it (all on the device, jitted): the k largest activations of every latent with
+their rows, and a uniform sample of m of its activating rows (each activation gets a random
+priority; the m highest priorities survive), from which examples at activation quantiles
+are drawn at the end. Firing counts and activation sums give densities. Contexts come from
+the store's tokens at display time (`store.context(row)`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax.core import sae as S
+from saejax.errors import SaejaxError
+from saejax.store import check_finite
+from saejax.interp.contexts import marked_context
+from saejax.io import write_json, write_npz
+
+
+def _merge(vals, rows, new_vals, new_rows, k):
+    v = jnp.concatenate([vals, new_vals], axis=1)
+    r = jnp.concatenate([rows, new_rows], axis=1)
+    top, pick = jax.lax.top_k(v, k)
+    return top, jnp.take_along_axis(r, pick, axis=1)
+
+
+@partial(jax.jit, static_argnames=("spec", "k", "m"), donate_argnums=0)
+def _update(state, params, x, first_row, key, spec: S.SAESpec, k: int, m: int):
+    f = S.encode(params, x, spec).T  # [d_sae, n]
+    n = f.shape[1]
+    rows = first_row + jnp.arange(n, dtype=jnp.int32)
+    kk, mm = min(k, n), min(m, n)
+    top_v, top_i = jax.lax.top_k(f, kk)
+    top_vals, top_rows = _merge(state["top_vals"], state["top_rows"], top_v, rows[top_i], k)
+    priority = jnp.where(f > 0, jax.random.uniform(key, f.shape), -1.0)
+    pri_v, pri_i = jax.lax.top_k(priority, mm)
+    pri_all = jnp.concatenate([state["sample_priority"], pri_v], axis=1)
+    val_all = jnp.concatenate([state["sample_vals"], jnp.take_along_axis(f, pri_i, axis=1)], axis=1)
+    row_all = jnp.concatenate([state["sample_rows"], rows[pri_i]], axis=1)
+    keep_p, keep = jax.lax.top_k(pri_all, m)
+    return {"top_vals": top_vals, "top_rows": top_rows, "sample_priority": keep_p,
+            "sample_vals": jnp.take_along_axis(val_all, keep, axis=1),
+            "sample_rows": jnp.take_along_axis(row_all, keep, axis=1),
+            "fire_count": state["fire_count"] + jnp.sum(f > 0, axis=1, dtype=jnp.int32),
+            "act_sum": state["act_sum"] + jnp.sum(f, axis=1)}
+
+
+def scan_examples(sae, store, hook: str, k: int = 20, m: int = 64, max_rows: int | None = None,
+                  chunk_rows: int = 8192, seed: int = 0, progress: bool = False) -> dict:
+    """One pass over the store; NumPy arrays per latent (rows are store row numbers)."""
+    from tqdm import tqdm
+
+    d = sae.spec.d_sae
+    state = {"top_vals": jnp.full((d, k), -jnp.inf), "top_rows": jnp.full((d, k), -1, jnp.int32),
+             "sample_priority": jnp.full((d, m), -2.0), "sample_vals": jnp.zeros((d, m)),
+             "sample_rows": jnp.full((d, m), -1, jnp.int32),
+             "fire_count": jnp.zeros(d, jnp.int32), "act_sum": jnp.zeros(d)}
+    stop = len(store) if max_rows is None else min(len(store), max_rows)
+    key = jax.random.PRNGKey(seed)
+    bar = tqdm(total=stop, unit="row", desc="features", disable=not progress, file=sys.stderr)
+    for first, rows in store.iter_chunks(chunk_rows, hook, 0, stop):
+        key, sub = jax.random.split(key)
+        check_finite(rows, first, store.path)
+        x = jnp.asarray(rows.astype(np.float32))
+        state = _update(state, sae.params, x, jnp.int32(first), sub, sae.spec, k, m)
+        bar.update(len(rows))
+    bar.close()
+    out = {name: np.asarray(value) for name, value in jax.device_get(state).items()}
+    out["n_rows"] = np.int64(stop)
+    return out
+
+
+def quantile_examples(result: dict, latent: int, n: int = 5) -> list[tuple[float, int]]:
+    """(activation, row) of the kept random samples nearest to n evenly spaced quantiles."""
+    valid = result["sample_priority"][latent] >= 0
+    vals, rows = result["sample_vals"][latent][valid], result["sample_rows"][latent][valid]
+    if len(vals) == 0:
+        return []
+    order = np.argsort(vals)
+    picks = np.unique(np.round(np.linspace(0, len(vals) - 1, min(n, len(vals)))).astype(int))
+    return [(float(vals[order[i]]), int(rows[order[i]])) for i in picks]
+
+
+def latent_examples(run: str, store_path: str | None = None, top: int = 20, samples: int = 64,
+                    max_rows: int | None = None, progress: bool = False):
+    """(result, store, scanned): the examples of every latent, from RUN/features/ when an
+    earlier full scan left them there, else from a new scan (then saved there)."""
+    from saejax.interp.eval import resolve_run_store
+    from saejax.train.sae_files import load_sae
+
+    if top < 1 or samples < 1:
+        raise SaejaxError("--top and --samples must be at least 1")
+    sae = load_sae(run)
+    store, hook = resolve_run_store(run, sae, store_path)
+    out_dir = os.path.join(run, "features")
+    path = os.path.join(out_dir, "examples.npz")
+    if os.path.exists(path) and not (max_rows or store_path):
+        return dict(np.load(path)), store, False
+    result = scan_examples(sae, store, hook, top, samples, max_rows, progress=progress)
+    os.makedirs(out_dir, exist_ok=True)
+    write_npz(path, **result)
+    density = result["fire_count"] / max(int(result["n_rows"]), 1)
+    write_json(os.path.join(out_dir, "summary.json"),
+               {"rows_scanned": int(result["n_rows"]), "store": store.path, "hook": hook,
+                "density": density.tolist(),
+                "mean_activation": (result["act_sum"] / np.maximum(result["fire_count"], 1)).tolist()},
+               indent=None)
+    return result, store, True
+
+
+def latent_report(result: dict, latent: int, store, tok) -> list[str]:
+    """Lines describing one latent: its density, top examples and examples at quantiles."""
+    density = result["fire_count"][latent] / max(int(result["n_rows"]), 1)
+    lines = [f"latent {latent}: fires on {density:.3%} of {int(result['n_rows']):,} rows"]
+
+    def show(value, row):
+        ids, at = store.context(int(row), before=12, after=3)
+        lines.append(f"  {value:9.3f}  row {int(row):>9,}  {marked_context(tok, ids, at)}")
+    lines.append("  top examples")
+    for value, row in zip(result["top_vals"][latent], result["top_rows"][latent]):
+        if row >= 0 and value > 0:
+            show(value, row)
+    lines.append("  at activation quantiles (random activating rows)")
+    for value, row in quantile_examples(result, latent):
+        show(value, row)
+    return lines

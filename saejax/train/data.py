@@ -1,0 +1,259 @@
+"""Training data: a store hook or a .npy file, shuffled, batched and prefetched.
+
+The training rows are cut into blocks of `block_rows` contiguous rows (one large
+read each). Every epoch visits the blocks in a seeded random order, `shuffle_blocks`
+at a time; the rows of each such group are shuffled together and cut into batches.
+Batch `b` is therefore a pure function of (seed, b): a resumed run regenerates
+exactly the batches an uninterrupted run would have seen. A background thread
+reads the next group (TensorStore reads overlap), checks it for NaN/Inf, and
+prepares batches ahead of the training step.
+
+The last `validation_tokens` rows are held out and never trained on.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from saejax.config import DataConfig
+from saejax.errors import SaejaxError
+from saejax.store import ActivationStore, check_finite
+
+
+class ArraySource:
+    """Rows of a store hook or of a .npy file, behind one small interface."""
+
+    def __init__(self, path: str, hook: str | None = None):
+        self.path = path
+        if path.endswith(".npy"):
+            if not os.path.isfile(path):
+                raise SaejaxError(f"data file not found: {path}")
+            try:
+                self._array = np.load(path, mmap_mode="r")
+            except ValueError as e:
+                raise SaejaxError(f"{path} is not a readable .npy array ({e})") from None
+            if self._array.ndim != 2:
+                raise SaejaxError(f"{path} must hold a 2-d array [n, d_in], got shape {self._array.shape}")
+            self.store = None
+            self.hook = None
+            self.n_rows, self.d_in = self._array.shape
+            self.meta = {"model": None, "hooks": [], "mean_norm": {}}
+        else:
+            self.store = ActivationStore.open(path)
+            self.hook = self.store.default_hook(hook)
+            self.n_rows, self.d_in = len(self.store), self.store.d_in_of(self.hook)
+            self.meta = self.store.meta
+        if self.n_rows == 0:
+            raise SaejaxError(f"{path} holds no rows (an empty store?)")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.store is None:
+            return np.asarray(self._array[start:stop])
+        return self.store.read(start, stop, self.hook)
+
+    def read_async(self, start: int, stop: int) -> Callable[[], np.ndarray]:
+        if self.store is None:
+            return lambda: np.asarray(self._array[start:stop])
+        future = self.store.read_async(start, stop, self.hook)
+        return future.result
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows (sorted indices), in the stored dtype."""
+        if self.store is None:
+            return np.asarray(self._array[rows])
+        return self.store.take(rows, self.hook)
+
+
+@dataclass
+class Split:
+    train_rows: int
+    validation_rows: int
+
+
+def split_rows(n_rows: int, validation_tokens: int) -> Split:
+    held = min(validation_tokens, n_rows // 5)
+    return Split(n_rows - held, held)
+
+
+class BatchPlan:
+    """Which rows form batch b: a pure function of (seed, b)."""
+
+    def __init__(self, train_rows: int, batch_size: int, block_rows: int, shuffle_blocks: int,
+                 seed: int, row_offset: int = 0, stream: int | None = None):
+        if train_rows < batch_size:
+            raise SaejaxError(f"the data has {train_rows} training rows, fewer than one batch "
+                              f"of {batch_size}")
+        self.train_rows, self.batch_size = train_rows, batch_size
+        self.block_rows = min(block_rows, train_rows)
+        self.shuffle_blocks, self.seed = shuffle_blocks, seed
+        self.row_offset = row_offset  # first row of this plan's slice of the store
+        self._key = [seed] if stream is None else [seed, 1_000_003, stream]
+        self.n_blocks = train_rows // self.block_rows  # a ragged last block is dropped
+        self.epoch_rows = self.n_blocks * self.block_rows
+
+    def groups(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng(self._key + [epoch]).permutation(self.n_blocks)
+        return [order[i:i + self.shuffle_blocks] for i in range(0, self.n_blocks, self.shuffle_blocks)]
+
+    def row_permutation(self, epoch: int, group: int, n: int) -> np.ndarray:
+        return np.random.default_rng(self._key + [epoch, group, 1]).permutation(n)
+
+    def locate(self, batch_index: int) -> tuple[int, int, int]:
+        """(epoch, group, offset within the group's shuffled rows) of a batch's first row."""
+        position = batch_index * self.batch_size
+        epoch, within = divmod(position, self.epoch_rows)
+        group_rows = self.shuffle_blocks * self.block_rows
+        group, offset = divmod(within, group_rows)
+        return epoch, group, offset
+
+
+Piece = tuple[np.ndarray, np.ndarray]  # (a group's rows in read order, indices into them)
+
+
+class Loader:
+    """Iterates batches (float arrays [batch, d_in] in the stored dtype) from `start_batch`.
+
+    With `n_slices` > 1 the training rows are cut into that many contiguous slices, each
+    with its own shuffled stream, and a batch is the concatenation of batch/n_slices rows
+    from each; `slices` picks which of them this loader reads (a process reads only its own).
+
+    One producer thread plans batches as index lists into the groups it has read (the next
+    group's reads are already in flight while the current one is served); a pool of
+    `data.loader_threads` gathers the rows of each batch (`np.take` releases the GIL) and
+    hands them to `transform` (the device transfer), in order.
+    """
+
+    def __init__(self, source: ArraySource, cfg: DataConfig, batch_size: int, start_batch: int = 0,
+                 transform: Callable[[np.ndarray], object] | None = None, n_slices: int = 1,
+                 slices: list[int] | None = None):
+        self.source, self.cfg = source, cfg
+        split = split_rows(source.n_rows, cfg.validation_tokens)
+        if n_slices == 1:
+            self.plans = [BatchPlan(split.train_rows, batch_size, cfg.block_rows,
+                                    cfg.shuffle_blocks, cfg.seed)]
+        else:
+            per = split.train_rows // n_slices
+            self.plans = [BatchPlan(per, batch_size // n_slices, cfg.block_rows, cfg.shuffle_blocks,
+                                    cfg.seed, row_offset=s * per, stream=s)
+                          for s in (range(n_slices) if slices is None else slices)]
+        self.plan = self.plans[0]
+        self.start_batch = start_batch
+        self.transform = transform or (lambda b: b)
+        self.threads = cfg.loader_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+        self._thread.start()
+
+    def _start_group(self, plan: BatchPlan, epoch: int, group: int):
+        """Issue the reads of one shuffle group; returns what `_finish_group` waits on."""
+        br, first_row = plan.block_rows, plan.row_offset
+        return [(first_row + b * br, self.source.read_async(first_row + b * br,
+                                                           first_row + (b + 1) * br))
+                for b in plan.groups(epoch)[group]]
+
+    def _finish_group(self, plan: BatchPlan, epoch: int, group: int, pending) -> Piece:
+        parts = []
+        for first, get in pending:
+            rows = get()
+            check_finite(rows, first, self.source.path)
+            parts.append(rows)
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return rows, plan.row_permutation(epoch, group, len(rows))
+
+    def _plan_batches(self, plan: BatchPlan) -> Iterator[list[Piece]]:
+        """Each batch as pieces of shuffled groups: the rows of a group are taken in the
+        order of its permutation, and a batch may run on from one group into the next."""
+        epoch, group, offset = plan.locate(self.start_batch)
+        pending = self._start_group(plan, epoch, group)
+        pieces, have = [], 0
+        while not self._stop.is_set():
+            rows, order = self._finish_group(plan, epoch, group, pending)
+            order = order[offset:]
+            offset = 0
+            epoch, group = (epoch, group + 1) if group + 1 < len(plan.groups(epoch)) else (epoch + 1, 0)
+            pending = self._start_group(plan, epoch, group)  # read ahead while this one is served
+            at = 0
+            while at < len(order):
+                n = min(plan.batch_size - have, len(order) - at)
+                pieces.append((rows, order[at:at + n]))
+                have, at = have + n, at + n
+                if have == plan.batch_size:
+                    yield pieces
+                    pieces, have = [], 0
+
+    def _batches(self) -> Iterator[list[Piece]]:
+        if len(self.plans) == 1:
+            yield from self._plan_batches(self.plans[0])
+            return
+        for parts in zip(*(self._plan_batches(p) for p in self.plans)):
+            yield [piece for part in parts for piece in part]
+
+    def _make_batch(self, pieces: list[Piece]):
+        parts = [np.take(rows, index, axis=0) for rows, index in pieces]
+        return self.transform(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+    def _put(self, item) -> None:
+        """Queue an item, giving up when the loader is closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _produce(self) -> None:
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="saejax-loader") as pool:
+                in_flight: collections.deque = collections.deque()
+                for pieces in self._batches():
+                    in_flight.append(pool.submit(self._make_batch, pieces))
+                    if len(in_flight) > self.threads:  # the oldest batch goes out, in order
+                        self._put(("batch", in_flight.popleft().result()))
+                    if self._stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+            self._queue.put(("error", e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, item = self._queue.get()
+        if kind == "error":
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+
+def validation_rows(source: ArraySource, cfg: DataConfig, limit: int | None = None) -> np.ndarray:
+    split = split_rows(source.n_rows, cfg.validation_tokens)
+    stop = source.n_rows if limit is None else min(source.n_rows, split.train_rows + limit)
+    rows = source.read(split.train_rows, stop)
+    check_finite(rows, split.train_rows, source.path)
+    return rows
+
+
+def sample_rows(source: ArraySource, n: int, seed: int, train_rows: int) -> np.ndarray:
+    """A seeded random sample of training rows (for b_dec and input-scale estimates)."""
+    n = min(n, train_rows)
+    idx = np.sort(np.random.default_rng([seed, 7]).choice(train_rows, n, replace=False))
+    rows = source.take(idx).astype(np.float32)
+    check_finite(rows, idx, source.path)
+    return rows

@@ -1,0 +1,144 @@
+"""The one training loop, shared by `saejax train` (one member) and `saejax sweep` (several
+members in lockstep on the same batches).
+
+The loop only dispatches work: it takes the next prefetched batch, runs the compiled step
+of every member (`advance`), and at each member's cadence resamples dead latents on a pool
+of recent batches already on the device, fetches the metric sums (one transfer) and writes
+a checkpoint. SIGINT/SIGTERM set a flag; the loop then stops after the current step and
+writes a checkpoint, so running the same command again resumes. `finish` evaluates a
+member on its held-out rows and writes its SAE and eval.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from saejax.config import RunConfig
+from saejax.core import sae as S
+from saejax.core.sharding import local_values
+from saejax.io import write_json
+from saejax.train import step as T
+from saejax.train.checkpoint import Checkpointer
+from saejax.train.evaluate import evaluate
+from saejax.train.metrics import MetricsLogger
+from saejax.train.sae_files import save_sae
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+@dataclass
+class Member:
+    """One SAE being trained: its configuration, its state and where its outputs go."""
+    name: str
+    cfg: RunConfig
+    spec: S.SAESpec
+    state: T.TrainState
+    summarize: Callable  # jitted T.summarize
+    ckpt: Checkpointer
+    info: dict  # what its checkpoints must agree on
+    resample_at: set = field(default_factory=set)
+    logger: MetricsLogger | None = None  # None on processes other than 0
+    shardings: Any = None  # where the state lives on a mesh (re-placed after resampling)
+    step_fn: Callable | None = None  # the pure step (the sweep compiles all members in one)
+
+
+@dataclass
+class LoopResult:
+    step: int  # the step reached (every member's checkpoint is at it)
+    stopped: bool  # by SIGINT/SIGTERM
+    seconds: float  # the whole loop, first (compiling) step and final checkpoint included
+    steady_seconds: float | None  # from the end of the first step to the last step's end
+    last_batch: Any  # the last batch trained on (None when no step ran)
+
+
+def run_loop(members: list[Member], advance: Callable, loader, start_step: int, end_step: int,
+             pool_batches: int, mesh=None, bar=None) -> LoopResult:
+    """Train every member from `start_step` to `end_step`; `advance(states, batch)` returns the
+    members' next states. Ends with a checkpoint of every member at the step reached."""
+    pool = collections.deque(maxlen=max(1, pool_batches))
+    keep_pool = any(m.resample_at for m in members)
+    step, stopped, last_batch = start_step, False, None
+    t_start, t_steady = time.perf_counter(), None
+    # the SAE's shard_map kernels read the mesh from jax.set_mesh
+    with StopFlag() as stop, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        while step < end_step:
+            batch = next(loader)
+            for m, state in zip(members, advance([m.state for m in members], batch)):
+                m.state = state
+            step += 1
+            last_batch = batch
+            if t_steady is None:  # one sync, after the compiling step, for the steady rate
+                jax.block_until_ready([m.state.step for m in members])
+                t_steady = time.perf_counter()
+            if keep_pool:
+                pool.append(batch)
+            for m in members:
+                _member_cadence(m, step, end_step, pool)
+            if bar is not None:
+                bar.update(1)
+            if stop.signum is not None:
+                stopped = True
+                break
+    jax.block_until_ready([m.state.step for m in members])
+    t_end = time.perf_counter()
+    for m in members:
+        m.ckpt.save(step, m.state, m.info)
+        m.ckpt.wait()
+    steady = t_end - t_steady if t_steady is not None and step - start_step > 1 else None
+    return LoopResult(step, stopped, time.perf_counter() - t_start, steady, last_batch)
+
+
+def _member_cadence(m: Member, step: int, end_step: int, pool) -> None:
+    """Resampling, the metrics fetch and the checkpoint that fall due at `step`."""
+    train = m.cfg.train
+    if step in m.resample_at:
+        m.state = T.resample(m.state, jnp.concatenate(list(pool)), m.spec, m.cfg.sae.dead_tokens,
+                             train.resample.encoder_scale)
+        if m.shardings is not None:
+            m.state = jax.device_put(m.state, m.shardings)  # no-op when already there
+    if step % train.log_every == 0 or step == end_step:
+        metrics, m.state = m.summarize(m.state, dead_tokens=m.cfg.sae.dead_tokens)
+        if m.logger is not None:
+            m.logger.log(step, local_values(metrics))
+    if step % train.checkpoint_every == 0 and step < end_step:
+        m.ckpt.save(step, m.state, m.info)
+
+
+def finish(cfg: RunConfig, spec: S.SAESpec, params, input_scale: float, source, extra: dict) -> dict:
+    """Evaluate on the held-out rows, then write RUN/sae/ and RUN/eval.json (host params)."""
+    final = evaluate(jax.tree_util.tree_map(jnp.asarray, params), spec, input_scale, source, cfg.data)
+    final.update(extra)
+    save_sae(os.path.join(cfg.run_dir, "sae"), params, spec, input_scale, cfg, source.meta,
+             source.hook)
+    write_json(os.path.join(cfg.run_dir, "eval.json"), final)
+    return final

@@ -1,0 +1,127 @@
+"""Trained SAEs on disk: saejax's own layout, and loading any SAE folder (saejax, SAELens or
+sparsify) as a `LoadedSAE` in the model's own units.
+
+saejax layout (run_dir/sae/): `sae_weights.safetensors` with the parameters in
+training units, and `sae.json` with the shape, architecture and `input_scale`.
+
+Model units (what `LoadedSAE` and the exports in `train.export` hold): the input scale is folded into the weights,
+and decoder rows are made unit-norm with their norms moved into the encoder (exact
+for relu and jumprelu; for the TopK family only when all rows share one norm, which
+unit-norm training guarantees, so the top-k choice cannot change).
+No pickle anywhere: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from saejax import __version__, io
+from saejax.core import sae as S
+from saejax.errors import SaejaxError
+
+
+@dataclass
+class LoadedSAE:
+    """An SAE in model units: `encode(x)` and `decode(f)` take and give raw activations."""
+    params: dict
+    spec: S.SAESpec
+    info: dict
+
+    def encode(self, x):
+        return S.encode(self.params, jnp.asarray(x, jnp.float32), self.spec, training=False)
+
+    def decode(self, f):
+        return S.decode(self.params, f, self.spec)
+
+    def reconstruct(self, x):
+        return self.decode(self.encode(x))
+
+
+def to_numpy(params: dict) -> dict:
+    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in params.items()}
+
+
+def save_sae(path: str, params: dict, spec: S.SAESpec, input_scale: float, cfg, data_meta: dict,
+             hook: str | None) -> None:
+    info = {"format": "saejax", "saejax_version": __version__, "spec": asdict(spec),
+            "input_scale": input_scale, "normalize_decoder": cfg.sae.normalize_decoder,
+            "model": data_meta.get("model"), "hook": hook, "data_path": cfg.data.path,
+            "model_spec": (data_meta.get("extract_config") or {}).get("model"),
+            "context_size": data_meta.get("context_size"), "prepend_bos": data_meta.get("prepend_bos")}
+    with io.atomic_dir(path) as tmp:
+        save_file(to_numpy(params), os.path.join(tmp, "sae_weights.safetensors"))
+        io.write_json(os.path.join(tmp, "sae.json"), info)
+
+
+def fold_to_model_units(params: dict, spec: S.SAESpec, input_scale: float) -> tuple[dict, str]:
+    """Parameters that act on raw activations and have unit-norm decoder rows when exact."""
+    p = to_numpy(params)
+    s = float(input_scale)
+    out = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"].copy(), "W_dec": p["W_dec"] / s,
+           "b_dec": p["b_dec"] / s}
+    if "threshold" in p:
+        out["threshold"] = p["threshold"].copy()
+    norms = np.linalg.norm(out["W_dec"], axis=1)
+    uniform = np.allclose(norms, norms.mean(), rtol=1e-5)
+    if spec.architecture in ("relu", "jumprelu") or uniform:
+        c = np.maximum(norms, 1e-12)
+        out["W_dec"] = out["W_dec"] / c[:, None]
+        out["W_enc"] = out["W_enc"] * c[None, :]
+        out["b_enc"] = out["b_enc"] * c
+        if "threshold" in out:
+            out["threshold"] = out["threshold"] * c
+        return out, "decoder rows unit-norm"
+    return out, "decoder norms kept (non-uniform norms cannot be folded into a TopK exactly)"
+
+
+def load_native(path: str) -> LoadedSAE:
+    native = read_native(path)
+    params, _ = fold_to_model_units(native["params"], native["spec"], native["info"]["input_scale"])
+    return LoadedSAE({k: jnp.asarray(v) for k, v in params.items()}, native["spec"], native["info"])
+
+
+def read_native(sae_dir: str) -> dict:
+    if os.path.isdir(os.path.join(sae_dir, "sae")):
+        sae_dir = os.path.join(sae_dir, "sae")  # a run directory
+    if not os.path.exists(os.path.join(sae_dir, "sae.json")):
+        raise SaejaxError(f"{sae_dir} holds no trained SAE (no sae.json; has the run finished?)")
+    with open(os.path.join(sae_dir, "sae.json")) as f:
+        info = json.load(f)
+    return {"params": load_file(os.path.join(sae_dir, "sae_weights.safetensors")),
+            "spec": S.SAESpec(**info["spec"]), "info": info}
+
+
+def load_sae(path: str) -> LoadedSAE:
+    """Load a saejax run or SAE folder, a SAELens export or a sparsify export."""
+    if os.path.isdir(os.path.join(path, "sae")):
+        path = os.path.join(path, "sae")
+    files = set(os.listdir(path)) if os.path.isdir(path) else set()
+    if "sae.json" in files:
+        return load_native(path)
+    if "cfg.json" in files and "sae_weights.safetensors" in files:
+        with open(os.path.join(path, "cfg.json")) as f:
+            cfg = json.load(f)
+        w = load_file(os.path.join(path, "sae_weights.safetensors"))
+        arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(cfg["architecture"])
+        if arch is None:
+            raise SaejaxError(f"SAELens architecture {cfg['architecture']!r} is not supported")
+        if arch == "jumprelu" and cfg.get("metadata", {}).get("saejax_architecture") == "batchtopk":
+            arch = "batchtopk"
+        spec = S.SAESpec(arch, int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k", 32)))
+        return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, cfg)
+    if "cfg.json" in files and "sae.safetensors" in files:
+        with open(os.path.join(path, "cfg.json")) as f:
+            cfg = json.load(f)
+        w = load_file(os.path.join(path, "sae.safetensors"))
+        params = {"W_enc": w["encoder.weight"].T, "b_enc": w["encoder.bias"], "W_dec": w["W_dec"],
+                  "b_dec": w["b_dec"]}
+        spec = S.SAESpec("topk", int(cfg.get("d_in", params["W_dec"].shape[1])),
+                         int(params["W_dec"].shape[0]), int(cfg["k"]))
+        return LoadedSAE({k: jnp.asarray(np.ascontiguousarray(v)) for k, v in params.items()}, spec, cfg)
+    raise SaejaxError(f"{path} is not a saejax, SAELens or sparsify SAE folder")

@@ -1,0 +1,93 @@
+"""What a run is built from: the SAE's spec, the data statistics, the initial state, the
+mesh, and what a checkpoint must agree on. Shared by `train`, `sweep`, `bench` and the
+dry run, so they all start a run the same way."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from saejax.config import MeshConfig, RunConfig, SAEConfig
+from saejax.core import sae as S
+from saejax.core.sharding import make_mesh
+from saejax.errors import SaejaxError
+from saejax.train import step as T
+from saejax.train.data import ArraySource, sample_rows, split_rows
+
+
+def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
+    aux_k = cfg.aux_k or max(1, d_in // 2)
+    return S.SAESpec(cfg.architecture, d_in, cfg.d_sae, cfg.k, min(aux_k, cfg.d_sae),
+                     cfg.jumprelu_bandwidth, cfg.dtype, cfg.topk_kernel == "sparse")
+
+
+def resample_enabled(cfg: RunConfig) -> bool:
+    enabled = cfg.train.resample.enabled
+    return cfg.sae.architecture == "relu" if enabled is None else enabled
+
+
+def data_slices(cfg: RunConfig) -> int:
+    return cfg.data.slices or jax.process_count()
+
+
+def checkpoint_info(cfg: RunConfig, d_in: int) -> dict:
+    """What a checkpoint must agree on with the config that resumes it."""
+    s = cfg.sae
+    return {"architecture": s.architecture, "d_in": d_in, "d_sae": s.d_sae, "k": s.k,
+            "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "data_seed": cfg.data.seed,
+            "data_slices": data_slices(cfg)}
+
+
+def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple[float, np.ndarray]:
+    """(input scale, initial b_dec) from a seeded sample of training rows."""
+    d_in = source.d_in
+    split = split_rows(source.n_rows, cfg.data.validation_tokens)
+    sample = sample_rows(source, 16384, cfg.data.seed, split.train_rows)
+    scale = 1.0
+    if cfg.sae.scale_inputs:
+        mean_norm = float(np.linalg.norm(sample, axis=1).mean())
+        scale = math.sqrt(d_in) / mean_norm if mean_norm > 0 else 1.0
+    sample = sample * scale
+    b_dec = {"geometric_median": lambda: S.geometric_median(sample[:4096]),
+             "mean": lambda: sample.mean(0), "zeros": lambda: np.zeros(d_in)}[cfg.sae.b_dec_init]()
+    return scale, b_dec
+
+
+def prepare(cfg: RunConfig, source: ArraySource, stats: tuple | None = None):
+    """Input scale, b_dec initialisation and the initial state (deterministic in the seeds).
+    `stats` reuses (scale, b_dec) already computed for the same data (sweeps)."""
+    spec = spec_from_config(cfg.sae, source.d_in)
+    scale, b_dec = stats if stats is not None else data_statistics(cfg, source)
+    total_steps = cfg.train.tokens // cfg.train.batch_size
+    tx = T.make_optimizer(cfg.train, total_steps)
+    params = S.init_params(spec, jax.random.PRNGKey(cfg.train.seed), b_dec,
+                           cfg.sae.jumprelu_init_threshold)
+    state = T.init_state(params, tx, cfg.train.seed, scale)
+    return spec, tx, state, total_steps
+
+
+def init_distributed(cfg: MeshConfig) -> None:
+    """jax.distributed.initialize() from the config, or from the environment of a launcher
+    (SAEJAX_COORDINATOR, SAEJAX_NUM_PROCESSES, SAEJAX_PROCESS_ID; on TPU pods and SLURM, JAX
+    finds them itself when `mesh.distributed: auto`)."""
+    coordinator = cfg.coordinator or os.environ.get("SAEJAX_COORDINATOR")
+    if jax.distributed.is_initialized():
+        return
+    if coordinator:
+        num = cfg.num_processes or int(os.environ.get("SAEJAX_NUM_PROCESSES", "0"))
+        pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("SAEJAX_PROCESS_ID", "-1"))
+        if num < 1 or pid < 0:
+            raise SaejaxError("multi-process training needs mesh.num_processes and mesh.process_id "
+                              "(or SAEJAX_NUM_PROCESSES / SAEJAX_PROCESS_ID) with the coordinator")
+        # CPU processes talk over gloo; accelerators use their own collectives regardless
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+    elif cfg.distributed == "auto":
+        jax.distributed.initialize()
+
+
+def mesh_for(cfg: MeshConfig):
+    return make_mesh(cfg.data, cfg.model)

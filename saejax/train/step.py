@@ -1,0 +1,215 @@
+"""The compiled training step, its on-device metric accumulators, and the resampler.
+
+`train_step(state, batch) -> (state, metrics)` is one pure function: forward, loss,
+gradient, optax update, decoder-norm projection, dead-latent counters and metric
+sums. Nothing in it leaves the device; the host fetches `metric_sums` every N
+steps with `summarize` (one transfer) and calls `resample` at scheduled steps.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from saejax.core import sae as S
+from saejax.config import SAEConfig, TrainConfig
+
+TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
+DENSITY_EDGES = tuple(float(e) for e in np.linspace(-8.0, 0.0, 17))  # log10 firing frequency
+METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "sparsity_loss", "grad_norm")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken = batches consumed
+    params: dict
+    opt_state: Any
+    rng: jax.Array  # uint32[2]
+    tokens_since_fired: jax.Array  # int32 [d_sae]
+    fire_count: jax.Array  # int32 [d_sae], since the last summary
+    window_tokens: jax.Array  # int32 scalar, since the last summary
+    metric_sums: dict  # float32 scalars, since the last summary
+    resampled: jax.Array  # int32: latents resampled since the last summary
+    resampled_total: jax.Array  # int32: over the whole run
+    input_scale: jax.Array  # float32 scalar: inputs are multiplied by it before the SAE
+
+
+def make_schedule(cfg: TrainConfig, total_steps: int):
+    warmup = min(cfg.lr_warmup_steps, max(0, total_steps - 1))
+    if cfg.lr_schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.lr_schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, max(1, total_steps - warmup))
+    else:
+        after = optax.linear_schedule(cfg.lr, 0.0, max(1, total_steps - warmup))
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adam(make_schedule(cfg, total_steps), b1=cfg.adam_b1, b2=cfg.adam_b2))
+    return optax.chain(*parts)
+
+
+def init_state(params: dict, tx, seed: int, input_scale: float) -> TrainState:
+    d_sae = params["W_enc"].shape[1]
+    return TrainState(
+        step=jnp.int32(0), params=params, opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed), tokens_since_fired=jnp.zeros(d_sae, jnp.int32),
+        fire_count=jnp.zeros(d_sae, jnp.int32), window_tokens=jnp.int32(0),
+        metric_sums={name: jnp.float32(0.0) for name in METRIC_NAMES} | {"steps": jnp.float32(0.0)},
+        resampled=jnp.int32(0), resampled_total=jnp.int32(0),
+        input_scale=jnp.float32(input_scale))
+
+
+def remove_parallel_grad(grads: dict, W_dec) -> dict:
+    """Drop the gradient component along each (unit) decoder row: it would only change its norm."""
+    g = grads["W_dec"]
+    parallel = jnp.sum(g * W_dec, axis=-1, keepdims=True) * W_dec
+    return {**grads, "W_dec": g - parallel}
+
+
+def project_params(params: dict, spec: S.SAESpec, normalize_decoder: bool) -> dict:
+    if normalize_decoder:
+        W = params["W_dec"]
+        params = {**params, "W_dec": W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-8)}
+    if spec.architecture == "jumprelu":
+        params = {**params, "threshold": jnp.maximum(params["threshold"], 1e-6)}
+    return params
+
+
+def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
+    """Build the pure step function for one configuration (jit it at the call site)."""
+    aux_coefficient = sae_cfg.aux_coefficient
+    normalize = sae_cfg.normalize_decoder
+
+    def sparsity_coefficient(step):
+        if spec.architecture == "relu":
+            warm = max(1, sae_cfg.l1_warmup_steps)
+            return sae_cfg.l1_coefficient * jnp.minimum(1.0, (step + 1) / warm)
+        if spec.architecture == "jumprelu":
+            return jnp.float32(sae_cfg.l0_coefficient)
+        return jnp.float32(0.0)
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        x = batch.astype(jnp.float32) * state.input_scale
+        dead = state.tokens_since_fired >= sae_cfg.dead_tokens
+        parts, fires, smallest, grads = S.loss_and_grads(
+            state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient)
+        if spec.architecture == "batchtopk":
+            grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
+        if normalize:
+            grads = remove_parallel_grad(grads, state.params["W_dec"])
+        parts["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = project_params(optax.apply_updates(state.params, updates), spec, normalize)
+        if spec.architecture == "batchtopk":
+            params = {**params, "threshold": _batchtopk_threshold(state, smallest)}
+        fired = fires > 0
+        n = jnp.int32(x.shape[0])
+        tsf = jnp.where(fired, 0, jnp.minimum(state.tokens_since_fired + n, TSF_CAP))
+        sums = {k: state.metric_sums[k] + parts[k].astype(jnp.float32) for k in METRIC_NAMES}
+        sums["steps"] = state.metric_sums["steps"] + 1.0
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, tokens_since_fired=tsf,
+            fire_count=state.fire_count + fires,
+            window_tokens=state.window_tokens + n, metric_sums=sums)
+        return new_state, parts
+
+    return train_step
+
+
+def _batchtopk_threshold(state: TrainState, smallest):
+    """Running mean of the smallest kept activation: the inference threshold of BatchTopK."""
+    smallest = jnp.where(jnp.isfinite(smallest), smallest, state.params["threshold"][0])
+    old = state.params["threshold"]
+    value = jnp.where(state.step == 0, smallest, 0.99 * old + 0.01 * smallest)
+    return jnp.broadcast_to(value, old.shape).astype(jnp.float32)
+
+
+def summarize(state: TrainState, dead_tokens: int) -> tuple[dict, TrainState]:
+    """Means of the metric sums, dead fraction, density histogram; then reset the window."""
+    steps = jnp.maximum(state.metric_sums["steps"], 1.0)
+    out = {k: state.metric_sums[k] / steps for k in METRIC_NAMES}
+    freq = state.fire_count / jnp.maximum(state.window_tokens, 1)
+    log_freq = jnp.log10(jnp.maximum(freq, 1e-10))
+    out["density_hist"] = jnp.histogram(log_freq, bins=jnp.asarray(DENSITY_EDGES))[0]
+    out["never_fired_in_window"] = jnp.sum(state.fire_count == 0)
+    out["dead_fraction"] = jnp.mean(state.tokens_since_fired >= dead_tokens)
+    out["resampled"] = state.resampled
+    out["resampled_total"] = state.resampled_total
+    out["step"] = state.step
+    d_sae = state.fire_count.shape[0]
+    reset = state.replace(
+        fire_count=jnp.zeros(d_sae, jnp.int32), window_tokens=jnp.int32(0), resampled=jnp.int32(0),
+        metric_sums=jax.tree_util.tree_map(jnp.zeros_like, state.metric_sums))
+    return out, reset
+
+
+# ---- Anthropic's resampling of dead latents, on device ------------------------------
+def _reset_adam_moments(opt_state, dead):
+    """Zero Adam's first and second moments for exactly the dead latents' rows/columns."""
+    def mask_moments(moments: dict) -> dict:
+        return {**moments,
+                "W_enc": jnp.where(dead[None, :], 0.0, moments["W_enc"]),
+                "b_enc": jnp.where(dead, 0.0, moments["b_enc"]),
+                "W_dec": jnp.where(dead[:, None], 0.0, moments["W_dec"])}
+
+    def visit(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(mu=mask_moments(node.mu), nu=mask_moments(node.nu))
+        if isinstance(node, tuple) and not hasattr(node, "_fields"):
+            return tuple(visit(n) for n in node)
+        return node
+    return visit(opt_state)
+
+
+@partial(jax.jit, static_argnames=("spec", "dead_tokens", "encoder_scale"), donate_argnums=0)
+def resample(state: TrainState, pool, spec: S.SAESpec, dead_tokens: int, encoder_scale: float = 0.2):
+    """Revive dead latents from inputs sampled with probability proportional to squared loss.
+
+    Dead latent i: W_dec[i] = unit(x), W_enc[:, i] = unit(x) * encoder_scale * mean live
+    encoder norm, b_enc[i] = 0, and its Adam moments zeroed. `pool` is raw input rows.
+    """
+    x = pool.astype(jnp.float32) * state.input_scale
+    params = state.params
+    x_hat, _, _ = S.forward(params, x, spec, training=True)
+    loss = jnp.sum(jnp.square(x - x_hat), axis=-1)
+    weights = jnp.square(loss)
+    rng, key = jax.random.split(state.rng)
+    logits = jnp.where(weights > 0, jnp.log(jnp.maximum(weights, 1e-30)), -jnp.inf)
+    logits = jnp.where(jnp.any(weights > 0), logits, 0.0)  # all perfect: sample uniformly
+    chosen = jax.random.categorical(key, logits, shape=(spec.d_sae,))
+    directions = x[chosen]
+    directions = directions / jnp.maximum(jnp.linalg.norm(directions, axis=-1, keepdims=True), 1e-8)
+    dead = state.tokens_since_fired >= dead_tokens
+    enc_norms = jnp.linalg.norm(params["W_enc"], axis=0)
+    n_live = jnp.sum(~dead)
+    live_norm = jnp.where(n_live > 0, jnp.sum(jnp.where(dead, 0.0, enc_norms)) / jnp.maximum(n_live, 1), 1.0)
+    new_params = {
+        **params,
+        "W_dec": jnp.where(dead[:, None], directions, params["W_dec"]),
+        "W_enc": jnp.where(dead[None, :], directions.T * (encoder_scale * live_norm), params["W_enc"]),
+        "b_enc": jnp.where(dead, 0.0, params["b_enc"]),
+    }
+    n_dead = jnp.sum(dead, dtype=jnp.int32)
+    return state.replace(
+        params=new_params, opt_state=_reset_adam_moments(state.opt_state, dead), rng=rng,
+        tokens_since_fired=jnp.where(dead, 0, state.tokens_since_fired),
+        resampled=state.resampled + n_dead, resampled_total=state.resampled_total + n_dead)
+
+
+def resample_steps(cfg: TrainConfig, total_steps: int) -> set[int]:
+    """Steps (counted after the update) at which resampling runs."""
+    r = cfg.resample
+    last = int(total_steps * r.stop_after_fraction)
+    steps = set(r.steps) if r.steps else set(range(r.every_steps, last + 1, r.every_steps))
+    return {s for s in steps if 0 < s <= last}

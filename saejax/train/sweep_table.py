@@ -1,0 +1,76 @@
+"""The sweep's comparison: sweep.json, .csv and .md (a row per member: d_sae, k or λ, FVU,
+L0, dead and dense fractions, optionally CE loss recovered, the member's own step tokens/s
+and the sweep's wall time) and sweep.png (the FVU-L0 frontier per size, dead fraction and
+throughput against size)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from io import StringIO
+
+from saejax import io
+
+COLUMNS = ("name", "architecture", "d_sae", "k", "l1", "fvu", "l0", "dead_fraction", "dense_fraction",
+           "ce_loss_recovered", "tokens_per_s", "sweep_wall_s", "run_dir")
+
+
+def write_table(rows: list[dict], out: str) -> None:
+    """sweep.json, sweep.csv, sweep.md and sweep.png in OUT (each written whole, then renamed)."""
+    io.write_json(os.path.join(out, "sweep.json"), {"members": rows})
+    buf = StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in COLUMNS})
+    io.write_text(os.path.join(out, "sweep.csv"), buf.getvalue())
+
+    has_ce = any(r.get("ce_loss_recovered") is not None for r in rows)
+    head = ("| d_sae | k / λ | FVU | L0 | dead | " + ("CE loss recovered | " if has_ce else "")
+            + "tokens/s (alone) | run |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        knob = r["k"] if r["k"] is not None else (f"λ {r['l1']:g}" if r["l1"] is not None else "")
+        ce = f"{r['ce_loss_recovered']:.4f} | " if has_ce and r.get("ce_loss_recovered") is not None else (
+            "– | " if has_ce else "")
+        lines.append(f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | {r['l0']:.1f} | "
+                     f"{r['dead_fraction']:.1%} | {ce}{r['tokens_per_s']:,.0f} | {r['run_dir']} |")
+    wall = next((r["sweep_wall_s"] for r in rows if r.get("sweep_wall_s") is not None), None)
+    if wall is not None:
+        lines += ["", f"All {len(rows)} members trained in lockstep in {wall:,.0f} s of wall time."]
+    io.write_text(os.path.join(out, "sweep.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(rows, os.path.join(out, "sweep.png"))
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    """FVU against L0 (one line per d_sae across k or λ), dead fraction and throughput against d_sae."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    sizes = sorted({r["d_sae"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
+    for d in sizes:
+        pts = sorted((r["l0"], r["fvu"]) for r in rows if r["d_sae"] == d)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"d_sae {d:,}")
+    axes[0].set_xlabel("L0")
+    axes[0].set_ylabel("FVU")
+    axes[0].set_title("FVU-L0 frontier per size")
+    axes[0].legend(fontsize=7)
+    for ax, key, title in ((axes[1], "dead_fraction", "dead fraction"),
+                           (axes[2], "tokens_per_s", "training tokens/s (step alone)")):
+        for knob in sorted({(r["k"], r["l1"]) for r in rows}, key=str):
+            pts = sorted((r["d_sae"], r[key]) for r in rows if (r["k"], r["l1"]) == knob)
+            label = f"k {knob[0]}" if knob[0] is not None else (f"λ {knob[1]:g}" if knob[1] is not None else None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_sae")
+        ax.set_title(title)
+        if len({(r["k"], r["l1"]) for r in rows}) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    io.save_figure(fig, path)
+    plt.close(fig)

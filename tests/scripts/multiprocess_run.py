@@ -1,0 +1,40 @@
+"""One process of a multi-process run on the CPU (launched by test_multiprocess.py).
+
+usage: python multiprocess_run.py DATA.npy RUN_DIR READ_LOG PROCESS_ID NUM_PROCESSES PORT
+Trains with mesh.data = NUM_PROCESSES (one CPU device per process) and records every row
+range this process reads from the data (test instrumentation, patched in here only).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import small_config  # noqa: E402
+
+import saejax.train.data as D  # noqa: E402
+from saejax.train.run import train  # noqa: E402
+
+
+def main():
+    data, run_dir, read_log, pid, nproc, port = sys.argv[1:]
+    reads = []
+    original = D.ArraySource.read_async
+
+    def logged_read(self, start, stop):
+        reads.append([int(start), int(stop)])
+        return original(self, start, stop)
+    D.ArraySource.read_async = logged_read
+    sets = ["train.tokens=8192", "train.batch_size=256", "sae.d_sae=64", "train.lr=1e-2",
+            "train.lr_warmup_steps=0", "data.slices=2", "data.block_rows=256",
+            "data.shuffle_blocks=2", f"mesh.data={nproc}"]
+    if int(nproc) > 1:
+        sets += [f"mesh.coordinator=localhost:{port}", f"mesh.num_processes={nproc}",
+                 f"mesh.process_id={pid}"]
+    train(small_config(data, run_dir, *sets))
+    with open(read_log, "w") as f:
+        json.dump(reads, f)
+
+
+if __name__ == "__main__":
+    main()

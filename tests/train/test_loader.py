@@ -1,0 +1,86 @@
+"""The loader: batch b is a pure function of (seed, b), whatever the threads or the start."""
+
+import numpy as np
+import pytest
+
+from saejax.config import DataConfig
+from saejax.train.data import ArraySource, BatchPlan, Loader, split_rows
+from saejax.errors import SaejaxError
+
+
+@pytest.fixture(scope="module")
+def rows_path(tmp_path_factory):
+    # row i holds i in every column, so a batch says which rows it took
+    rows = np.repeat(np.arange(3000, dtype=np.float32)[:, None], 4, axis=1)
+    path = tmp_path_factory.mktemp("loader") / "rows.npy"
+    np.save(path, rows)
+    return str(path)
+
+
+def reference_batches(plan: BatchPlan, n_batches: int) -> list[np.ndarray]:
+    """The data order written out plainly: every epoch, its groups in order, each group's
+    blocks read and shuffled by the group's permutation, the stream cut into batches."""
+    stream, epoch = [], 0
+    while len(stream) < n_batches * plan.batch_size:
+        for g, blocks in enumerate(plan.groups(epoch)):
+            ids = np.concatenate([plan.row_offset + np.arange(b * plan.block_rows, (b + 1) * plan.block_rows)
+                                  for b in blocks])
+            stream.extend(ids[plan.row_permutation(epoch, g, len(ids))])
+        epoch += 1
+    stream = np.asarray(stream)
+    return [stream[i * plan.batch_size:(i + 1) * plan.batch_size] for i in range(n_batches)]
+
+
+def take(loader: Loader, n: int) -> list[np.ndarray]:
+    try:
+        return [next(loader)[:, 0].astype(int) for _ in range(n)]
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("batch,block_rows,shuffle_blocks,threads", [
+    (256, 200, 3, 1),   # batches run across groups
+    (256, 100, 1, 3),   # a group smaller than a batch: a batch spans three groups
+    (250, 2600, 16, 2),  # one block holds all the training rows
+])
+def test_batches_follow_the_plan(rows_path, batch, block_rows, shuffle_blocks, threads):
+    cfg = DataConfig(path=rows_path, validation_tokens=300, block_rows=block_rows,
+                     shuffle_blocks=shuffle_blocks, seed=5, loader_threads=threads)
+    source = ArraySource(rows_path)
+    got = take(Loader(source, cfg, batch), 40)  # several epochs
+    plan = BatchPlan(split_rows(3000, 300).train_rows, batch, block_rows, shuffle_blocks, 5)
+    expected = reference_batches(plan, 40)
+    for b, (g, e) in enumerate(zip(got, expected)):
+        np.testing.assert_array_equal(g, e, err_msg=f"batch {b}")
+    first_epoch = np.concatenate(got)[:plan.epoch_rows]
+    assert len(set(first_epoch.tolist())) == plan.epoch_rows  # each row once per epoch
+    assert first_epoch.max() < 2700  # the held-out rows are never trained on
+
+
+def test_a_loader_started_at_batch_b_continues_the_same_stream(rows_path):
+    cfg = DataConfig(path=rows_path, validation_tokens=300, block_rows=128, shuffle_blocks=2)
+    source = ArraySource(rows_path)
+    whole = take(Loader(source, cfg, 192), 30)
+    resumed = take(Loader(source, cfg, 192, start_batch=17), 13)
+    for a, b in zip(whole[17:], resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_slices_are_read_separately_and_joined(rows_path):
+    cfg = DataConfig(path=rows_path, validation_tokens=300, block_rows=100, shuffle_blocks=2)
+    source = ArraySource(rows_path)
+    both = take(Loader(source, cfg, 200, n_slices=2), 5)
+    second = take(Loader(source, cfg, 200, n_slices=2, slices=[1]), 5)
+    for joined, own in zip(both, second):
+        assert joined[:100].max() < 1350 <= joined[100:].min()  # slice 0 rows, then slice 1's
+        np.testing.assert_array_equal(joined[100:], own)
+
+
+def test_a_nonfinite_row_stops_the_loader_with_its_number(tmp_path):
+    rows = np.ones((2000, 4), np.float32)
+    rows[1234, 2] = np.nan
+    np.save(tmp_path / "bad.npy", rows)
+    cfg = DataConfig(validation_tokens=0, block_rows=100, shuffle_blocks=4)
+    loader = Loader(ArraySource(str(tmp_path / "bad.npy")), cfg, 100)
+    with pytest.raises(SaejaxError, match="row 1234 of .* NaN or Inf"):
+        take(loader, 40)
