@@ -38,6 +38,8 @@ class Layout:
     as it is (Gemma 2 normalises both outputs before adding them, so its norms are named).
     `gate_half`: the pre-activation module is a fused gate+up projection whose first half
     is the gate (Phi-3). `flat_rows`: the MLP modules see [batch*positions, d] rows (OPT).
+    In OPT-350m's post-norm blocks the two outputs are still the terms added to the residual,
+    before the norm that follows each sum.
     """
     blocks: str
     attn_out: str
@@ -70,7 +72,7 @@ def model_type(model) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
-def layout_of(model, point: "HookPoint") -> Layout:
+def layout_of(model, point: HookPoint) -> Layout:
     """The family's layout, or one SaejaxError line naming the model type and the hook."""
     kind = model_type(model)
     if kind not in LAYOUTS:
