@@ -3,10 +3,15 @@
 Layouts (the norm that feeds the MLP, the input projection, the output projection):
     GPT-2, GPT-Neo   ln_2, mlp.c_fc, mlp.c_proj          (GPT-2 Conv1D stores [in, out])
     GPT-J            ln_1 (parallel block, shared), mlp.fc_in, mlp.fc_out
-    GPT-NeoX         post_attention_layernorm (input_layernorm when the residual is
-                     parallel), mlp.dense_h_to_4h, mlp.dense_4h_to_h
-    Llama-style      post_attention_layernorm (RMSNorm), mlp.up_proj (W_in, as in
-                     TransformerLens), mlp.down_proj; no biases
+    GPT-NeoX         post_attention_layernorm, mlp.dense_h_to_4h, mlp.dense_4h_to_h; the MLP
+                     reads post_attention_layernorm with the parallel residual (Pythia) too:
+                     of the residual then, not of residual + attention
+    Llama, Mistral,  post_attention_layernorm (RMSNorm), mlp.up_proj (W_in, as in
+    Qwen2            TransformerLens), mlp.down_proj; no biases
+    Gemma, Gemma 2   as Llama, but the RMSNorm scales by 1 + weight, and Gemma 2's MLP
+                     reads pre_feedforward_layernorm
+Other families are refused: a guessed norm (OLMo 2's post_attention_layernorm comes after
+the attention, not before the MLP) would be folded into W_in silently.
 """
 
 from __future__ import annotations
@@ -27,41 +32,46 @@ def _linear(module) -> tuple[np.ndarray, np.ndarray | None]:
     return weight, None if bias is None else bias.detach().float().cpu().numpy()
 
 
-def _norm(module) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _norm(module, plus_one: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(scale, bias) of a norm; `plus_one` for Gemma's RMSNorm, which scales by 1 + weight."""
     w = getattr(module, "weight", None)
     b = getattr(module, "bias", None)
-    return (None if w is None else w.detach().float().cpu().numpy(),
-            None if b is None else b.detach().float().cpu().numpy())
+    scale = None if w is None else w.detach().float().cpu().numpy() + (1.0 if plus_one else 0.0)
+    return scale, None if b is None else b.detach().float().cpu().numpy()
 
 
-def _block_parts(block, model_type: str, config):
+_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _block_parts(block, model_type: str):
+    """(arch, norm feeding the MLP, whether it scales by 1 + weight, W_in module, W_out module)."""
     mlp = block.mlp
     if model_type in ("gpt2", "gpt_neo"):
-        return "gpt2" if model_type == "gpt2" else "gpt_neo", block.ln_2, mlp.c_fc, mlp.c_proj
+        return model_type, block.ln_2, False, mlp.c_fc, mlp.c_proj
     if model_type == "gptj":
-        return "gptj", block.ln_1, mlp.fc_in, mlp.fc_out
-    if model_type == "gpt_neox":
-        norm = (block.input_layernorm if getattr(config, "use_parallel_residual", False)
-                else block.post_attention_layernorm)
-        return "gpt_neox", norm, mlp.dense_h_to_4h, mlp.dense_4h_to_h
-    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        norm = getattr(block, "post_attention_layernorm", None)
-        return "llama-style", norm, mlp.up_proj, mlp.down_proj
-    raise SaejaxError(f"no MLP weight layout known for model type '{model_type}' "
-                      "(known: gpt2, gpt_neo, gptj, gpt_neox, Llama-style gated MLPs)")
+        return "gptj", block.ln_1, False, mlp.fc_in, mlp.fc_out
+    if model_type == "gpt_neox":  # both residual layouts: mlp(post_attention_layernorm(...))
+        return "gpt_neox", block.post_attention_layernorm, False, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+    if model_type in _LLAMA_TYPES:
+        return "llama-style", block.post_attention_layernorm, False, mlp.up_proj, mlp.down_proj
+    if model_type == "gemma":
+        return "llama-style", block.post_attention_layernorm, True, mlp.up_proj, mlp.down_proj
+    if model_type == "gemma2":
+        return "llama-style", block.pre_feedforward_layernorm, True, mlp.up_proj, mlp.down_proj
+    raise SaejaxError(f"no MLP weight layout known for model type '{model_type}' (known: gpt2, "
+                      f"gpt_neo, gptj, gpt_neox, {', '.join(_LLAMA_TYPES)}, gemma, gemma2)")
 
 
 def mlp_weights(model) -> MLPWeights:
     """Stack every layer's MLP weights (unprocessed) from a transformers causal LM."""
-    config = model.config
-    model_type = getattr(config, "model_type", type(model).__name__)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
     layers = {k: [] for k in ("w_in", "b_in", "w_out", "b_out", "ln_w", "ln_b")}
     arch = model_type
     for block in find_blocks(model):
-        arch, norm, up, down = _block_parts(block, model_type, config)
+        arch, norm, plus_one, up, down = _block_parts(block, model_type)
         w_in, b_in = _linear(up)
         w_out, b_out = _linear(down)
-        ln_w, ln_b = _norm(norm) if norm is not None else (None, None)
+        ln_w, ln_b = _norm(norm, plus_one)
         for key, value in zip(layers, (w_in, b_in, w_out, b_out, ln_w, ln_b)):
             layers[key].append(value)
 

@@ -2,15 +2,19 @@
 
     blocks.L.hook_resid_pre    input of block L
     blocks.L.hook_resid_post   output of block L
-    blocks.L.hook_attn_out     output of block L's attention
-    blocks.L.hook_mlp_out      output of block L's MLP
-    blocks.L.mlp.hook_pre      MLP up-projection before its activation (GPT-2/Neo
-                               `c_fc`, GPT-J `fc_in`, GPT-NeoX `dense_h_to_4h`; for
-                               gated Llama-style MLPs the gate projection, which is
-                               what enters the activation)
+    blocks.L.hook_attn_out     what block L adds to the residual stream from its attention
+    blocks.L.hook_mlp_out      what block L adds to the residual stream from its MLP
+    blocks.L.mlp.hook_pre      MLP pre-activation: the projection that enters the activation
+                               function (for gated MLPs the gate projection)
+
+Where each point lives differs per family, so it is written down per `model_type` in
+`LAYOUTS` (each layout is checked against a plain forward-hook reference in
+tests/extract/test_hook_families.py). A family not listed is refused: a guessed module
+can be off by a norm or a residual term and would extract the wrong thing silently.
 
 `Capture` attaches forward hooks and stops the forward pass right after the
-deepest hooked point, so no compute is spent on later layers.
+deepest hooked point, so no compute is spent on later layers; `Splice` replaces
+the activation at one point (eval's SAE reconstruction, zero ablation, steering).
 """
 
 from __future__ import annotations
@@ -24,8 +28,58 @@ _HOOK_RE = re.compile(
     r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_pre)$")
 _BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
                 "transformer.layers")
-_ATTN_NAMES = ("self_attn", "attn", "attention")
-_MLP_PRE_NAMES = ("c_fc", "fc_in", "gate_proj", "dense_h_to_4h", "fc1", "up_proj")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family's hook points are: module paths relative to the causal LM / a block.
+
+    `attn_out` and `mlp_out` name the module whose output is added to the residual stream
+    as it is (Gemma 2 normalises both outputs before adding them, so its norms are named).
+    `gate_half`: the pre-activation module is a fused gate+up projection whose first half
+    is the gate (Phi-3). `flat_rows`: the MLP modules see [batch*positions, d] rows (OPT).
+    In OPT-350m's post-norm blocks the two outputs are still the terms added to the residual,
+    before the norm that follows each sum.
+    """
+    blocks: str
+    attn_out: str
+    mlp_out: str
+    mlp_pre: str
+    gate_half: bool = False
+    flat_rows: bool = False
+
+
+_LLAMA = Layout("model.layers", "self_attn", "mlp", "mlp.gate_proj")
+_GPT2 = Layout("transformer.h", "attn", "mlp", "mlp.c_fc")
+LAYOUTS = {
+    "gpt2": _GPT2,
+    "gpt_neo": _GPT2,
+    "gptj": Layout("transformer.h", "attn", "mlp", "mlp.fc_in"),
+    "gpt_neox": Layout("gpt_neox.layers", "attention", "mlp", "mlp.dense_h_to_4h"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": Layout("model.layers", "post_attention_layernorm", "post_feedforward_layernorm",
+                     "mlp.gate_proj"),
+    "phi3": Layout("model.layers", "self_attn", "mlp", "mlp.gate_up_proj", gate_half=True),
+    "opt": Layout("model.decoder.layers", "self_attn", "fc2", "fc1", flat_rows=True),
+    "falcon": Layout("transformer.h", "self_attention", "mlp", "mlp.dense_h_to_4h"),
+}
+
+
+def model_type(model) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def layout_of(model, point: HookPoint) -> Layout:
+    """The family's layout, or one SaejaxError line naming the model type and the hook."""
+    kind = model_type(model)
+    if kind not in LAYOUTS:
+        raise SaejaxError(f"hook {point.name}: model type '{kind}' has no known hook layout, "
+                          f"so it is refused rather than extracted from a guessed module "
+                          f"(known: {', '.join(sorted(LAYOUTS))})")
+    return LAYOUTS[kind]
 
 
 @dataclass(frozen=True)
@@ -64,7 +118,8 @@ def _get_path(root, path: str):
 
 def find_blocks(model):
     """The list of transformer blocks of a transformers causal LM."""
-    for path in _BLOCK_PATHS:
+    layout = LAYOUTS.get(model_type(model))
+    for path in (layout.blocks,) if layout else _BLOCK_PATHS:
         blocks = _get_path(model, path)
         if blocks is not None and hasattr(blocks, "__len__"):
             return blocks
@@ -72,46 +127,88 @@ def find_blocks(model):
                       f"known layouts: {', '.join(_BLOCK_PATHS)}")
 
 
-def _child(block, names, what: str, hook: HookPoint):
-    for name in names:
-        module = getattr(block, name, None)
-        if module is not None:
-            return module
-    raise SaejaxError(f"hook {hook.name}: cannot find the {what} module of {type(block).__name__}")
-
-
-def _hooked_module(block, point: HookPoint):
-    """The module whose output is the activation at `point` (every kind but resid_pre,
-    which is the block's input)."""
-    if point.kind == "resid_post":
-        return block
-    if point.kind == "attn_out":
-        return _child(block, _ATTN_NAMES, "attention", point)
-    if point.kind == "mlp_out":
-        return _child(block, ("mlp",), "MLP", point)
-    return _child(_child(block, ("mlp",), "MLP", point), _MLP_PRE_NAMES, "MLP input", point)
-
-
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _block_input(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _Site:
+    """One hook point resolved on one model: the module to hook, and how to read the
+    activation [batch, positions, width] from its output and write a replacement back."""
+
+    def __init__(self, model, point: HookPoint):
+        layout = layout_of(model, point)
+        blocks = find_blocks(model)
+        self.point, self.block = point, blocks[point.layer]
+        if point.kind in ("resid_pre", "resid_post"):
+            self.module = self.block
+        else:
+            path = getattr(layout, point.kind)
+            self.module = _get_path(self.block, path)
+            if self.module is None:
+                raise SaejaxError(f"hook {point.name}: {type(self.block).__name__} has no "
+                                  f"'{path}' module, which the '{model_type(model)}' layout expects")
+        self.gate_half = layout.gate_half and point.kind == "mlp_pre"
+        self.flat_rows = layout.flat_rows and point.kind in ("mlp_pre", "mlp_out")
+        self.rows_shape = None  # (batch, positions) of the running forward, for flat rows
+
+    def attach(self, pre=None, post=None) -> list:
+        """Register `pre(args, kwargs)` (resid_pre) or `post(output)` hooks; returns handles."""
+        handles = []
+        if self.flat_rows:
+            def shape(module, args, kwargs):
+                self.rows_shape = tuple(_block_input(args, kwargs).shape[:-1])
+            handles.append(self.block.register_forward_pre_hook(shape, with_kwargs=True))
+        if self.point.kind == "resid_pre":
+            handles.append(self.block.register_forward_pre_hook(
+                lambda module, args, kwargs: pre(args, kwargs), with_kwargs=True))
+        else:
+            handles.append(self.module.register_forward_hook(
+                lambda module, args, output: post(output)))
+        return handles
+
+    def read(self, output):
+        x = _first(output)
+        if self.gate_half:  # Phi-3: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            x = x[..., : x.shape[-1] // 2]
+        if self.flat_rows:
+            x = x.reshape(*self.rows_shape, x.shape[-1])
+        return x
+
+    def write(self, output, new):
+        x = _first(output)
+        if self.flat_rows:
+            new = new.reshape(*x.shape[:-1], new.shape[-1])
+        if self.gate_half:
+            import torch
+            new = torch.cat([new, x[..., x.shape[-1] // 2:]], dim=-1)
+        # a copy: Falcon adds attention into the MLP output in place after this hook
+        new = new.clone()
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
 def validate_hooks(points: list[HookPoint], model) -> None:
+    """One SaejaxError line for a layer out of range or a family/hook not understood."""
     n_layers = len(find_blocks(model))
     for p in points:
         if p.layer >= n_layers:
             raise SaejaxError(f"hook {p.name}: layer {p.layer} is out of range; "
                               f"the model has layers 0..{n_layers - 1}")
+        _Site(model, p)
 
 
 def hook_width(point: HookPoint, model) -> int:
     """Width of the activation at a hook point."""
-    block = find_blocks(model)[point.layer]
+    site = _Site(model, point)
     if point.kind == "mlp_pre":
-        module = _hooked_module(block, point)
+        module = site.module
         weight = module.weight
         # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-        return int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])
+        width = int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])
+        return width // 2 if site.gate_half else width
     c = model.config
     for key in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(c, key, None), int):
@@ -124,7 +221,8 @@ class StopForward(Exception):
 
 
 class Capture:
-    """Context manager: run `model(ids)` inside it; `captured[name]` holds each hook's tensor."""
+    """Context manager: run `model(ids)` inside it; `captured[name]` holds each hook's tensor
+    [batch, positions, width], a copy (a later in-place update must not reach it)."""
 
     def __init__(self, model, points: list[HookPoint], stop_early: bool = True):
         self.model, self.points, self.stop_early = model, points, stop_early
@@ -132,20 +230,16 @@ class Capture:
         self._handles = []
 
     def __enter__(self):
-        blocks = find_blocks(self.model)
-        for p in self.points:
-            block = blocks[p.layer]
-            if p.kind == "resid_pre":
-                def pre(module, args, kwargs, name=p.name):
-                    self.captured[name] = (args[0] if args else kwargs["hidden_states"]).detach()
-                self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-                continue
+        sites = [_Site(self.model, p) for p in self.points]  # refuse before hooking anything
+        for site in sites:
+            def pre(args, kwargs, name=site.point.name):
+                self.captured[name] = _block_input(args, kwargs).detach().clone()
 
-            def post(module, args, output, name=p.name):
-                self.captured[name] = _first(output).detach()
-            self._handles.append(_hooked_module(block, p).register_forward_hook(post))
+            def post(output, name=site.point.name, site=site):
+                self.captured[name] = site.read(output).detach().clone()
+            self._handles += site.attach(pre=pre, post=post)
         if self.stop_early:
-            self._add_stop(blocks)
+            self._add_stop(find_blocks(self.model))
         return self
 
     def _add_stop(self, blocks):
@@ -182,34 +276,29 @@ class Splice:
     """Context manager: replace the activation at one hook point by `replace(tensor)`.
 
     Used to run a model with an SAE's reconstruction (or zeros) substituted at its hook.
-    `replace` gets and returns a tensor [batch, positions, width].
+    `replace` gets and returns a tensor [batch, positions, width], the same view Capture
+    records (for Phi-3's mlp.hook_pre the gate half only, for OPT's MLP rows unflattened).
     """
 
     def __init__(self, model, point: HookPoint, replace):
         self.model, self.point, self.replace = model, point, replace
-        self._handle = None
+        self._handles = []
 
     def __enter__(self):
-        block = find_blocks(self.model)[self.point.layer]
-        p = self.point
-        if p.kind == "resid_pre":
-            def pre(module, args, kwargs):
-                if args:
-                    return (self.replace(args[0]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": self.replace(kwargs["hidden_states"])}
-            self._handle = block.register_forward_pre_hook(pre, with_kwargs=True)
-            return self
-        module = _hooked_module(block, p)
+        site = _Site(self.model, self.point)
 
-        def post(module, args, output):
-            if isinstance(output, tuple):
-                return (self.replace(output[0]), *output[1:])
-            return self.replace(output)
-        self._handle = module.register_forward_hook(post)
+        def pre(args, kwargs):
+            if args:
+                return (self.replace(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self.replace(kwargs["hidden_states"])}
+
+        def post(output):
+            return site.write(output, self.replace(site.read(output)))
+        self._handles = site.attach(pre=pre, post=post)
         return self
 
     def __exit__(self, *exc):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         return False
