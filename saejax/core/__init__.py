@@ -1,0 +1,1 @@
+"""JAX maths only: the SAE, its sparse ops and kernels, sharding."""
