@@ -48,6 +48,12 @@ The kernels:
   atomics (a GPU atomic-add version would be faster for spread-out latents and
   non-deterministic). A latent chosen by many rows makes its block's program long.
 
+Under jax.shard_map the operands are cast to vary over the same mesh axes and the results
+typed to vary over them, so the compiled kernels trace under check_vma=True (tested: the
+trace, not a GPU run). Interpret mode there needs check_vma=False: JAX's Pallas interpreter
+re-evaluates a kernel traced without mesh axes on varying blocks and rejects them, so
+the functions raise NotImplementedError instead.
+
 Shapes that do not divide the blocks are padded up (only then: dimensions that are powers of
 two, or multiples of a smaller power-of-two block, are not copied) and results are sliced
 back. Indices outside [0, N) follow XLA's conventions instead of the C++ kernels' error:
@@ -139,31 +145,44 @@ def _varying_axes(*values) -> tuple:
 
 
 def _call(kernel, *, out_shape, grid, in_specs, out_specs, interpret, name):
-    """pallas_call whose operands all vary over the same mesh axes under shard_map (a weight
-    replicated over "data" next to a batch split over it)."""
-    call = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                          out_specs=out_specs, interpret=interpret, name=name)
-
+    """pallas_call that types its results under shard_map with check_vma=True (as sae.py
+    uses it): the operands are cast to vary over the same mesh axes (a weight replicated
+    over "data" next to a batch split over it) and the outputs vary over those axes.
+    `out_shape` is a tuple of (shape, dtype) pairs."""
     def run(*operands):
         axes = _varying_axes(*operands)
+        manual = None
         if axes:
-            operands = [lax.pcast(o, tuple(a for a in axes if a not in _varying_axes(o)),
-                                  to="varying") if set(_varying_axes(o)) != set(axes) else o
-                        for o in operands]
-        return call(*operands)
+            if interpret:
+                raise NotImplementedError(
+                    "Pallas interpret mode cannot run under shard_map with check_vma=True "
+                    f"(JAX {jax.__version__} re-evaluates the kernel on blocks that vary over "
+                    f"{axes} and rejects them); use check_vma=False, or on the CPU the C++ or "
+                    "XLA kernels")
+            operands = [_vary(o, axes) for o in operands]
+            manual = jax.typeof(operands[0]).manual_axis_type
+        shapes = tuple(jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+                       for shape, dtype in out_shape)
+        return pl.pallas_call(kernel, out_shape=shapes, grid=grid, in_specs=in_specs,
+                              out_specs=out_specs, interpret=interpret, name=name)(*operands)
     return run
+
+
+def _vary(value, axes):
+    missing = tuple(a for a in axes if a not in _varying_axes(value))
+    return lax.pcast(value, missing, to="varying") if missing else value
 
 
 def _order_key(values):
     """float32 -> int32, monotone in the total order lax.top_k sorts by (signed zeros and
     NaNs included): negative floats have their magnitude bits flipped."""
     bits = lax.bitcast_convert_type(values, jnp.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 def _key_value(keys):
     """The inverse of _order_key."""
-    return lax.bitcast_convert_type(keys ^ ((keys >> 31) & 0x7FFFFFFF), jnp.float32)
+    return lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ 0x7FFFFFFF, keys), jnp.float32)
 
 
 # ---- top_k --------------------------------------------------------------------------
@@ -213,7 +232,7 @@ def top_k(x, k: int, bias=None, *, interpret=None, block_rows: int = TOPK_BLOCK_
     if bias is not None:
         operands.append(_pad(bias.astype(jnp.float32).reshape(1, n), (1, n_p), np.nan))
         in_specs.append(pl.BlockSpec((1, bc), lambda r, c: (0, c)))
-    out = jax.ShapeDtypeStruct((blocks, rows_p, kb), jnp.int32)
+    out = ((blocks, rows_p, kb), jnp.int32)
     out_spec = pl.BlockSpec((pl.squeezed, br, kb), lambda r, c: (c, r, 0))
     keys, idx = _call(partial(_topk_block_kernel, n=n, kb=kb, has_bias=bias is not None),
                       out_shape=(out, out), grid=(rows_p // br, blocks), in_specs=in_specs,
@@ -245,13 +264,13 @@ def gather_rows(weights, idx, table, *, interpret=None, block_rows: int = GATHER
     weights = _pad(weights.astype(jnp.float32), (rows_p, k))
     idx = _pad(jnp.clip(idx.astype(jnp.int32), 0, n - 1), (rows_p, k))
     table = _pad(table.astype(jnp.float32), (n, d_p))
-    out = _call(_gather_kernel, out_shape=jax.ShapeDtypeStruct((rows_p, d_p), jnp.float32),
+    out = _call(_gather_kernel, out_shape=(((rows_p, d_p), jnp.float32),),
                 grid=(rows_p // br, d_p // bd),
                 in_specs=[pl.BlockSpec((br, k), lambda r, c: (r, 0)),
                           pl.BlockSpec((br, k), lambda r, c: (r, 0)),
                           pl.BlockSpec((n, bd), lambda r, c: (0, c))],
-                out_specs=pl.BlockSpec((br, bd), lambda r, c: (r, c)),
-                interpret=_interpret(interpret), name="saejax_gather_rows")(weights, idx, table)
+                out_specs=(pl.BlockSpec((br, bd), lambda r, c: (r, c)),),
+                interpret=_interpret(interpret), name="saejax_gather_rows")(weights, idx, table)[0]
     return _pad_back(out, (rows, d))
 
 
@@ -287,13 +306,13 @@ def row_dots(g, idx, table, *, interpret=None, block_rows: int = ROW_DOTS_BLOCK_
     idx = _pad(jnp.clip(idx.astype(jnp.int32), 0, n - 1), (rows_p, k))
     table = _pad(table.astype(jnp.float32), (n, d_p))
     out = _call(partial(_row_dots_kernel, chunk=bd),
-                out_shape=jax.ShapeDtypeStruct((rows_p, k), jnp.float32),
+                out_shape=(((rows_p, k), jnp.float32),),
                 grid=(rows_p // br,),
                 in_specs=[pl.BlockSpec((br, d_p), lambda r: (r, 0)),
                           pl.BlockSpec((br, k), lambda r: (r, 0)),
                           pl.BlockSpec((n, d_p), lambda r: (0, 0))],
-                out_specs=pl.BlockSpec((br, k), lambda r: (r, 0)),
-                interpret=_interpret(interpret), name="saejax_row_dots")(g, idx, table)
+                out_specs=(pl.BlockSpec((br, k), lambda r: (r, 0)),),
+                interpret=_interpret(interpret), name="saejax_row_dots")(g, idx, table)[0]
     return _pad_back(out, (rows, k))
 
 
@@ -348,15 +367,15 @@ def scatter_rows(weights, idx, rows, n: int, transposed: bool = False, *, interp
                               side="left").astype(jnp.int32)
     rows = _pad(rows.astype(jnp.float32), (batch, d_p))
     if transposed:
-        out_shape = jax.ShapeDtypeStruct((d_p, n_p), jnp.float32)
+        out_shape = ((d_p, n_p), jnp.float32)
         out_spec = pl.BlockSpec((bd, bn), lambda j, c: (c, j))
     else:
-        out_shape = jax.ShapeDtypeStruct((n_p, d_p), jnp.float32)
+        out_shape = ((n_p, d_p), jnp.float32)
         out_spec = pl.BlockSpec((bn, bd), lambda j, c: (j, c))
     scalars = [pl.BlockSpec((s,), lambda j, c: (0,)) for s in (n_p // bn + 1, batch * k)]
     out, wsum = _call(
         partial(_scatter_kernel, transposed=transposed),
-        out_shape=(out_shape, jax.ShapeDtypeStruct((n_p,), jnp.float32)),
+        out_shape=(out_shape, ((n_p,), jnp.float32)),
         grid=(n_p // bn, d_p // bd),
         in_specs=[scalars[0], scalars[1], scalars[1], scalars[1],
                   pl.BlockSpec((batch, bd), lambda j, c: (0, c))],
