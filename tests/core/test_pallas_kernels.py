@@ -135,9 +135,11 @@ def test_out_of_range_indices_follow_xla():
 
 
 def test_available_and_drop_in_signatures():
+    import importlib.util
     import inspect
 
-    from saejax import cpu_kernels
+    cpu_kernels = importlib.import_module(next(
+        m for m in ("saejax.core.cpu_kernels", "saejax.cpu_kernels") if importlib.util.find_spec(m)))
     assert K.available("cpu")
     assert not K.available("tpu")
     for name in ("top_k", "gather_rows", "row_dots", "scatter_rows"):
@@ -224,3 +226,37 @@ def test_kernels_under_shard_map_on_fake_devices():
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh ok" in result.stdout
+
+
+def test_drop_in_for_the_cpu_kernels_in_the_training_loss(monkeypatch):
+    """Behind sae.py's four dispatch points (where the C++ kernels are called), the Pallas
+    kernels give the dense reference's loss, fire counts and gradients, AuxK included."""
+    import dataclasses
+    import importlib.util
+
+    sae = next((m for m in ("saejax.core.sae", "saejax.sae")
+                if importlib.util.find_spec(m) is not None), None)
+    S = importlib.import_module(sae)
+    for name in ("top_k", "gather_rows", "row_dots", "scatter_rows"):
+        monkeypatch.setattr(S.cpu_kernels, name, getattr(K, name))
+    monkeypatch.setattr(S.cpu_kernels, "enabled", lambda: True)
+    jax.clear_caches()
+    sparse = S.SAESpec("topk", d_in=16, d_sae=96, k=4, aux_k=12, sparse_topk=True)
+    dense = dataclasses.replace(sparse, sparse_topk=False)
+    rng = np.random.default_rng(0)
+    params = S.init_params(sparse, jax.random.PRNGKey(0))
+    params = {**params,
+              "W_enc": params["W_enc"] + jnp.asarray(rng.normal(0, 0.05, (16, 96)), jnp.float32),
+              "b_enc": jnp.asarray(rng.normal(0, 0.1, 96), jnp.float32),
+              "b_dec": jnp.asarray(rng.normal(0, 0.1, 16), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(24, 16)), jnp.float32)
+    dead = jnp.zeros(96, bool).at[jnp.arange(7) * 13].set(True)
+    fn = jax.jit(S.loss_and_grads, static_argnums=2)
+    got, ref = fn(params, x, sparse, dead, 0.0, 1 / 32), fn(params, x, dense, dead, 0.0, 1 / 32)
+    jax.clear_caches()
+    assert float(ref[0]["aux_loss"]) > 0
+    for key in ("loss", "aux_loss", "fvu"):
+        np.testing.assert_allclose(got[0][key], ref[0][key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(got[1], ref[1])
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(got[3][name], ref[3][name], rtol=2e-4, atol=2e-6, err_msg=name)
