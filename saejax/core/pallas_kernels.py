@@ -135,6 +135,11 @@ def _pad(a, shape, value=0):
     return jnp.pad(a, [(0, s - d) for d, s in zip(a.shape, shape)], constant_values=value)
 
 
+def _pad_back(a, shape):
+    """The leading `shape` of a padded result (no copy when nothing was padded)."""
+    return a if tuple(a.shape) == tuple(shape) else a[tuple(slice(0, s) for s in shape)]
+
+
 def _varying_axes(*values) -> tuple:
     """Mesh axes (under shard_map) over which any of `values` varies; () outside it."""
     axes = set()
@@ -272,10 +277,6 @@ def gather_rows(weights, idx, table, *, interpret=None, block_rows: int = GATHER
                 out_specs=(pl.BlockSpec((br, bd), lambda r, c: (r, c)),),
                 interpret=_interpret(interpret), name="saejax_gather_rows")(weights, idx, table)[0]
     return _pad_back(out, (rows, d))
-
-
-def _pad_back(a, shape):
-    return a if tuple(a.shape) == tuple(shape) else a[tuple(slice(0, s) for s in shape)]
 
 
 # ---- row_dots -----------------------------------------------------------------------

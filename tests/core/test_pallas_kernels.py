@@ -104,7 +104,8 @@ def test_scatter_rows_sums_repeated_latents_and_zeroes_the_rest(n, d):
     if n > 100:
         assert unused.size
     assert not np.asarray(out)[unused].any() and not np.asarray(wsum)[unused].any()
-    out_t, wsum_t = jax.jit(lambda w, i, r: K.scatter_rows(w, i, r, n, transposed=True))(weights, idx, data)
+    transposed = jax.jit(lambda w, i, r: K.scatter_rows(w, i, r, n, transposed=True))
+    out_t, wsum_t = transposed(weights, idx, data)
     assert out_t.shape == (d, n)
     np.testing.assert_array_equal(np.asarray(out_t), np.asarray(out).T)
     np.testing.assert_array_equal(np.asarray(wsum_t), np.asarray(wsum))
@@ -165,7 +166,8 @@ MESH_CHECK = textwrap.dedent("""
     table = rng.normal(size=(N, D)).astype(np.float32)
     g = rng.normal(size=(B, D)).astype(np.float32)
 
-    def local(x, bias, table, g, interpret=None):  # x [B/4, N/2], bias [N/2], table [N/2, D], g [B/4, D]
+    def local(x, bias, table, g, interpret=None):
+        # x [B/4, N/2], bias [N/2], table [N/2, D], g [B/4, D]
         values, idx = K.top_k(x, k, bias, interpret=interpret)
         acts = jax.nn.relu(values)
         decoded = K.gather_rows(acts, idx, table, interpret=interpret)
@@ -177,7 +179,8 @@ MESH_CHECK = textwrap.dedent("""
 
     def sharded(check_vma, interpret=None):
         return jax.jit(jax.shard_map(
-            partial(local, interpret=interpret), mesh=mesh, in_specs=(P("data", "model"), P("model"), P("model", None), P("data", None)),
+            partial(local, interpret=interpret), mesh=mesh,
+            in_specs=(P("data", "model"), P("model"), P("model", None), P("data", None)),
             out_specs=(P("data", "model"),) * 4 + (P("model", None), P("model"), P(None, "model")),
             check_vma=check_vma))
 
