@@ -28,7 +28,8 @@ def dpo_change(base: MLPWeights, tuned: MLPWeights, top: int = 100) -> dict:
     """
     if base.shape_signature() != tuned.shape_signature():
         raise ArchitectureMismatch(
-            f"base {base.shape_signature()} and tuned {tuned.shape_signature()} differ")
+            f"base {base.shape_signature()} and tuned {tuned.shape_signature()} differ"
+        )
     selected = most_changed_neurons(base.w_in, tuned.w_in, top)
     summaries = {}
     for name, w in (("base", base), ("tuned", tuned)):
@@ -37,5 +38,10 @@ def dpo_change(base: MLPWeights, tuned: MLPWeights, top: int = 100) -> dict:
     b, t = summaries["base"]["normalised"], summaries["tuned"]["normalised"]
     with np.errstate(invalid="ignore", divide="ignore"):
         relative = (t - b) / np.abs(b)
-    return {"selected": selected, "base": summaries["base"], "tuned": summaries["tuned"],
-            "relative_change": relative, "relative_depth": relative_depth(base.n_layers)}
+    return {
+        "selected": selected,
+        "base": summaries["base"],
+        "tuned": summaries["tuned"],
+        "relative_change": relative,
+        "relative_depth": relative_depth(base.n_layers),
+    }

@@ -13,10 +13,12 @@ def have_matplotlib() -> bool:
     return True
 
 
-def plot_depth_curves(curves: dict, ylabel: str, title: str, path: str,
-                      zero_line: bool = True) -> str:
+def plot_depth_curves(
+    curves: dict, ylabel: str, title: str, path: str, zero_line: bool = True
+) -> str:
     """curves: {label: (relative_depth, values)}; written atomically as PNG (or by suffix)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -31,8 +31,12 @@ def layer_medians(p: np.ndarray) -> dict:
     median = np.median(p, axis=1)
     scale = float(np.max(np.median(np.abs(p), axis=1)))
     normalised = median / scale if scale > 0 else np.full_like(median, np.nan)
-    return {"median": median, "scale": scale, "normalised": normalised,
-            "relative_depth": relative_depth(p.shape[0])}
+    return {
+        "median": median,
+        "scale": scale,
+        "normalised": normalised,
+        "relative_depth": relative_depth(p.shape[0]),
+    }
 
 
 def neuron_extras(w: MLPWeights) -> dict:

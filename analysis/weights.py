@@ -38,8 +38,13 @@ class MLPWeights:
 
     def shape_signature(self) -> dict:
         """What must agree between a base model and its fine-tune."""
-        return {"arch": self.arch, "n_layers": self.n_layers, "d_model": self.d_model,
-                "d_mlp": self.d_mlp, "b_in": self.b_in is not None}
+        return {
+            "arch": self.arch,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "b_in": self.b_in is not None,
+        }
 
 
 def process_weights(raw: MLPWeights) -> MLPWeights:

@@ -27,8 +27,13 @@ from extract.packing import pack_contexts, token_stream
 
 def bare_forward(loaded, hooks, n_rows, context, batch_size):
     tok = loaded.tokenizer
-    contexts = pack_contexts(token_stream(open_corpus("builtin").documents(), tok), context,
-                             True, tok.bos_token_id, tok.pad_token_id or 0)
+    contexts = pack_contexts(
+        token_stream(open_corpus("builtin").documents(), tok),
+        context,
+        True,
+        tok.bos_token_id,
+        tok.pad_token_id or 0,
+    )
     rows_per_ctx = context - 1
     n_ctx = -(-n_rows // rows_per_ctx)
     batches, batch = [], []
@@ -60,16 +65,30 @@ def main():
     for _ in range(args.rounds):
         bare_s.append(bare_forward(loaded, args.hooks, args.tokens, args.context, args.batch_size))
         out = tempfile.mkdtemp()
-        cfg = ExtractConfig(out=out + "/s", model=args.model, hooks=args.hooks.split(","),
-                            tokens=args.tokens, context=args.context, batch_size=args.batch_size)
+        cfg = ExtractConfig(
+            out=out + "/s",
+            model=args.model,
+            hooks=args.hooks.split(","),
+            tokens=args.tokens,
+            context=args.context,
+            batch_size=args.batch_size,
+        )
         start = time.perf_counter()
         run_extract(cfg, progress=False, loaded=loaded)
         extract_s.append(time.perf_counter() - start)
         shutil.rmtree(out)
     ratio = statistics.median(b / e for b, e in zip(bare_s, extract_s))
-    print(json.dumps({"tokens": args.tokens, "bare_forward_tok_s": args.tokens / min(bare_s),
-                      "extract_tok_s": args.tokens / min(extract_s),
-                      "ratio_extract_to_bare": round(ratio, 3), "rounds": args.rounds}))
+    print(
+        json.dumps(
+            {
+                "tokens": args.tokens,
+                "bare_forward_tok_s": args.tokens / min(bare_s),
+                "extract_tok_s": args.tokens / min(extract_s),
+                "ratio_extract_to_bare": round(ratio, 3),
+                "rounds": args.rounds,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

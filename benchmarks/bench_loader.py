@@ -33,10 +33,14 @@ def load_module(path: str):
 
 def time_loader(module, store: str, batch: int, batches: int, block) -> dict:
     tokens_per_s, cpu_ms = bench_loader(store, StepShape("relu", 1, 1, batch), batches, module)
-    check_s = min(timeit.repeat(lambda: module.check_finite(block, 0, store), number=10,
-                                repeat=3)) / 10
-    return {"tokens_per_s": tokens_per_s, "cpu_ms_per_batch": cpu_ms,
-            "check_rows_per_s": len(block) / check_s}
+    check_s = (
+        min(timeit.repeat(lambda: module.check_finite(block, 0, store), number=10, repeat=3)) / 10
+    )
+    return {
+        "tokens_per_s": tokens_per_s,
+        "cpu_ms_per_batch": cpu_ms,
+        "check_rows_per_s": len(block) / check_s,
+    }
 
 
 def main() -> None:
@@ -54,30 +58,39 @@ def main() -> None:
         loaders["baseline"] = load_module(args.baseline)
     with tempfile.TemporaryDirectory(prefix="saejax-bench-loader-") as tmp:
         # the timed batches run three times over the store: its per-group work all counts
-        store = args.store or synthetic_store(os.path.join(tmp, "store"),
-                                              args.batch * (args.batches // 3 + 2), args.d_in)
+        store = args.store or synthetic_store(
+            os.path.join(tmp, "store"), args.batch * (args.batches // 3 + 2), args.d_in
+        )
         block = current.ArraySource(store).read(0, 8192)  # one read block, as the loader checks it
         runs = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, module in loaders.items():
                 runs[name].append(time_loader(module, store, args.batch, args.batches, block))
-    out = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
-           for name, rs in runs.items()}
+    out = {
+        name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+        for name, rs in runs.items()
+    }
     if args.baseline:
         out["cpu_ratio"] = out["baseline"]["cpu_ms_per_batch"] / out["current"]["cpu_ms_per_batch"]
         out["wall_ratio"] = out["current"]["tokens_per_s"] / out["baseline"]["tokens_per_s"]
-        out["check_ratio"] = out["current"]["check_rows_per_s"] / out["baseline"]["check_rows_per_s"]
+        out["check_ratio"] = (
+            out["current"]["check_rows_per_s"] / out["baseline"]["check_rows_per_s"]
+        )
     if args.json:
         print(json.dumps(out))
         return
     for name in loaders:
-        print(f"{name:<9} {out[name]['tokens_per_s']:>12,.0f} tok/s  "
-              f"{out[name]['cpu_ms_per_batch']:>7.2f} CPU ms per batch of {args.batch}  "
-              f"NaN/Inf check {out[name]['check_rows_per_s']:>12,.0f} rows/s")
+        print(
+            f"{name:<9} {out[name]['tokens_per_s']:>12,.0f} tok/s  "
+            f"{out[name]['cpu_ms_per_batch']:>7.2f} CPU ms per batch of {args.batch}  "
+            f"NaN/Inf check {out[name]['check_rows_per_s']:>12,.0f} rows/s"
+        )
     if args.baseline:
-        print(f"current / baseline: {out['wall_ratio']:.2f}× tokens/s, "
-              f"{out['cpu_ratio']:.2f}× less CPU per batch, {out['check_ratio']:.2f}× the check's "
-              f"rows/s")
+        print(
+            f"current / baseline: {out['wall_ratio']:.2f}× tokens/s, "
+            f"{out['cpu_ratio']:.2f}× less CPU per batch, {out['check_ratio']:.2f}× the check's "
+            f"rows/s"
+        )
 
 
 if __name__ == "__main__":

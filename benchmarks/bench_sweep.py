@@ -15,8 +15,8 @@ import tempfile
 import time
 
 from saejax.config import load_config, with_values
-from saejax.train.sweep import members_of, run_sweep
 from saejax.train.run import train
+from saejax.train.sweep import members_of, run_sweep
 
 
 def main():
@@ -28,9 +28,15 @@ def main():
     p.add_argument("--tokens", type=int, default=204800)
     p.add_argument("--batch", type=int, default=2048)
     args = p.parse_args()
-    sets = [f"data.path={args.store}", f"train.tokens={args.tokens}", f"train.batch_size={args.batch}",
-            f"sae.k={args.k}", "log.progress=false", "train.log_every=50",
-            "train.checkpoint_every=1000000"] + ([f"data.hook={args.hook}"] if args.hook else [])
+    sets = [
+        f"data.path={args.store}",
+        f"train.tokens={args.tokens}",
+        f"train.batch_size={args.batch}",
+        f"sae.k={args.k}",
+        "log.progress=false",
+        "train.log_every=50",
+        "train.checkpoint_every=1000000",
+    ] + ([f"data.hook={args.hook}"] if args.hook else [])
     grid = members_of("topk", [int(v) for v in args.d_sae.split(",")], [], [])
     tmp = tempfile.mkdtemp(prefix="saejax-bench-sweep-")
     try:
@@ -39,13 +45,18 @@ def main():
         lockstep = time.perf_counter() - t
         t = time.perf_counter()
         for name, extra in grid:
-            train(with_values(load_config(None, sets),
-                              {**extra, "run_dir": os.path.join(tmp, "alone", name)}))
+            train(
+                with_values(
+                    load_config(None, sets), {**extra, "run_dir": os.path.join(tmp, "alone", name)}
+                )
+            )
         separate = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{len(grid)} members, {args.tokens:,} tokens each: lockstep {lockstep:.1f} s, "
-          f"separate {separate:.1f} s, ratio {separate / lockstep:.2f}x")
+    print(
+        f"{len(grid)} members, {args.tokens:,} tokens each: lockstep {lockstep:.1f} s, "
+        f"separate {separate:.1f} s, ratio {separate / lockstep:.2f}x"
+    )
 
 
 if __name__ == "__main__":

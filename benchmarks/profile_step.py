@@ -1,4 +1,5 @@
-"""Where one training step's time goes: a jax.profiler trace of `saejax bench`'s step, summed per op.
+"""Where one training step's time goes: a jax.profiler trace of `saejax bench`'s step,
+summed per op.
 
     python benchmarks/profile_step.py --arch topk --d-sae 18432      # d_in 576, batch 4096
 
@@ -38,7 +39,9 @@ def main() -> None:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         seconds = timer.run(args.steps)
         jax.profiler.stop_trace()
-        trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+        trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[
+            -1
+        ]
         with gzip.open(trace) as f:
             events = json.load(f)["traceEvents"]
     total = collections.Counter()

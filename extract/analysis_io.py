@@ -51,15 +51,23 @@ def _block_parts(block, model_type: str):
     if model_type == "gptj":
         return "gptj", block.ln_1, False, mlp.fc_in, mlp.fc_out
     if model_type == "gpt_neox":  # both residual layouts: mlp(post_attention_layernorm(...))
-        return "gpt_neox", block.post_attention_layernorm, False, mlp.dense_h_to_4h, mlp.dense_4h_to_h
+        return (
+            "gpt_neox",
+            block.post_attention_layernorm,
+            False,
+            mlp.dense_h_to_4h,
+            mlp.dense_4h_to_h,
+        )
     if model_type in _LLAMA_TYPES:
         return "llama-style", block.post_attention_layernorm, False, mlp.up_proj, mlp.down_proj
     if model_type == "gemma":
         return "llama-style", block.post_attention_layernorm, True, mlp.up_proj, mlp.down_proj
     if model_type == "gemma2":
         return "llama-style", block.pre_feedforward_layernorm, True, mlp.up_proj, mlp.down_proj
-    raise SaejaxError(f"no MLP weight layout known for model type '{model_type}' (known: gpt2, "
-                      f"gpt_neo, gptj, gpt_neox, {', '.join(_LLAMA_TYPES)}, gemma, gemma2)")
+    raise SaejaxError(
+        f"no MLP weight layout known for model type '{model_type}' (known: gpt2, "
+        f"gpt_neo, gptj, gpt_neox, {', '.join(_LLAMA_TYPES)}, gemma, gemma2)"
+    )
 
 
 def mlp_weights(model) -> MLPWeights:
@@ -78,6 +86,7 @@ def mlp_weights(model) -> MLPWeights:
     def stack(key):
         values = layers[key]
         return None if any(v is None for v in values) else np.stack(values)
+
     return MLPWeights(arch=arch, **{k: stack(k) for k in layers})
 
 
@@ -102,7 +111,7 @@ def last_token_mlp_pre(loaded, prompts: list[str], progress: bool = False) -> np
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
             if len(ids) > limit:  # keep BOS and the end of the prompt
-                ids = ids[:1] + ids[len(ids) - limit + 1:]
+                ids = ids[:1] + ids[len(ids) - limit + 1 :]
             captured = capture.run(torch.tensor([ids]))
             for layer, p in enumerate(points):
                 vec = captured[p.name][0, -1].float().cpu().numpy()

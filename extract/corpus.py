@@ -13,15 +13,26 @@ import json
 import os
 import platform
 import sysconfig
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from saejax.errors import SaejaxError
 
 BUILTIN_CORPUS = "builtin"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
-              "__pycache__", "ensurepip", "turtledemo", "tkinter", "config-3.11-x86_64-linux-gnu"}
+_SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "__pycache__",
+    "ensurepip",
+    "turtledemo",
+    "tkinter",
+    "config-3.11-x86_64-linux-gnu",
+}
 
 
 @dataclass
@@ -49,7 +60,9 @@ def builtin_documents() -> Iterator[str]:
                 continue
             docs = []
             for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if isinstance(
+                    node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+                ):
                     doc = ast.get_docstring(node)
                     if doc and len(doc) >= 80:
                         docs.append(doc)
@@ -83,7 +96,9 @@ def _iter_parquet(path: str, text_column: str) -> Iterator[str]:
         raise SaejaxError("reading .parquet corpora needs pyarrow: pip install pyarrow") from None
     table = pq.ParquetFile(path)
     if text_column not in table.schema_arrow.names:
-        raise SaejaxError(f"{path}: no column '{text_column}' (columns: {table.schema_arrow.names})")
+        raise SaejaxError(
+            f"{path}: no column '{text_column}' (columns: {table.schema_arrow.names})"
+        )
     for batch in table.iter_batches(columns=[text_column]):
         yield from (str(t) for t in batch.column(0).to_pylist())
 
@@ -104,7 +119,8 @@ def _hf_documents(name: str, split: str, text_column: str) -> Iterator[str]:
     except ImportError:
         raise SaejaxError(
             f"corpus '{name}' is neither a local file nor the built-in corpus; Hugging Face "
-            "datasets need the `datasets` package (pip install datasets)") from None
+            "datasets need the `datasets` package (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:  # noqa: BLE001 - the hub raises many types
@@ -126,18 +142,26 @@ def open_corpus(spec: str, split: str = "train", text_column: str = "text") -> C
         files = []
         for p in parts:
             if os.path.isdir(p):
-                found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(TEXT_SUFFIXES))
+                found = sorted(
+                    os.path.join(p, f) for f in os.listdir(p) if f.endswith(TEXT_SUFFIXES)
+                )
                 if not found:
                     raise SaejaxError(f"corpus directory {p} has no .txt/.jsonl/.parquet files")
                 files.extend(found)
             elif p.endswith(TEXT_SUFFIXES):
                 files.append(p)
             else:
-                raise SaejaxError(f"corpus file {p}: unsupported type (use .txt, .jsonl or .parquet)")
-        return Corpus(f"files: {','.join(os.path.abspath(p) for p in parts)}",
-                      lambda: _file_documents(files, text_column))
+                raise SaejaxError(
+                    f"corpus file {p}: unsupported type (use .txt, .jsonl or .parquet)"
+                )
+        return Corpus(
+            f"files: {','.join(os.path.abspath(p) for p in parts)}",
+            lambda: _file_documents(files, text_column),
+        )
     if looks_local:
         missing = next(p for p in parts if not os.path.exists(p))
         raise SaejaxError(f"corpus file not found: {missing}")
-    return Corpus(f"hf: {spec} split={split} column={text_column}",
-                  lambda: _hf_documents(spec, split, text_column))
+    return Corpus(
+        f"hf: {spec} split={split} column={text_column}",
+        lambda: _hf_documents(spec, split, text_column),
+    )

@@ -16,8 +16,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -29,8 +29,19 @@ from saejax import store as st
 from saejax.errors import SaejaxError
 
 # Fields that define a store: a resumed run must agree on all of them.
-IDENTITY_KEYS = ("format_version", "model", "revision", "hooks", "hook_d_in", "dtype",
-                 "context_size", "prepend_bos", "bos_dropped", "corpus", "chunk_rows")
+IDENTITY_KEYS = (
+    "format_version",
+    "model",
+    "revision",
+    "hooks",
+    "hook_d_in",
+    "dtype",
+    "context_size",
+    "prepend_bos",
+    "bos_dropped",
+    "corpus",
+    "chunk_rows",
+)
 
 
 @dataclass
@@ -81,19 +92,34 @@ def _validate_cheap(cfg: ExtractConfig) -> None:
     _check_output_path(cfg.out)
 
 
-def _identity(cfg: ExtractConfig, loaded, hook_d_in: dict, chunk_rows: int, corpus_desc: str) -> dict:
+def _identity(
+    cfg: ExtractConfig, loaded, hook_d_in: dict, chunk_rows: int, corpus_desc: str
+) -> dict:
     """The new store's meta; its IDENTITY_KEYS must match to resume or grow a store."""
-    return st.new_meta(loaded.model_id, hook_d_in, cfg.dtype,
-                       cfg.context, chunk_rows, revision=cfg.revision, prepend_bos=cfg.prepend_bos,
-                       bos_dropped=cfg.prepend_bos and not cfg.keep_bos, corpus=corpus_desc)
+    return st.new_meta(
+        loaded.model_id,
+        hook_d_in,
+        cfg.dtype,
+        cfg.context,
+        chunk_rows,
+        revision=cfg.revision,
+        prepend_bos=cfg.prepend_bos,
+        bos_dropped=cfg.prepend_bos and not cfg.keep_bos,
+        corpus=corpus_desc,
+    )
 
 
 def _check_compatible(path: str, existing: dict, wanted: dict) -> None:
-    diffs = [f"{k}: store has {existing.get(k)!r}, this run asks {wanted[k]!r}"
-             for k in IDENTITY_KEYS if existing.get(k) != wanted[k]]
+    diffs = [
+        f"{k}: store has {existing.get(k)!r}, this run asks {wanted[k]!r}"
+        for k in IDENTITY_KEYS
+        if existing.get(k) != wanted[k]
+    ]
     if diffs:
-        raise SaejaxError(f"store {path} was made with another configuration ({'; '.join(diffs)}); "
-                          "use a new --out or delete the old store")
+        raise SaejaxError(
+            f"store {path} was made with another configuration ({'; '.join(diffs)}); "
+            "use a new --out or delete the old store"
+        )
 
 
 def _same_request(recorded: dict | None, cfg: ExtractConfig) -> bool:
@@ -138,8 +164,12 @@ class _ChunkCommitter:
             self.advance(block=True)
 
 
-def run_extract(cfg: ExtractConfig, progress: bool = True,
-                on_chunk: Callable[[int], None] | None = None, loaded=None) -> dict:
+def run_extract(
+    cfg: ExtractConfig,
+    progress: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
+    loaded=None,
+) -> dict:
     """Extract (or resume extracting) activations into `cfg.out`; returns the final meta.
 
     `loaded` (a LoadedModel for `cfg.model`) skips loading the model again.
@@ -148,8 +178,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
 
     _validate_cheap(cfg)
     done = st.read_meta(cfg.out)
-    if done and done.get("complete") and _same_request(done.get("extract_config"), cfg) and (
-            done["n_tokens"] >= cfg.tokens or done.get("corpus_exhausted")):
+    if (
+        done
+        and done.get("complete")
+        and _same_request(done.get("extract_config"), cfg)
+        and (done["n_tokens"] >= cfg.tokens or done.get("corpus_exhausted"))
+    ):
         return done  # already finished with these arguments: no need to load the model
     corpus = open_corpus(cfg.corpus, cfg.split, cfg.text_column)
     loaded = loaded or load_model(cfg.model, cfg.revision, cfg.trust_remote_code)
@@ -157,8 +191,10 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
     points = parse_hooks(cfg.hooks)
     validate_hooks(points, model)
     if loaded.max_context is not None and cfg.context > loaded.max_context:
-        raise SaejaxError(f"--context {cfg.context} is longer than the model allows "
-                          f"({loaded.max_context} positions)")
+        raise SaejaxError(
+            f"--context {cfg.context} is longer than the model allows "
+            f"({loaded.max_context} positions)"
+        )
     if cfg.prepend_bos and tok.bos_token_id is None:
         raise SaejaxError("the tokenizer has no BOS token; pass --no-prepend-bos")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -167,12 +203,18 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
     item = np.dtype(st.DTYPES[cfg.dtype]).itemsize
     drop_bos = cfg.prepend_bos and not cfg.keep_bos
     rows_per_ctx = cfg.context - (1 if drop_bos else 0)
-    chunk_rows = st.rows_per_chunk(rows_per_ctx, int(cfg.chunk_mib * 2**20),
-                                   max(hook_d_in.values()) * item)
+    chunk_rows = st.rows_per_chunk(
+        rows_per_ctx, int(cfg.chunk_mib * 2**20), max(hook_d_in.values()) * item
+    )
     identity = _identity(cfg, loaded, hook_d_in, chunk_rows, corpus.description)
 
-    contexts = pack_contexts(token_stream(corpus.documents(), tok), cfg.context,
-                             cfg.prepend_bos, tok.bos_token_id, pad_id)
+    contexts = pack_contexts(
+        token_stream(corpus.documents(), tok),
+        cfg.context,
+        cfg.prepend_bos,
+        tok.bos_token_id,
+        pad_id,
+    )
     first = next(contexts, None)
     if first is None:
         raise SaejaxError(f"corpus '{cfg.corpus}' contains no text to extract")
@@ -182,7 +224,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
     if existing is not None:
         _check_compatible(cfg.out, existing, identity)
         meta = existing
-        if meta["n_tokens"] >= cfg.tokens or (meta.get("complete") and meta.get("corpus_exhausted")):
+        if meta["n_tokens"] >= cfg.tokens or (
+            meta.get("complete") and meta.get("corpus_exhausted")
+        ):
             return meta
         meta["target_tokens"] = cfg.tokens
         meta["complete"] = False
@@ -191,12 +235,19 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
             os.makedirs(cfg.out, exist_ok=True) if not st.is_remote(cfg.out) else None
         except OSError as e:
             raise SaejaxError(f"output {cfg.out} cannot be created: {e.strerror}") from None
-        meta = {**identity, "target_tokens": cfg.tokens, "complete": False,
-                "tokenizer": loaded.model_id,
-                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                "pad_token_id": pad_id, "vocab_size": int(model.config.vocab_size),
-                "norm_sum": {h: 0.0 for h in cfg.hooks}, "mean_norm": {h: 0.0 for h in cfg.hooks},
-                "extract_config": asdict(cfg)}
+        meta = {
+            **identity,
+            "target_tokens": cfg.tokens,
+            "complete": False,
+            "tokenizer": loaded.model_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": pad_id,
+            "vocab_size": int(model.config.vocab_size),
+            "norm_sum": {h: 0.0 for h in cfg.hooks},
+            "mean_norm": {h: 0.0 for h in cfg.hooks},
+            "extract_config": asdict(cfg),
+        }
         st.write_meta(cfg.out, meta)  # meta first: a crash after this leaves a resumable store
 
     capacity = math.ceil(cfg.tokens / chunk_rows) * chunk_rows
@@ -212,9 +263,17 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.tokens, initial=start_row, unit="tok", unit_scale=True,
-                   desc="extract", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15)
+
+        bar = tqdm(
+            total=cfg.tokens,
+            initial=start_row,
+            unit="tok",
+            unit_scale=True,
+            desc="extract",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 15,
+        )
 
     buffers = {h: [] for h in cfg.hooks}
     buf_tokens, buf_doc = [], []
@@ -230,12 +289,14 @@ def run_extract(cfg: ExtractConfig, progress: bool = True,
             block = np.concatenate(buffers[h])
             chunk, rest = block[:n_rows], block[n_rows:]
             buffers[h] = [rest] if len(rest) else []
-            futures.append(arrays[h][next_row:next_row + n_rows].write(chunk).commit)
-            norm_sums[h] = float(np.linalg.norm(chunk.astype(np.float32), axis=1).astype(np.float64).sum())
-        for arr, bufs, width in ((tokens_arr, buf_tokens, None), (doc_arr, buf_doc, 2)):
+            futures.append(arrays[h][next_row : next_row + n_rows].write(chunk).commit)
+            norm_sums[h] = float(
+                np.linalg.norm(chunk.astype(np.float32), axis=1).astype(np.float64).sum()
+            )
+        for arr, bufs in ((tokens_arr, buf_tokens), (doc_arr, buf_doc)):
             block = np.concatenate(bufs)
             bufs[:] = [block[n_rows:]] if len(block) > n_rows else []
-            futures.append(arr[next_row:next_row + n_rows].write(block[:n_rows]).commit)
+            futures.append(arr[next_row : next_row + n_rows].write(block[:n_rows]).commit)
         next_row += n_rows
         buffered -= n_rows
         committer.submit(next_row, futures, norm_sums)

@@ -25,9 +25,15 @@ from dataclasses import dataclass
 from saejax.errors import SaejaxError
 
 _HOOK_RE = re.compile(
-    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_pre)$")
-_BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
-                "transformer.layers")
+    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|mlp\.hook_pre)$"
+)
+_BLOCK_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Layout:
     In OPT-350m's post-norm blocks the two outputs are still the terms added to the residual,
     before the norm that follows each sum.
     """
+
     blocks: str
     attn_out: str
     mlp_out: str
@@ -60,8 +67,9 @@ LAYOUTS = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "gemma": _LLAMA,
-    "gemma2": Layout("model.layers", "post_attention_layernorm", "post_feedforward_layernorm",
-                     "mlp.gate_proj"),
+    "gemma2": Layout(
+        "model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "mlp.gate_proj"
+    ),
     "phi3": Layout("model.layers", "self_attn", "mlp", "mlp.gate_up_proj", gate_half=True),
     "opt": Layout("model.decoder.layers", "self_attn", "fc2", "fc1", flat_rows=True),
     "falcon": Layout("transformer.h", "self_attention", "mlp", "mlp.dense_h_to_4h"),
@@ -76,9 +84,11 @@ def layout_of(model, point: HookPoint) -> Layout:
     """The family's layout, or one SaejaxError line naming the model type and the hook."""
     kind = model_type(model)
     if kind not in LAYOUTS:
-        raise SaejaxError(f"hook {point.name}: model type '{kind}' has no known hook layout, "
-                          f"so it is refused rather than extracted from a guessed module "
-                          f"(known: {', '.join(sorted(LAYOUTS))})")
+        raise SaejaxError(
+            f"hook {point.name}: model type '{kind}' has no known hook layout, "
+            f"so it is refused rather than extracted from a guessed module "
+            f"(known: {', '.join(sorted(LAYOUTS))})"
+        )
     return LAYOUTS[kind]
 
 
@@ -99,8 +109,9 @@ def parse_hooks(spec: str | list[str]) -> list[HookPoint]:
         if not match:
             raise SaejaxError(
                 f"unknown hook name '{name}'; expected blocks.L.hook_resid_pre, hook_resid_post, "
-                "hook_attn_out, hook_mlp_out or blocks.L.mlp.hook_pre")
-        kind = {"mlp.hook_pre": "mlp_pre"}.get(match.group(2), match.group(2)[len("hook_"):])
+                "hook_attn_out, hook_mlp_out or blocks.L.mlp.hook_pre"
+            )
+        kind = {"mlp.hook_pre": "mlp_pre"}.get(match.group(2), match.group(2)[len("hook_") :])
         points.append(HookPoint(name, int(match.group(1)), kind))
     if len({p.name for p in points}) != len(points):
         raise SaejaxError(f"hook listed twice in {names}")
@@ -123,8 +134,10 @@ def find_blocks(model):
         blocks = _get_path(model, path)
         if blocks is not None and hasattr(blocks, "__len__"):
             return blocks
-    raise SaejaxError(f"cannot find the transformer blocks of {type(model).__name__}; "
-                      f"known layouts: {', '.join(_BLOCK_PATHS)}")
+    raise SaejaxError(
+        f"cannot find the transformer blocks of {type(model).__name__}; "
+        f"known layouts: {', '.join(_BLOCK_PATHS)}"
+    )
 
 
 def _first(output):
@@ -149,8 +162,10 @@ class _Site:
             path = getattr(layout, point.kind)
             self.module = _get_path(self.block, path)
             if self.module is None:
-                raise SaejaxError(f"hook {point.name}: {type(self.block).__name__} has no "
-                                  f"'{path}' module, which the '{model_type(model)}' layout expects")
+                raise SaejaxError(
+                    f"hook {point.name}: {type(self.block).__name__} has no "
+                    f"'{path}' module, which the '{model_type(model)}' layout expects"
+                )
         self.gate_half = layout.gate_half and point.kind == "mlp_pre"
         self.flat_rows = layout.flat_rows and point.kind in ("mlp_pre", "mlp_out")
         self.rows_shape = None  # (batch, positions) of the running forward, for flat rows
@@ -159,15 +174,21 @@ class _Site:
         """Register `pre(args, kwargs)` (resid_pre) or `post(output)` hooks; returns handles."""
         handles = []
         if self.flat_rows:
+
             def shape(module, args, kwargs):
                 self.rows_shape = tuple(_block_input(args, kwargs).shape[:-1])
+
             handles.append(self.block.register_forward_pre_hook(shape, with_kwargs=True))
         if self.point.kind == "resid_pre":
-            handles.append(self.block.register_forward_pre_hook(
-                lambda module, args, kwargs: pre(args, kwargs), with_kwargs=True))
+            handles.append(
+                self.block.register_forward_pre_hook(
+                    lambda module, args, kwargs: pre(args, kwargs), with_kwargs=True
+                )
+            )
         else:
-            handles.append(self.module.register_forward_hook(
-                lambda module, args, output: post(output)))
+            handles.append(
+                self.module.register_forward_hook(lambda module, args, output: post(output))
+            )
         return handles
 
     def read(self, output):
@@ -184,7 +205,8 @@ class _Site:
             new = new.reshape(*x.shape[:-1], new.shape[-1])
         if self.gate_half:
             import torch
-            new = torch.cat([new, x[..., x.shape[-1] // 2:]], dim=-1)
+
+            new = torch.cat([new, x[..., x.shape[-1] // 2 :]], dim=-1)
         # a copy: Falcon adds attention into the MLP output in place after this hook
         new = new.clone()
         return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -195,8 +217,10 @@ def validate_hooks(points: list[HookPoint], model) -> None:
     n_layers = len(find_blocks(model))
     for p in points:
         if p.layer >= n_layers:
-            raise SaejaxError(f"hook {p.name}: layer {p.layer} is out of range; "
-                              f"the model has layers 0..{n_layers - 1}")
+            raise SaejaxError(
+                f"hook {p.name}: layer {p.layer} is out of range; "
+                f"the model has layers 0..{n_layers - 1}"
+            )
         _Site(model, p)
 
 
@@ -232,11 +256,13 @@ class Capture:
     def __enter__(self):
         sites = [_Site(self.model, p) for p in self.points]  # refuse before hooking anything
         for site in sites:
+
             def pre(args, kwargs, name=site.point.name):
                 self.captured[name] = _block_input(args, kwargs).detach().clone()
 
             def post(output, name=site.point.name, site=site):
                 self.captured[name] = site.read(output).detach().clone()
+
             self._handles += site.attach(pre=pre, post=post)
         if self.stop_early:
             self._add_stop(find_blocks(self.model))
@@ -248,6 +274,7 @@ class Capture:
 
         def stop(*_args, **_kwargs):
             raise StopForward
+
         if only_pre:
             self._handles.append(blocks[deepest].register_forward_pre_hook(stop))
         else:
@@ -294,6 +321,7 @@ class Splice:
 
         def post(output):
             return site.write(output, self.replace(site.read(output)))
+
         self._handles = site.attach(pre=pre, post=post)
         return self
 

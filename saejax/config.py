@@ -37,6 +37,7 @@ class DataConfig:
 @dataclass
 class ResampleConfig:
     """Anthropic's dead-latent resampling (Towards Monosemanticity)."""
+
     enabled: bool | None = None  # default: on for relu, off for the others (they use AuxK)
     every_steps: int = 2500  # resample at these multiples of steps ...
     steps: list[int] = field(default_factory=list)  # ... or exactly at these steps
@@ -146,7 +147,9 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise SaejaxError(f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})")
+            raise SaejaxError(
+                f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})"
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -182,7 +185,9 @@ def parse_override(text: str) -> dict:
 def validate(cfg: RunConfig) -> RunConfig:
     s, t = cfg.sae, cfg.train
     if s.architecture not in ARCHITECTURES:
-        raise SaejaxError(f"unknown sae.architecture '{s.architecture}'; choose {', '.join(ARCHITECTURES)}")
+        raise SaejaxError(
+            f"unknown sae.architecture '{s.architecture}'; choose {', '.join(ARCHITECTURES)}"
+        )
     if s.d_sae <= 0:
         raise SaejaxError(f"sae.d_sae must be positive, got {s.d_sae}")
     if s.topk_kernel not in ("sparse", "dense"):
@@ -190,11 +195,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     if s.architecture in ("topk", "batchtopk") and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
     if s.b_dec_init not in ("geometric_median", "mean", "zeros"):
-        raise SaejaxError(f"sae.b_dec_init must be geometric_median, mean or zeros, got {s.b_dec_init!r}")
+        raise SaejaxError(
+            f"sae.b_dec_init must be geometric_median, mean or zeros, got {s.b_dec_init!r}"
+        )
     if s.dtype not in ("float32", "bfloat16"):
         raise SaejaxError(f"sae.dtype must be float32 or bfloat16, got {s.dtype!r}")
     if t.lr_schedule not in ("constant", "cosine", "linear"):
-        raise SaejaxError(f"train.lr_schedule must be constant, cosine or linear, got {t.lr_schedule!r}")
+        raise SaejaxError(
+            f"train.lr_schedule must be constant, cosine or linear, got {t.lr_schedule!r}"
+        )
     for name in ("tokens", "batch_size", "log_every", "checkpoint_every"):
         if getattr(t, name) <= 0:
             raise SaejaxError(f"train.{name} must be positive, got {getattr(t, name)}")
@@ -205,14 +214,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.mesh.distributed not in ("off", "auto"):
         raise SaejaxError(f"unknown mesh.distributed '{cfg.mesh.distributed}'; choose off or auto")
     if cfg.data.slices < 0 or (cfg.data.slices and cfg.train.batch_size % cfg.data.slices):
-        raise SaejaxError(f"data.slices {cfg.data.slices} must divide train.batch_size "
-                          f"{cfg.train.batch_size}")
+        raise SaejaxError(
+            f"data.slices {cfg.data.slices} must divide train.batch_size {cfg.train.batch_size}"
+        )
     if cfg.train.batch_size % (cfg.mesh.data * cfg.mesh.model):
-        raise SaejaxError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
-                          f"{cfg.mesh.data * cfg.mesh.model} devices of the mesh (input rows are "
-                          "split over all of them)")
+        raise SaejaxError(
+            f"train.batch_size {cfg.train.batch_size} is not divisible by the "
+            f"{cfg.mesh.data * cfg.mesh.model} devices of the mesh (input rows are "
+            "split over all of them)"
+        )
     if cfg.sae.d_sae % cfg.mesh.model:
-        raise SaejaxError(f"sae.d_sae {cfg.sae.d_sae} is not divisible by mesh.model {cfg.mesh.model}")
+        raise SaejaxError(
+            f"sae.d_sae {cfg.sae.d_sae} is not divisible by mesh.model {cfg.mesh.model}"
+        )
     if not cfg.data.path:
         raise SaejaxError("data.path is not set (a store directory or a .npy file)")
     return cfg
@@ -227,7 +241,9 @@ def load_config(path: str | None, overrides: list[str] = (), check: bool = True)
         except FileNotFoundError:
             raise SaejaxError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
-            raise SaejaxError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise SaejaxError(
+                f"config {path} is not valid YAML: {str(e).splitlines()[0]}"
+            ) from None
         if not isinstance(values, dict):
             raise SaejaxError(f"config {path} must be a mapping at the top level")
         _apply(cfg, values)

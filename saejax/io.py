@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -64,8 +64,9 @@ def json_text(obj, indent: int | None = 2, sort_keys: bool = False) -> str:
     return json.dumps(jsonable(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
 
 
-def write_json(path: str, obj, indent: int | None = 2, sort_keys: bool = False,
-               fsync: bool = False) -> None:
+def write_json(
+    path: str, obj, indent: int | None = 2, sort_keys: bool = False, fsync: bool = False
+) -> None:
     write_text(path, json_text(obj, indent, sort_keys) + "\n", fsync=fsync)
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -41,7 +41,7 @@ def kvstore_spec(path: str) -> dict:
     """The TensorStore kvstore spec for a local directory or a bucket prefix."""
     for scheme, driver in (("gs://", "gcs"), ("s3://", "s3")):
         if path.startswith(scheme):
-            bucket, _, prefix = path[len(scheme):].partition("/")
+            bucket, _, prefix = path[len(scheme) :].partition("/")
             return {"driver": driver, "bucket": bucket, "path": prefix.rstrip("/") + "/"}
     return {"driver": "file", "path": os.path.abspath(path) + "/"}
 
@@ -92,8 +92,10 @@ def create_array(path: str, name: str, shape: list[int], chunk_shape: list[int],
         existing = None
     if existing is not None:
         if list(existing.shape[1:]) != list(shape[1:]) or existing.dtype.name != dtype:
-            raise SaejaxError(f"store {path}: array '{name}' has shape {list(existing.shape)} "
-                              f"{existing.dtype.name}, expected [*, {shape[1:]}] {dtype}")
+            raise SaejaxError(
+                f"store {path}: array '{name}' has shape {list(existing.shape)} "
+                f"{existing.dtype.name}, expected [*, {shape[1:]}] {dtype}"
+            )
         if existing.shape[0] < shape[0]:
             existing = existing.resize(exclusive_max=shape, expand_only=True).result()
         return existing
@@ -109,23 +111,36 @@ def create_array(path: str, name: str, shape: list[int], chunk_shape: list[int],
     return ts.open(spec, create=True, open=True).result()
 
 
-def new_meta(model: str, hook_d_in: dict[str, int], dtype: str, context_size: int,
-             chunk_rows: int, **fields) -> dict:
+def new_meta(
+    model: str, hook_d_in: dict[str, int], dtype: str, context_size: int, chunk_rows: int, **fields
+) -> dict:
     """meta.json of a new, empty store (every writer of stores builds it here). `fields` adds
     what the writer knows besides: revision, corpus, BOS handling, tokenizer ids, ..."""
     hooks = list(hook_d_in)
-    return {"format_version": STORE_FORMAT_VERSION, "model": model, "hooks": hooks,
-            "hook_d_in": dict(hook_d_in), "d_in": int(hook_d_in[hooks[0]]), "dtype": dtype,
-            "context_size": context_size, "chunk_rows": chunk_rows, "prepend_bos": False,
-            "bos_dropped": False, "n_tokens": 0, **fields}
+    return {
+        "format_version": STORE_FORMAT_VERSION,
+        "model": model,
+        "hooks": hooks,
+        "hook_d_in": dict(hook_d_in),
+        "d_in": int(hook_d_in[hooks[0]]),
+        "dtype": dtype,
+        "context_size": context_size,
+        "chunk_rows": chunk_rows,
+        "prepend_bos": False,
+        "bos_dropped": False,
+        "n_tokens": 0,
+        **fields,
+    }
 
 
 def create_arrays(path: str, meta: dict, capacity: int):
     """({hook: acts array}, tokens, doc): the store's arrays with room for `capacity` rows,
     created or reopened and grown (extraction resumes and grows stores through this)."""
     chunk = int(meta["chunk_rows"])
-    acts = {hook: create_array(path, hook_array_name(hook), [capacity, d], [chunk, d], meta["dtype"])
-            for hook, d in meta["hook_d_in"].items()}
+    acts = {
+        hook: create_array(path, hook_array_name(hook), [capacity, d], [chunk, d], meta["dtype"])
+        for hook, d in meta["hook_d_in"].items()
+    }
     tokens = create_array(path, "tokens", [capacity], [chunk], "int32")
     doc = create_array(path, "doc", [capacity, 2], [chunk, 2], "int32")
     return acts, tokens, doc
@@ -143,8 +158,12 @@ def hook_array_name(hook: str) -> str:
 
 
 # Exponent bits of each float format: a value is NaN or Inf exactly when they are all set.
-_EXPONENT_MASKS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00),
-                   "float32": (np.uint32, 0x7F800000), "float64": (np.uint64, 0x7FF0000000000000)}
+_EXPONENT_MASKS = {
+    "bfloat16": (np.uint16, 0x7F80),
+    "float16": (np.uint16, 0x7C00),
+    "float32": (np.uint32, 0x7F800000),
+    "float64": (np.uint64, 0x7FF0000000000000),
+}
 
 
 def nonfinite_rows(rows: np.ndarray) -> np.ndarray:
@@ -166,7 +185,9 @@ def check_finite(rows: np.ndarray, first_row, path: str) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         bad_row = int(first_row[i]) if isinstance(first_row, np.ndarray) else first_row + i
-        raise SaejaxError(f"row {bad_row} of {path} contains NaN or Inf; fix or re-extract the data")
+        raise SaejaxError(
+            f"row {bad_row} of {path} contains NaN or Inf; fix or re-extract the data"
+        )
 
 
 @dataclass
@@ -191,7 +212,7 @@ class ActivationStore:
         self._doc = None
 
     @classmethod
-    def open(cls, path: str) -> "ActivationStore":
+    def open(cls, path: str) -> ActivationStore:
         path = str(path)
         if not is_remote(path) and not os.path.isdir(path):
             raise SaejaxError(f"no activation store at {path} (not a directory)")
@@ -249,7 +270,8 @@ class ActivationStore:
             if arr.shape[0] < len(self) or arr.shape[1] != self.d_in_of(hook):
                 raise SaejaxError(
                     f"store {self.path}: acts/{hook} has shape {list(arr.shape)} but meta.json "
-                    f"counts {len(self)} rows of width {self.d_in_of(hook)}; the store is corrupt")
+                    f"counts {len(self)} rows of width {self.d_in_of(hook)}; the store is corrupt"
+                )
             self._acts[hook] = arr
         return self._acts[hook]
 
@@ -278,8 +300,13 @@ class ActivationStore:
         out[order] = self.acts_array(hook)[sorted_rows].read().result()
         return out
 
-    def iter_chunks(self, chunk_rows: int | None = None, hook: str | None = None,
-                    start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_chunks(
+        self,
+        chunk_rows: int | None = None,
+        hook: str | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """(first_row, rows) over [start, stop) in chunks, reading one chunk ahead."""
         chunk_rows = chunk_rows or self.chunk_rows
         stop = len(self) if stop is None else stop
@@ -354,14 +381,18 @@ class ActivationStore:
 def describe(store: ActivationStore) -> str:
     """Human-readable summary for `saejax store info`."""
     m = store.meta
-    size = len(store) * np.dtype(DTYPES[store.dtype]).itemsize * sum(
-        store.d_in_of(h) for h in store.hooks)
+    size = (
+        len(store)
+        * np.dtype(DTYPES[store.dtype]).itemsize
+        * sum(store.d_in_of(h) for h in store.hooks)
+    )
     lines = [
         f"store        {store.path}",
         f"model        {m.get('model')} (revision {m.get('revision') or '-'})",
         f"hooks        {', '.join(store.hooks)}",
         f"rows         {len(store):,} complete (target {m.get('target_tokens', '?'):,})"
-        if isinstance(m.get("target_tokens"), int) else f"rows         {len(store):,}",
+        if isinstance(m.get("target_tokens"), int)
+        else f"rows         {len(store):,}",
         f"d_in         {store.d_in}   dtype {store.dtype}   size {size / 2**20:,.1f} MiB",
         f"context      {m.get('context_size')} tokens, prepend_bos={m.get('prepend_bos')}, "
         f"bos rows dropped={m.get('bos_dropped')}",

@@ -3,6 +3,7 @@
 # then run one of:
 #   scripts/run.sh demo [saejax demo options]   the whole flow on the built-in defaults
 #   scripts/run.sh test [pytest options]        the test suite
+#   scripts/run.sh lint                         ruff check and ruff format --check
 #   scripts/run.sh saejax ARGS...               any saejax command
 # Needs only python3 (3.11+) with venv and pip. SAEJAX_VENV picks the environment's folder;
 # SAEJAX_TORCH the torch requirement (default: the CPU build torch==2.13.0).
@@ -29,6 +30,7 @@ shift || true
 case "$what" in
   demo) exec "$venv/bin/saejax" demo "$@" ;;
   test) exec "$py" -m pytest "$@" ;;
+  lint) "$venv/bin/ruff" check . && exec "$venv/bin/ruff" format --check . ;;
   saejax) exec "$venv/bin/saejax" "$@" ;;
-  *) echo "usage: scripts/run.sh demo|test|saejax [args...]" >&2; exit 2 ;;
+  *) echo "usage: scripts/run.sh demo|test|lint|saejax [args...]" >&2; exit 2 ;;
 esac

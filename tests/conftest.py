@@ -4,7 +4,6 @@ themselves live in helpers.py."""
 import os
 
 import pytest
-
 from helpers import CORPUS_TEXT, build_tiny_model, trained_tiny_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +24,7 @@ def tiny_gpt2(tmp_path_factory):
 def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     import json
+
     with open(path, "w") as f:
         for text in CORPUS_TEXT:
             f.write(json.dumps({"text": text}) + "\n")

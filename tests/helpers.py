@@ -23,10 +23,21 @@ def mean_max_cosine(true_directions, W_dec) -> float:
 
 
 def small_config(data_path: str, run_dir: str, *overrides: str):
-    base = [f"data.path={data_path}", f"run_dir={run_dir}", "sae.d_sae=64", "sae.k=4",
-            "train.tokens=16384", "train.batch_size=256", "train.log_every=8",
-            "train.checkpoint_every=16", "data.validation_tokens=1024", "data.block_rows=512",
-            "data.shuffle_blocks=4", "log.progress=false", "sae.dead_tokens=2048"]
+    base = [
+        f"data.path={data_path}",
+        f"run_dir={run_dir}",
+        "sae.d_sae=64",
+        "sae.k=4",
+        "train.tokens=16384",
+        "train.batch_size=256",
+        "train.log_every=8",
+        "train.checkpoint_every=16",
+        "data.validation_tokens=1024",
+        "data.block_rows=512",
+        "data.shuffle_blocks=4",
+        "log.progress=false",
+        "sae.dead_tokens=2048",
+    ]
     return load_config(None, base + list(overrides))
 
 
@@ -36,13 +47,23 @@ def make_store(path, rows, context=8):
 
     n, d = rows.shape
     os.makedirs(path)
-    meta = st.new_meta("synthetic", {"h": d}, "float32", context, 16, n_tokens=n, vocab_size=100,
-                       mean_norm={"h": float(np.linalg.norm(rows, axis=1).mean())})
+    meta = st.new_meta(
+        "synthetic",
+        {"h": d},
+        "float32",
+        context,
+        16,
+        n_tokens=n,
+        vocab_size=100,
+        mean_norm={"h": float(np.linalg.norm(rows, axis=1).mean())},
+    )
     st.write_meta(path, meta)
     acts, tokens, doc = st.create_arrays(path, meta, n)
     acts["h"][...].write(rows).result()
     tokens[...].write((np.arange(n) % 100).astype(np.int32)).result()
-    doc[...].write(np.stack([np.arange(n) // context, np.arange(n) % context], 1).astype(np.int32)).result()
+    doc[...].write(
+        np.stack([np.arange(n) // context, np.arange(n) % context], 1).astype(np.int32)
+    ).result()
     return st.ActivationStore.open(path)
 
 
@@ -55,17 +76,25 @@ CORPUS_TEXT = [
 
 
 def _tokenizer(directory: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>", "<pad>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<bos>", "<eos>", "<pad>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS_TEXT, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     fast.save_pretrained(directory)
     return fast
 
@@ -73,29 +102,66 @@ def _tokenizer(directory: str):
 def build_tiny_model(directory: str, arch: str):
     """Save a tiny randomly initialised `arch` model and its tokenizer to `directory`."""
     import torch
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM,
-                              GPTNeoConfig, GPTNeoForCausalLM, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        GPTJForCausalLM,
+        GPTNeoConfig,
+        GPTNeoForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     tok = _tokenizer(directory)
     vocab = len(tok)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=128,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=4,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         model = GPT2LMHeadModel(cfg)
     elif arch == "gpt_neo":
-        cfg = GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=4, num_heads=4,
-                           attention_types=[[["global", "local"], 2]], max_position_embeddings=128,
-                           window_size=16, intermediate_size=64)
+        cfg = GPTNeoConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_layers=4,
+            num_heads=4,
+            attention_types=[[["global", "local"], 2]],
+            max_position_embeddings=128,
+            window_size=16,
+            intermediate_size=64,
+        )
         model = GPTNeoForCausalLM(cfg)
     elif arch == "gptj":
-        cfg = GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=128,
-                         rotary_dim=4, n_inner=64)
+        cfg = GPTJConfig(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=4,
+            n_head=4,
+            n_positions=128,
+            rotary_dim=4,
+            n_inner=64,
+        )
         model = GPTJForCausalLM(cfg)
     else:
         raise ValueError(arch)

@@ -20,8 +20,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("saejax", "extract", "analysis")
 
-TRAIN_MAY = ("saejax.errors", "saejax.io", "saejax.config", "saejax.store", "saejax.core",
-             "saejax.train", "saejax")  # "saejax": the package root, for __version__
+TRAIN_MAY = (
+    "saejax.errors",
+    "saejax.io",
+    "saejax.config",
+    "saejax.store",
+    "saejax.core",
+    "saejax.train",
+    "saejax",
+)  # "saejax": the package root, for __version__
 RULES = [  # (module prefix, what it may import); the first matching prefix decides
     ("saejax.cli", None),
     ("saejax.__main__", None),
@@ -70,26 +77,39 @@ def allowed(importer: str, target: str) -> bool:
             if may is None:
                 return True
             return any(target == m or target.startswith(m + ".") for m in may if m != "saejax") or (
-                "saejax" in may and target == "saejax")
+                "saejax" in may and target == "saejax"
+            )
     raise AssertionError(f"no layering rule covers {importer}")
 
 
 def test_every_import_follows_the_layering():
-    broken = [f"{importer} imports {target}" for importer in sorted(MODULES)
-              for target, _ in imports_of(importer) if not allowed(importer, target)]
+    broken = [
+        f"{importer} imports {target}"
+        for importer in sorted(MODULES)
+        for target, _ in imports_of(importer)
+        if not allowed(importer, target)
+    ]
     assert not broken, "\n".join(broken)
 
 
 def test_nothing_outside_cli_imports_cli():
-    users = [m for m in MODULES if not m.startswith("saejax.cli") and m != "saejax.__main__"
-             and any(t.startswith("saejax.cli") for t, _ in imports_of(m))]
+    users = [
+        m
+        for m in MODULES
+        if not m.startswith("saejax.cli")
+        and m != "saejax.__main__"
+        and any(t.startswith("saejax.cli") for t, _ in imports_of(m))
+    ]
     assert not users
 
 
 def test_no_private_name_is_imported_across_modules():
-    private = [f"{m} imports {name} from {target}" for m in sorted(MODULES)
-               for target, name in imports_of(m)
-               if name and name.startswith("_") and not name.startswith("__")]
+    private = [
+        f"{m} imports {name} from {target}"
+        for m in sorted(MODULES)
+        for target, name in imports_of(m)
+        if name and name.startswith("_") and not name.startswith("__")
+    ]
     assert not private, "\n".join(private)
 
 
@@ -101,28 +121,38 @@ def test_the_import_graph_has_no_cycle():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(" → ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" → ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
+
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
     # a package's __init__ importing its own submodules is not a cycle of the layering
-    cycles = [c for c in cycles if not all(part.startswith(c.split(" → ")[0]) for part in c.split(" → "))]
+    cycles = [
+        c for c in cycles if not all(part.startswith(c.split(" → ")[0]) for part in c.split(" → "))
+    ]
     assert not cycles, "\n".join(cycles)
 
 
 def test_every_module_is_covered_by_the_test():
-    assert {"saejax.core.sae", "saejax.train.loop", "saejax.interp.eval", "saejax.cli",
-            "extract.extractor", "analysis.weights"} <= set(MODULES)
+    assert {
+        "saejax.core.sae",
+        "saejax.train.loop",
+        "saejax.interp.eval",
+        "saejax.cli",
+        "extract.extractor",
+        "analysis.weights",
+    } <= set(MODULES)
 
 
 # ---- what actually gets loaded --------------------------------------------------------
 def imported_after(statement: str) -> set[str]:
     code = f"import sys; {statement}; print(','.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT
+    )
     return {m.split(".")[0] for m in out.stdout.strip().split(",")}
 
 
@@ -143,8 +173,26 @@ def test_the_command_line_starts_without_jax_or_torch():
 
 
 def test_python_m_saejax_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "saejax", "--help"], capture_output=True,
-                         text=True, cwd=ROOT, check=True).stdout
-    for command in ("extract", "store", "demo", "analyze", "train", "export", "bench", "eval",
-                    "steer", "features", "search", "dashboard", "sweep"):
+    out = subprocess.run(
+        [sys.executable, "-m", "saejax", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    for command in (
+        "extract",
+        "store",
+        "demo",
+        "analyze",
+        "train",
+        "export",
+        "bench",
+        "eval",
+        "steer",
+        "features",
+        "search",
+        "dashboard",
+        "sweep",
+    ):
         assert f"    {command} " in out or f"    {command}\n" in out, command

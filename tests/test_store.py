@@ -1,13 +1,11 @@
 """The store reader API, `saejax store info`, and its integrity check."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-
 from helpers import make_store
-from saejax import store as st
+
 from saejax.cli import main
 from saejax.errors import SaejaxError
 
@@ -22,7 +20,9 @@ def test_reader_api(tmp_path):
     assert [c[0] for c in chunks] == [0, 16, 32, 48]
     np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), rows)
     tokens, at = store.context(19, before=5, after=5)
-    np.testing.assert_array_equal(tokens, np.arange(16, 24))  # row 19 lies in sequence 2 = rows 16..23
+    np.testing.assert_array_equal(
+        tokens, np.arange(16, 24)
+    )  # row 19 lies in sequence 2 = rows 16..23
     assert tokens[at] == 19
     with pytest.raises(SaejaxError, match="outside"):
         store.read(40, 60)

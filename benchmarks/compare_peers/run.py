@@ -40,19 +40,28 @@ def ensure_peer_venv(path: str) -> str:
 
 
 def peer_versions(python: str) -> dict:
-    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-            "['torch', 'sae-lens', 'eai-sparsify']}))")
-    return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True,
-                                     text=True).stdout)
+    code = (
+        "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+        "['torch', 'sae-lens', 'eai-sparsify']}))"
+    )
+    return json.loads(
+        subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout
+    )
 
 
 class Worker:
     def __init__(self, impl: str, python: str):
-        env = dict(os.environ, PYTHONPATH=ROOT if impl == "saejax" else "",
-                   TF_CPP_MIN_LOG_LEVEL="2")
+        env = dict(
+            os.environ, PYTHONPATH=ROOT if impl == "saejax" else "", TF_CPP_MIN_LOG_LEVEL="2"
+        )
         self.impl = impl
-        self.proc = subprocess.Popen([python, os.path.join(HERE, "worker.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [python, os.path.join(HERE, "worker.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
 
     def ask(self, **msg) -> dict:
         self.proc.stdin.write(json.dumps(msg) + "\n")
@@ -74,7 +83,7 @@ def compare(case: dict, impls: list[str], pythons: dict, rounds: int, steps: int
             w.ask(cmd="setup", impl=w.impl, **case)
         per_step = {w.impl: [] for w in workers}
         for r in range(rounds):
-            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            order = workers[r % len(workers) :] + workers[: r % len(workers)]
             for w in order:
                 per_step[w.impl].append(w.ask(cmd="time", steps=steps)["seconds"] / steps)
     finally:
@@ -83,8 +92,13 @@ def compare(case: dict, impls: list[str], pythons: dict, rounds: int, steps: int
     seconds = {impl: statistics.median(v) for impl, v in per_step.items()}
     tokens = {impl: case["batch"] / s for impl, s in seconds.items()}
     ratios = {impl: tokens["saejax"] / tokens[impl] for impl in tokens if impl != "saejax"}
-    return {**case, "seconds_per_step": seconds, "tokens_per_s": tokens,
-            "saejax_speedup": ratios, "rounds": per_step}
+    return {
+        **case,
+        "seconds_per_step": seconds,
+        "tokens_per_s": tokens,
+        "saejax_speedup": ratios,
+        "rounds": per_step,
+    }
 
 
 def main(argv=None) -> int:
@@ -102,17 +116,29 @@ def main(argv=None) -> int:
     pythons = {"saejax": sys.executable, "saelens": ensure_peer_venv(args.venv)}
     pythons["sparsify"] = pythons["saelens"]
     versions = peer_versions(pythons["saelens"])
-    print(f"peers: {versions}; d_in {args.d_in}, batch {args.batch}, float32, CPU threads "
-          f"{os.cpu_count()}", flush=True)
+    print(
+        f"peers: {versions}; d_in {args.d_in}, batch {args.batch}, float32, CPU threads "
+        f"{os.cpu_count()}",
+        flush=True,
+    )
     results = []
     for d_sae in [int(v) for v in args.d_sae.split(",")]:
-        for arch, impls in (("relu", ["saejax", "saelens"]),
-                            ("topk", ["saejax", "sparsify", "saelens"])):
-            case = {"arch": arch, "d_in": args.d_in, "d_sae": d_sae, "batch": args.batch,
-                    "k": args.k}
+        for arch, impls in (
+            ("relu", ["saejax", "saelens"]),
+            ("topk", ["saejax", "sparsify", "saelens"]),
+        ):
+            case = {
+                "arch": arch,
+                "d_in": args.d_in,
+                "d_sae": d_sae,
+                "batch": args.batch,
+                "k": args.k,
+            }
             r = compare(case, impls, pythons, args.rounds, args.steps)
             results.append(r)
-            shown = "  ".join(f"{impl} {1000 * s:7.0f} ms" for impl, s in r["seconds_per_step"].items())
+            shown = "  ".join(
+                f"{impl} {1000 * s:7.0f} ms" for impl, s in r["seconds_per_step"].items()
+            )
             ratios = "  ".join(f"×{v:.2f} vs {impl}" for impl, v in r["saejax_speedup"].items())
             print(f"{arch:<5} d_sae {d_sae:>6}: {shown}   saejax {ratios}", flush=True)
     if args.json:

@@ -22,8 +22,10 @@ def batch_rows(batch, d_in):
 class SaejaxStep:
     def __init__(self, arch, d_in, d_sae, batch, k):
         from saejax.train.bench import StepShape, StepTimer
+
         self.timer = StepTimer(StepShape(arch, d_in, d_sae, batch, k))
         import jax.numpy as jnp
+
         self.timer.batch = jnp.asarray(batch_rows(batch, d_in))
 
     def run(self, steps):
@@ -35,6 +37,7 @@ class TorchStep:
 
     def run(self, steps):
         import torch
+
         t = time.perf_counter()
         for _ in range(steps):
             self.opt.zero_grad(set_to_none=True)
@@ -49,19 +52,29 @@ class SAELensStep(TorchStep):
     def __init__(self, arch, d_in, d_sae, batch, k):
         import torch
         from sae_lens.saes.sae import TrainStepInput
+
         if arch == "relu":
             from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-            self.sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=5.0))
+
+            self.sae = StandardTrainingSAE(
+                StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=5.0)
+            )
             coefficients = {"l1": 5.0}
         else:
             from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
             self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
             coefficients = {}
         x = torch.from_numpy(batch_rows(batch, d_in))
         dead = torch.zeros(d_sae, dtype=torch.bool)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=4e-4)
-        self.step_input = TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=dead,
-                                         n_training_steps=0, is_logging_step=False)
+        self.step_input = TrainStepInput(
+            sae_in=x,
+            coefficients=coefficients,
+            dead_neuron_mask=dead,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
 
     def loss(self):
         return self.sae.training_forward_pass(self.step_input).loss
@@ -71,6 +84,7 @@ class SparsifyStep(TorchStep):
     def __init__(self, arch, d_in, d_sae, batch, k):
         import torch
         from sparsify import SparseCoder, SparseCoderConfig
+
         assert arch == "topk", "sparsify trains TopK SAEs only"
         self.sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device="cpu")
         self.x = torch.from_numpy(batch_rows(batch, d_in))
@@ -94,7 +108,9 @@ def main():
     for line in sys.stdin:
         msg = json.loads(line)
         if msg["cmd"] == "setup":
-            impl = IMPLS[msg["impl"]](msg["arch"], msg["d_in"], msg["d_sae"], msg["batch"], msg["k"])
+            impl = IMPLS[msg["impl"]](
+                msg["arch"], msg["d_in"], msg["d_sae"], msg["batch"], msg["k"]
+            )
             impl.run(2)  # warm-up (and compilation for saejax)
             reply = {"ok": True}
         elif msg["cmd"] == "time":

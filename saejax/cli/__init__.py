@@ -15,11 +15,27 @@ from saejax.cli import analyze, data, interp, training
 from saejax.cli.command import Command
 from saejax.errors import SaejaxError
 
-_BY_NAME = {c.name: c for c in (*data.COMMANDS, *training.COMMANDS, *interp.COMMANDS,
-                                *analyze.COMMANDS)}
-REGISTRY: tuple[Command, ...] = tuple(_BY_NAME[name] for name in (
-    "extract", "store", "demo", "analyze", "train", "export", "bench", "eval", "steer",
-    "features", "search", "dashboard", "sweep"))
+_BY_NAME = {
+    c.name: c for c in (*data.COMMANDS, *training.COMMANDS, *interp.COMMANDS, *analyze.COMMANDS)
+}
+REGISTRY: tuple[Command, ...] = tuple(
+    _BY_NAME[name]
+    for name in (
+        "extract",
+        "store",
+        "demo",
+        "analyze",
+        "train",
+        "export",
+        "bench",
+        "eval",
+        "steer",
+        "features",
+        "search",
+        "dashboard",
+        "sweep",
+    )
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,8 +49,9 @@ def _add(sub, command: Command) -> None:
     parser = sub.add_parser(command.name, help=command.help)
     command.arguments(parser)
     if command.subcommands:
-        nested = parser.add_subparsers(dest=f"{command.name}_command", required=True,
-                                       parser_class=Parser)
+        nested = parser.add_subparsers(
+            dest=f"{command.name}_command", required=True, parser_class=Parser
+        )
         for child in command.subcommands:
             _add(nested, child)
     else:

@@ -47,9 +47,11 @@ def _dpo(args) -> int:
 
 def _decorrelation_arguments(p) -> None:
     p.add_argument("models", nargs="+")
-    p.add_argument("--prompts", required=True,
-                   help="text file, one prompt per line, or 'builtin' (sentences of the "
-                        "built-in corpus)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="text file, one prompt per line, or 'builtin' (sentences of the built-in corpus)",
+    )
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many")
     _common(p)
 
@@ -62,12 +64,28 @@ def _decorrelation(args) -> int:
 
 
 COMMANDS = (
-    Command("analyze", "MLP weight statistics, DPO change, decorrelation", subcommands=(
-        Command("weights", "normalised median of ‖w_in‖·b_in per layer", _weights_arguments,
-                _weights),
-        Command("dpo-change", "weight statistic on the neurons DPO changed most", _dpo_arguments,
-                _dpo),
-        Command("decorrelation", "1 − mean pairwise cosine of MLP pre-activations",
-                _decorrelation_arguments, _decorrelation),
-    )),
+    Command(
+        "analyze",
+        "MLP weight statistics, DPO change, decorrelation",
+        subcommands=(
+            Command(
+                "weights",
+                "normalised median of ‖w_in‖·b_in per layer",
+                _weights_arguments,
+                _weights,
+            ),
+            Command(
+                "dpo-change",
+                "weight statistic on the neurons DPO changed most",
+                _dpo_arguments,
+                _dpo,
+            ),
+            Command(
+                "decorrelation",
+                "1 − mean pairwise cosine of MLP pre-activations",
+                _decorrelation_arguments,
+                _decorrelation,
+            ),
+        ),
+    ),
 )

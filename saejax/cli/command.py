@@ -8,8 +8,8 @@ they run, so `saejax --help` and `saejax store info` start without JAX or torch.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Command:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     run: Callable[[argparse.Namespace], int] | None = None
-    subcommands: tuple["Command", ...] = ()
+    subcommands: tuple[Command, ...] = ()
 
 
 def csv_list(text: str) -> list[str]:

@@ -9,14 +9,24 @@ from saejax.errors import SaejaxError
 
 
 def _extract_arguments(p) -> None:
-    p.add_argument("--model", default="builtin",
-                   help="Hugging Face name, local directory, .gguf file, or 'builtin' (SmolLM2-135M)")
+    p.add_argument(
+        "--model",
+        default="builtin",
+        help="Hugging Face name, local directory, .gguf file, or 'builtin' (SmolLM2-135M)",
+    )
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--hooks", type=csv_list, default=["blocks.15.hook_resid_post"],
-                   help="comma list, e.g. blocks.15.hook_resid_post,blocks.15.hook_mlp_out")
-    p.add_argument("--corpus", default="builtin",
-                   help="'builtin', .txt/.jsonl/.parquet files or directory, or a HF dataset name")
+    p.add_argument(
+        "--hooks",
+        type=csv_list,
+        default=["blocks.15.hook_resid_post"],
+        help="comma list, e.g. blocks.15.hook_resid_post,blocks.15.hook_mlp_out",
+    )
+    p.add_argument(
+        "--corpus",
+        default="builtin",
+        help="'builtin', .txt/.jsonl/.parquet files or directory, or a HF dataset name",
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--text-column", default="text")
     p.add_argument("--tokens", type=whole_number, default=250_000, help="rows to extract")
@@ -34,17 +44,30 @@ def _extract(args) -> int:
     from extract.extractor import ExtractConfig, run_extract
     from saejax.store import ActivationStore, describe
 
-    cfg = ExtractConfig(out=args.out, model=args.model, hooks=args.hooks, corpus=args.corpus,
-                        split=args.split, text_column=args.text_column, tokens=args.tokens,
-                        context=args.context, batch_size=args.batch_size, dtype=args.dtype,
-                        prepend_bos=args.prepend_bos, keep_bos=args.keep_bos,
-                        revision=args.revision, trust_remote_code=args.trust_remote_code,
-                        chunk_mib=args.chunk_mib)
+    cfg = ExtractConfig(
+        out=args.out,
+        model=args.model,
+        hooks=args.hooks,
+        corpus=args.corpus,
+        split=args.split,
+        text_column=args.text_column,
+        tokens=args.tokens,
+        context=args.context,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        prepend_bos=args.prepend_bos,
+        keep_bos=args.keep_bos,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        chunk_mib=args.chunk_mib,
+    )
     meta = run_extract(cfg, progress=not args.quiet)
     print(describe(ActivationStore.open(args.out)))
     if meta.get("corpus_exhausted"):
-        print(f"note: the corpus ran out after {meta['n_tokens']:,} of {cfg.tokens:,} requested rows",
-              file=sys.stderr)
+        print(
+            f"note: the corpus ran out after {meta['n_tokens']:,} of {cfg.tokens:,} requested rows",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -73,9 +96,22 @@ def _store_info(args) -> int:
 
 
 COMMANDS = (
-    Command("extract", "extract activations from a language model into a store",
-            _extract_arguments, _extract),
-    Command("store", "inspect an activation store", subcommands=(
-        Command("info", "metadata, row count, mean norms, integrity check", _info_arguments,
-                _store_info),)),
+    Command(
+        "extract",
+        "extract activations from a language model into a store",
+        _extract_arguments,
+        _extract,
+    ),
+    Command(
+        "store",
+        "inspect an activation store",
+        subcommands=(
+            Command(
+                "info",
+                "metadata, row count, mean norms, integrity check",
+                _info_arguments,
+                _store_info,
+            ),
+        ),
+    ),
 )

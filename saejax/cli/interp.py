@@ -13,8 +13,11 @@ from saejax.errors import SaejaxError
 
 def _eval_arguments(p) -> None:
     p.add_argument("run", help="run directory (or an SAE folder with --store)")
-    p.add_argument("--store", default=None, help="store to take held-out sequences from "
-                                                 "(default: the run's data.path)")
+    p.add_argument(
+        "--store",
+        default=None,
+        help="store to take held-out sequences from (default: the run's data.path)",
+    )
     p.add_argument("--model", default=None, help="model (default: the one the store was made with)")
     p.add_argument("--sequences", type=int, default=32, help="held-out sequences to run")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
@@ -24,22 +27,35 @@ def _eval_arguments(p) -> None:
 def _eval(args) -> int:
     from saejax.interp.eval import evaluate_run
 
-    result = evaluate_run(args.run, args.store, args.model, args.sequences, args.batch_size,
-                          progress=not args.json)
+    result = evaluate_run(
+        args.run, args.store, args.model, args.sequences, args.batch_size, progress=not args.json
+    )
     if args.json:
         print(json.dumps(result))
         return 0
     s, lm = result["sae"], result["lm"]
     recovered = lm["ce_loss_recovered"]
-    print(f"sae          FVU {s['fvu']:.4f}   MSE {s['mse']:.4g}   L0 {s['l0']:.1f}   "
-          f"dead {s['dead_fraction']:.1%}   dense {s['dense_fraction']:.1%}   ({s['tokens']:,} rows)")
-    print(f"model        {lm['model']} at {lm['hook']}, {lm['sequences']} held-out sequences, "
-          f"{lm['predicted_tokens']:,} predicted tokens")
-    print(f"CE           clean {lm['ce_clean']:.4f}   with SAE {lm['ce_spliced']:.4f}   "
-          f"zero-ablated {lm['ce_zero']:.4f}")
+    print(
+        f"sae          FVU {s['fvu']:.4f}   MSE {s['mse']:.4g}   L0 {s['l0']:.1f}   "
+        f"dead {s['dead_fraction']:.1%}   dense {s['dense_fraction']:.1%}   ({s['tokens']:,} rows)"
+    )
+    print(
+        f"model        {lm['model']} at {lm['hook']}, {lm['sequences']} held-out sequences, "
+        f"{lm['predicted_tokens']:,} predicted tokens"
+    )
+    print(
+        f"CE           clean {lm['ce_clean']:.4f}   with SAE {lm['ce_spliced']:.4f}   "
+        f"zero-ablated {lm['ce_zero']:.4f}"
+    )
     print(f"KL           with SAE {lm['kl_spliced']:.4f}   zero-ablated {lm['kl_zero']:.4f}")
-    print("CE loss recovered " + (f"{recovered:.4f}" if recovered is not None else
-                                  "undefined (zero ablation does not hurt the model)"))
+    print(
+        "CE loss recovered "
+        + (
+            f"{recovered:.4f}"
+            if recovered is not None
+            else "undefined (zero ablation does not hurt the model)"
+        )
+    )
     if os.access(args.run, os.W_OK):
         print(f"wrote {os.path.join(args.run, 'eval_lm.json')}")
     return 0
@@ -58,8 +74,9 @@ def _steer_arguments(p) -> None:
 def _steer(args) -> int:
     from saejax.interp.steer import steer
 
-    results = steer(args.run, args.latent, args.prompt, args.boost, args.clamp, args.tokens,
-                    args.model)
+    results = steer(
+        args.run, args.latent, args.prompt, args.boost, args.clamp, args.tokens, args.model
+    )
     what = f"boost {args.boost:+g}" if args.boost is not None else f"clamp {args.clamp:g}"
     for r in results:
         print(f"prompt       {r['prompt']!r}")
@@ -76,8 +93,14 @@ def _features_arguments(p) -> None:
     p.add_argument("--top", type=int, default=20, help="top examples per latent")
     p.add_argument("--samples", type=int, default=64, help="random activating rows kept per latent")
     p.add_argument("--max-rows", type=int, default=None, help="scan at most this many rows")
-    p.add_argument("--show", type=int, action="append", default=[], metavar="LATENT",
-                   help="print a latent's examples with their contexts (repeatable)")
+    p.add_argument(
+        "--show",
+        type=int,
+        action="append",
+        default=[],
+        metavar="LATENT",
+        help="print a latent's examples with their contexts (repeatable)",
+    )
 
 
 def _features(args) -> int:
@@ -87,12 +110,17 @@ def _features(args) -> int:
     d_sae = load_sae(args.run).spec.d_sae
     for latent in args.show:
         if not 0 <= latent < d_sae:
-            raise SaejaxError(f"latent {latent} is out of range: the SAE has latents 0..{d_sae - 1}")
-    result, store, scanned = latent_examples(args.run, args.store, args.top, args.samples,
-                                             args.max_rows, progress=sys.stderr.isatty())
+            raise SaejaxError(
+                f"latent {latent} is out of range: the SAE has latents 0..{d_sae - 1}"
+            )
+    result, store, scanned = latent_examples(
+        args.run, args.store, args.top, args.samples, args.max_rows, progress=sys.stderr.isatty()
+    )
     if scanned:
-        print(f"scanned {int(result['n_rows']):,} rows; wrote "
-              f"{os.path.join(args.run, 'features', 'examples.npz')}")
+        print(
+            f"scanned {int(result['n_rows']):,} rows; wrote "
+            f"{os.path.join(args.run, 'features', 'examples.npz')}"
+        )
     if args.show:
         from extract.models import load_tokenizer
 
@@ -115,8 +143,9 @@ def _search_arguments(p) -> None:
 def _search(args) -> int:
     from saejax.interp.search import search
 
-    search(args.run, args.positive, args.negative, args.top, args.percentile, args.model,
-           args.store)
+    search(
+        args.run, args.positive, args.negative, args.top, args.percentile, args.model, args.store
+    )
     return 0
 
 
@@ -125,11 +154,18 @@ def _dashboard_arguments(p) -> None:
     p.add_argument("--out", default=None, help="folder (default RUN/dashboard)")
     p.add_argument("--store", default=None)
     p.add_argument("--pages", type=int, default=128, help="latent pages, densest first")
-    p.add_argument("--llm-url", default=None,
-                   help="OpenAI-compatible endpoint for explanations (key in $OPENAI_API_KEY)")
+    p.add_argument(
+        "--llm-url",
+        default=None,
+        help="OpenAI-compatible endpoint for explanations (key in $OPENAI_API_KEY)",
+    )
     p.add_argument("--llm-model", default="gpt-4o-mini")
-    p.add_argument("--split-with", default=None, metavar="LARGER_RUN",
-                   help="show, per latent, the closest decoder directions of a larger SAE")
+    p.add_argument(
+        "--split-with",
+        default=None,
+        metavar="LARGER_RUN",
+        help="show, per latent, the closest decoder directions of a larger SAE",
+    )
 
 
 def _dashboard(args) -> int:
@@ -137,8 +173,16 @@ def _dashboard(args) -> int:
 
     if args.pages < 0:
         raise SaejaxError("--pages must be at least 0")
-    path = write_dashboard(args.run, args.out, args.pages, args.llm_url, args.llm_model,
-                           args.store, progress=sys.stderr.isatty(), split_with=args.split_with)
+    path = write_dashboard(
+        args.run,
+        args.out,
+        args.pages,
+        args.llm_url,
+        args.llm_model,
+        args.store,
+        progress=sys.stderr.isatty(),
+        split_with=args.split_with,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -158,15 +202,29 @@ def _demo(args) -> int:
 
 
 COMMANDS = (
-    Command("eval", "CE loss recovered, KL and held-out metrics of a trained SAE",
-            _eval_arguments, _eval),
-    Command("steer", "generate with a latent's direction added or clamped", _steer_arguments,
-            _steer),
-    Command("features", "top-activating examples of every latent (one pass)", _features_arguments,
-            _features),
-    Command("search", "rank latents by how they respond to example prompts", _search_arguments,
-            _search),
+    Command(
+        "eval",
+        "CE loss recovered, KL and held-out metrics of a trained SAE",
+        _eval_arguments,
+        _eval,
+    ),
+    Command(
+        "steer", "generate with a latent's direction added or clamped", _steer_arguments, _steer
+    ),
+    Command(
+        "features",
+        "top-activating examples of every latent (one pass)",
+        _features_arguments,
+        _features,
+    ),
+    Command(
+        "search", "rank latents by how they respond to example prompts", _search_arguments, _search
+    ),
     Command("dashboard", "a static HTML dashboard of an SAE", _dashboard_arguments, _dashboard),
-    Command("demo", "extract, train and evaluate on the built-in model and corpus",
-            _demo_arguments, _demo),
+    Command(
+        "demo",
+        "extract, train and evaluate on the built-in model and corpus",
+        _demo_arguments,
+        _demo,
+    ),
 )

@@ -11,12 +11,21 @@ from saejax.errors import SaejaxError
 
 def _train_arguments(p) -> None:
     p.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set sae.d_sae=8192 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set sae.d_sae=8192 (repeatable)",
+    )
     p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print memory per device and communication per step; do not train")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print memory per device and communication per step; do not train",
+    )
 
 
 def _train(args) -> int:
@@ -36,6 +45,7 @@ def _train(args) -> int:
         d_in = cfg.sae.d_in
         if not d_in:
             from saejax.train.data import ArraySource
+
             d_in = ArraySource(cfg.data.path, cfg.data.hook).d_in
         print(describe(estimate(cfg, d_in)))
         return 0
@@ -45,10 +55,14 @@ def _train(args) -> int:
     m = result.final_metrics
     if m:
         print(f"run          {cfg.run_dir}")
-        print(f"sae          {cfg.sae.architecture} d_in {result.spec.d_in} d_sae {result.spec.d_sae}"
-              + (f" k {result.spec.k}" if selects_top_k(cfg.sae.architecture) else ""))
-        print(f"validation   FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}"
-              f"   dense {m['dense_fraction']:.1%}   ({m['tokens']:,} held-out rows)")
+        print(
+            f"sae          {cfg.sae.architecture} d_in {result.spec.d_in} d_sae {result.spec.d_sae}"
+            + (f" k {result.spec.k}" if selects_top_k(cfg.sae.architecture) else "")
+        )
+        print(
+            f"validation   FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}"
+            f"   dense {m['dense_fraction']:.1%}   ({m['tokens']:,} held-out rows)"
+        )
         print(f"throughput   {m['tokens_per_s']:,.0f} tokens/s over the run")
     return 0
 
@@ -92,14 +106,20 @@ def _sweep(args) -> int:
     from saejax.train.sweep_table import write_table
 
     base = load_config(args.config, args.overrides)
-    grid = members_of(base.sae.architecture, _numbers(args.d_sae, int, "--d-sae"),
-                      _numbers(args.k, int, "--k"), _numbers(args.l1, float, "--l1"))
+    grid = members_of(
+        base.sae.architecture,
+        _numbers(args.d_sae, int, "--d-sae"),
+        _numbers(args.k, int, "--k"),
+        _numbers(args.l1, float, "--l1"),
+    )
     rows = run_sweep(base, grid, args.out, progress=not args.quiet)
     if args.ce:
         from saejax.interp.eval import evaluate_run
+
         for r in rows:
             r["ce_loss_recovered"] = evaluate_run(r["run_dir"], sequences=args.ce_sequences)["lm"][
-                "ce_loss_recovered"]
+                "ce_loss_recovered"
+            ]
     write_table(rows, args.out)
     return 0
 
@@ -109,17 +129,24 @@ def _bench_arguments(p) -> None:
     p.add_argument("--d-sae", default="4608,18432", help="comma list")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--arch", default="relu,topk", help="comma list of relu, topk, batchtopk, jumprelu")
+    p.add_argument(
+        "--arch", default="relu,topk", help="comma list of relu, topk, batchtopk, jumprelu"
+    )
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--topk-kernel", default="sparse", help="sparse (default) or dense")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
-    p.add_argument("--store", default=None,
-                   help="store for the loader and loop figures (default: a temporary one of "
-                        "random rows)")
+    p.add_argument(
+        "--store",
+        default=None,
+        help="store for the loader and loop figures (default: a temporary one of random rows)",
+    )
     p.add_argument("--no-loop", action="store_true", help="skip the loader and loop figures")
-    p.add_argument("--loop-rounds", type=int, default=3,
-                   help="loop timings, each against the step timed beside it; the median is "
-                        "reported")
+    p.add_argument(
+        "--loop-rounds",
+        type=int,
+        default=3,
+        help="loop timings, each against the step timed beside it; the median is reported",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
@@ -136,18 +163,30 @@ def _bench(args) -> int:
         raise SaejaxError(f"unknown --dtype '{args.dtype}'; choose float32 or bfloat16")
     if args.topk_kernel not in ("sparse", "dense"):
         raise SaejaxError(f"unknown --topk-kernel '{args.topk_kernel}'; choose sparse or dense")
-    if (not sizes or min(sizes) < 1 or args.d_in < 1 or args.batch < 1 or args.steps < 1
-            or args.loop_rounds < 1):
+    if (
+        not sizes
+        or min(sizes) < 1
+        or args.d_in < 1
+        or args.batch < 1
+        or args.steps < 1
+        or args.loop_rounds < 1
+    ):
         raise SaejaxError("--d-in, --d-sae, --batch, --steps and --loop-rounds must be positive")
     if any(selects_top_k(a) for a in archs) and not 0 < args.k <= min(sizes):
         raise SaejaxError(f"--k {args.k} must be between 1 and the smallest --d-sae")
     if args.store is not None:
         from saejax.store import ActivationStore
+
         store = ActivationStore.open(args.store)
         if store.d_in != args.d_in:
-            raise SaejaxError(f"--store {args.store} has d_in {store.d_in} but --d-in is {args.d_in}")
-    shapes = [StepShape(a, args.d_in, d, args.batch, args.k, args.dtype, args.topk_kernel)
-              for a in archs for d in sizes]
+            raise SaejaxError(
+                f"--store {args.store} has d_in {store.d_in} but --d-in is {args.d_in}"
+            )
+    shapes = [
+        StepShape(a, args.d_in, d, args.batch, args.k, args.dtype, args.topk_kernel)
+        for a in archs
+        for d in sizes
+    ]
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
     out = run_bench(shapes, args.steps, args.store, not args.no_loop, say, args.loop_rounds)
     if args.json:
@@ -158,8 +197,13 @@ def _bench(args) -> int:
 COMMANDS = (
     Command("train", "train an SAE from a YAML config", _train_arguments, _train),
     Command("export", "export a trained SAE as SAELens or sparsify", _export_arguments, _export),
-    Command("bench", "training-step, loader and loop throughput on this machine",
-            _bench_arguments, _bench),
-    Command("sweep", "train several SAE sizes in lockstep on the same batches", _sweep_arguments,
-            _sweep),
+    Command(
+        "bench",
+        "training-step, loader and loop throughput on this machine",
+        _bench_arguments,
+        _bench,
+    ),
+    Command(
+        "sweep", "train several SAE sizes in lockstep on the same batches", _sweep_arguments, _sweep
+    ),
 )

@@ -51,22 +51,40 @@ def _threads() -> int:
 
 def _build() -> Path:
     """Compile (once per machine and version) and return the shared library's path."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    compiler = (
+        os.environ.get("CXX")
+        or shutil.which("c++")
+        or shutil.which("g++")
+        or shutil.which("clang++")
+    )
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     import jaxlib
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
-             f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, jaxlib.__version__, *flags,
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+
+    flags = [
+        "-O3",
+        "-march=native",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-pthread",
+        f"-I{jax.ffi.include_dir()}",
+    ]
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), compiler, jaxlib.__version__, *flags, _cpu_flags()]).encode()
+    ).hexdigest()[:16]
     cache = Path(os.environ.get("SAEJAX_CACHE", Path.home() / ".cache" / "saejax")) / "kernels"
     target = cache / f"saejax_cpu_{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     partial = cache / f".saejax_cpu_{key}.{os.getpid()}.so"
-    done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [compiler, *flags, str(SOURCE), "-o", str(partial)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -83,12 +101,17 @@ def _load() -> bool:
             path = _build()
             lib = ctypes.cdll.LoadLibrary(str(path))
             for name in TARGETS:
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+                jax.ffi.register_ffi_target(
+                    name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
+                )
             _state.update(ok=True, path=str(path), why="")
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _state.update(ok=False, why=str(err))
-            print(f"saejax: C++ CPU kernels unavailable ({err}); using XLA's top_k and "
-                  "scatter-add (slower on CPU)", file=sys.stderr)
+            print(
+                f"saejax: C++ CPU kernels unavailable ({err}); using XLA's top_k and "
+                "scatter-add (slower on CPU)",
+                file=sys.stderr,
+            )
         return _state["ok"]
 
 
@@ -115,21 +138,35 @@ def top_k(x, k: int, bias=None):
     """lax.top_k(x + bias, k) (descending, ties to the lower index) without storing x + bias."""
     rows, width = x.shape
     bias = jnp.zeros(width, jnp.float32) if bias is None else bias.astype(jnp.float32)
-    return _call("SaejaxTopK", (jax.ShapeDtypeStruct((rows, k), jnp.float32),
-                                jax.ShapeDtypeStruct((rows, k), jnp.int32)),
-                 x.astype(jnp.float32), bias, k=np.int64(k))
+    return _call(
+        "SaejaxTopK",
+        (jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((rows, k), jnp.int32)),
+        x.astype(jnp.float32),
+        bias,
+        k=np.int64(k),
+    )
 
 
 def gather_rows(weights, idx, table):
     """out[b] = Σ_i weights[b, i]·table[idx[b, i]]."""
-    return _call("SaejaxGatherRows", jax.ShapeDtypeStruct((idx.shape[0], table.shape[1]), jnp.float32),
-                 weights.astype(jnp.float32), idx.astype(jnp.int32), table.astype(jnp.float32))
+    return _call(
+        "SaejaxGatherRows",
+        jax.ShapeDtypeStruct((idx.shape[0], table.shape[1]), jnp.float32),
+        weights.astype(jnp.float32),
+        idx.astype(jnp.int32),
+        table.astype(jnp.float32),
+    )
 
 
 def row_dots(g, idx, table):
     """out[b, i] = ⟨g[b], table[idx[b, i]]⟩."""
-    return _call("SaejaxRowDots", jax.ShapeDtypeStruct(idx.shape, jnp.float32),
-                 g.astype(jnp.float32), idx.astype(jnp.int32), table.astype(jnp.float32))
+    return _call(
+        "SaejaxRowDots",
+        jax.ShapeDtypeStruct(idx.shape, jnp.float32),
+        g.astype(jnp.float32),
+        idx.astype(jnp.int32),
+        table.astype(jnp.float32),
+    )
 
 
 def scatter_rows(weights, idx, rows, n: int, transposed: bool = False):
@@ -137,7 +174,14 @@ def scatter_rows(weights, idx, rows, n: int, transposed: bool = False):
 
     transposed=True returns out as [D, n] (written in that layout, not transposed after)."""
     d = rows.shape[1]
-    return _call("SaejaxScatterRows", (jax.ShapeDtypeStruct((d, n) if transposed else (n, d), jnp.float32),
-                                       jax.ShapeDtypeStruct((n,), jnp.float32)),
-                 weights.astype(jnp.float32), idx.astype(jnp.int32), rows.astype(jnp.float32),
-                 transposed=np.int64(transposed))
+    return _call(
+        "SaejaxScatterRows",
+        (
+            jax.ShapeDtypeStruct((d, n) if transposed else (n, d), jnp.float32),
+            jax.ShapeDtypeStruct((n,), jnp.float32),
+        ),
+        weights.astype(jnp.float32),
+        idx.astype(jnp.int32),
+        rows.astype(jnp.float32),
+        transposed=np.int64(transposed),
+    )

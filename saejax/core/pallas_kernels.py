@@ -95,6 +95,7 @@ def available(backend: str) -> bool:
     if backend in ("gpu", "cuda", "rocm"):
         try:
             import jax.experimental.pallas.triton  # noqa: F401
+
             return bool(jax.devices(backend))
         except (ImportError, RuntimeError):
             return False
@@ -154,6 +155,7 @@ def _call(kernel, *, out_shape, grid, in_specs, out_specs, interpret, name):
     uses it): the operands are cast to vary over the same mesh axes (a weight replicated
     over "data" next to a batch split over it) and the outputs vary over those axes.
     `out_shape` is a tuple of (shape, dtype) pairs."""
+
     def run(*operands):
         axes = _varying_axes(*operands)
         manual = None
@@ -163,13 +165,24 @@ def _call(kernel, *, out_shape, grid, in_specs, out_specs, interpret, name):
                     "Pallas interpret mode cannot run under shard_map with check_vma=True "
                     f"(JAX {jax.__version__} re-evaluates the kernel on blocks that vary over "
                     f"{axes} and rejects them); use check_vma=False, or on the CPU the C++ or "
-                    "XLA kernels")
+                    "XLA kernels"
+                )
             operands = [_vary(o, axes) for o in operands]
             manual = jax.typeof(operands[0]).manual_axis_type
-        shapes = tuple(jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
-                       for shape, dtype in out_shape)
-        return pl.pallas_call(kernel, out_shape=shapes, grid=grid, in_specs=in_specs,
-                              out_specs=out_specs, interpret=interpret, name=name)(*operands)
+        shapes = tuple(
+            jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+            for shape, dtype in out_shape
+        )
+        return pl.pallas_call(
+            kernel,
+            out_shape=shapes,
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            interpret=interpret,
+            name=name,
+        )(*operands)
+
     return run
 
 
@@ -208,18 +221,31 @@ def _topk_block_kernel(*refs, n: int, kb: int, has_bias: bool):
         free, keys, idxs = carry
         best = jnp.max(jnp.where(free, key, _INT_MIN), axis=1, keepdims=True)
         at = jnp.min(jnp.where(free & (key == best), col, _INT_MAX), axis=1, keepdims=True)
-        return (free & (col != at), jnp.where(slot == r, best, keys),
-                jnp.where(slot == r, at, idxs))
+        return (
+            free & (col != at),
+            jnp.where(slot == r, best, keys),
+            jnp.where(slot == r, at, idxs),
+        )
 
-    init = (jnp.ones((rows, cols), jnp.bool_), jnp.zeros((rows, kb), jnp.int32),
-            jnp.zeros((rows, kb), jnp.int32))
+    init = (
+        jnp.ones((rows, cols), jnp.bool_),
+        jnp.zeros((rows, kb), jnp.int32),
+        jnp.zeros((rows, kb), jnp.int32),
+    )
     _, keys, idxs = lax.fori_loop(0, kb, pick, init)
     key_ref[...] = keys
     idx_ref[...] = idxs
 
 
-def top_k(x, k: int, bias=None, *, interpret=None, block_rows: int = TOPK_BLOCK_ROWS,
-          block_cols: int = TOPK_BLOCK_COLS):
+def top_k(
+    x,
+    k: int,
+    bias=None,
+    *,
+    interpret=None,
+    block_rows: int = TOPK_BLOCK_ROWS,
+    block_cols: int = TOPK_BLOCK_COLS,
+):
     """lax.top_k(x + bias, k) (descending, ties to the lower index), bit for bit, without
     storing x + bias: (values [B, k] float32, indices [B, k] int32)."""
     _check_block("block_rows", block_rows)
@@ -239,10 +265,15 @@ def top_k(x, k: int, bias=None, *, interpret=None, block_rows: int = TOPK_BLOCK_
         in_specs.append(pl.BlockSpec((1, bc), lambda r, c: (0, c)))
     out = ((blocks, rows_p, kb), jnp.int32)
     out_spec = pl.BlockSpec((pl.squeezed, br, kb), lambda r, c: (c, r, 0))
-    keys, idx = _call(partial(_topk_block_kernel, n=n, kb=kb, has_bias=bias is not None),
-                      out_shape=(out, out), grid=(rows_p // br, blocks), in_specs=in_specs,
-                      out_specs=(out_spec, out_spec), interpret=_interpret(interpret),
-                      name="saejax_top_k")(*operands)
+    keys, idx = _call(
+        partial(_topk_block_kernel, n=n, kb=kb, has_bias=bias is not None),
+        out_shape=(out, out),
+        grid=(rows_p // br, blocks),
+        in_specs=in_specs,
+        out_specs=(out_spec, out_spec),
+        interpret=_interpret(interpret),
+        name="saejax_top_k",
+    )(*operands)
     # [blocks, B, kb] -> [B, blocks·kb]: block-major, so position order is index order
     keys = keys.transpose(1, 0, 2).reshape(rows_p, blocks * kb)[:rows]
     idx = idx.transpose(1, 0, 2).reshape(rows_p, blocks * kb)[:rows]
@@ -254,11 +285,19 @@ def top_k(x, k: int, bias=None, *, interpret=None, block_rows: int = TOPK_BLOCK_
 def _gather_kernel(w_ref, idx_ref, table_ref, out_ref):
     def add(i, acc):
         return acc + w_ref[:, i][:, None] * table_ref[idx_ref[:, i], :]
+
     out_ref[...] = lax.fori_loop(0, w_ref.shape[1], add, jnp.zeros(out_ref.shape, jnp.float32))
 
 
-def gather_rows(weights, idx, table, *, interpret=None, block_rows: int = GATHER_BLOCK_ROWS,
-                block_cols: int = GATHER_BLOCK_COLS):
+def gather_rows(
+    weights,
+    idx,
+    table,
+    *,
+    interpret=None,
+    block_rows: int = GATHER_BLOCK_ROWS,
+    block_cols: int = GATHER_BLOCK_COLS,
+):
     """out[b] = Σ_i weights[b, i]·table[idx[b, i]]: [B, D] float32."""
     _check_block("block_rows", block_rows)
     _check_block("block_cols", block_cols)
@@ -269,13 +308,19 @@ def gather_rows(weights, idx, table, *, interpret=None, block_rows: int = GATHER
     weights = _pad(weights.astype(jnp.float32), (rows_p, k))
     idx = _pad(jnp.clip(idx.astype(jnp.int32), 0, n - 1), (rows_p, k))
     table = _pad(table.astype(jnp.float32), (n, d_p))
-    out = _call(_gather_kernel, out_shape=(((rows_p, d_p), jnp.float32),),
-                grid=(rows_p // br, d_p // bd),
-                in_specs=[pl.BlockSpec((br, k), lambda r, c: (r, 0)),
-                          pl.BlockSpec((br, k), lambda r, c: (r, 0)),
-                          pl.BlockSpec((n, bd), lambda r, c: (0, c))],
-                out_specs=(pl.BlockSpec((br, bd), lambda r, c: (r, c)),),
-                interpret=_interpret(interpret), name="saejax_gather_rows")(weights, idx, table)[0]
+    out = _call(
+        _gather_kernel,
+        out_shape=(((rows_p, d_p), jnp.float32),),
+        grid=(rows_p // br, d_p // bd),
+        in_specs=[
+            pl.BlockSpec((br, k), lambda r, c: (r, 0)),
+            pl.BlockSpec((br, k), lambda r, c: (r, 0)),
+            pl.BlockSpec((n, bd), lambda r, c: (0, c)),
+        ],
+        out_specs=(pl.BlockSpec((br, bd), lambda r, c: (r, c)),),
+        interpret=_interpret(interpret),
+        name="saejax_gather_rows",
+    )(weights, idx, table)[0]
     return _pad_back(out, (rows, d))
 
 
@@ -289,13 +334,22 @@ def _row_dots_kernel(g_ref, idx_ref, table_ref, out_ref, *, chunk: int):
         def add_chunk(c, acc):
             cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
             return acc + jnp.sum(g_ref[:, cols] * table_ref[latents, cols], axis=1)
+
         out_ref[:, i] = lax.fori_loop(0, d // chunk, add_chunk, jnp.zeros((rows,), jnp.float32))
         return carry
+
     lax.fori_loop(0, idx_ref.shape[1], one_latent, 0)
 
 
-def row_dots(g, idx, table, *, interpret=None, block_rows: int = ROW_DOTS_BLOCK_ROWS,
-             chunk: int = ROW_DOTS_CHUNK):
+def row_dots(
+    g,
+    idx,
+    table,
+    *,
+    interpret=None,
+    block_rows: int = ROW_DOTS_BLOCK_ROWS,
+    chunk: int = ROW_DOTS_CHUNK,
+):
     """out[b, i] = ⟨g[b], table[idx[b, i]]⟩: [B, k] float32."""
     _check_block("block_rows", block_rows)
     _check_block("chunk", chunk)
@@ -306,20 +360,26 @@ def row_dots(g, idx, table, *, interpret=None, block_rows: int = ROW_DOTS_BLOCK_
     g = _pad(g.astype(jnp.float32), (rows_p, d_p))
     idx = _pad(jnp.clip(idx.astype(jnp.int32), 0, n - 1), (rows_p, k))
     table = _pad(table.astype(jnp.float32), (n, d_p))
-    out = _call(partial(_row_dots_kernel, chunk=bd),
-                out_shape=(((rows_p, k), jnp.float32),),
-                grid=(rows_p // br,),
-                in_specs=[pl.BlockSpec((br, d_p), lambda r: (r, 0)),
-                          pl.BlockSpec((br, k), lambda r: (r, 0)),
-                          pl.BlockSpec((n, d_p), lambda r: (0, 0))],
-                out_specs=(pl.BlockSpec((br, k), lambda r: (r, 0)),),
-                interpret=_interpret(interpret), name="saejax_row_dots")(g, idx, table)[0]
+    out = _call(
+        partial(_row_dots_kernel, chunk=bd),
+        out_shape=(((rows_p, k), jnp.float32),),
+        grid=(rows_p // br,),
+        in_specs=[
+            pl.BlockSpec((br, d_p), lambda r: (r, 0)),
+            pl.BlockSpec((br, k), lambda r: (r, 0)),
+            pl.BlockSpec((n, d_p), lambda r: (0, 0)),
+        ],
+        out_specs=(pl.BlockSpec((br, k), lambda r: (r, 0)),),
+        interpret=_interpret(interpret),
+        name="saejax_row_dots",
+    )(g, idx, table)[0]
     return _pad_back(out, (rows, k))
 
 
 # ---- scatter_rows -------------------------------------------------------------------
-def _scatter_kernel(bounds_ref, latent_ref, source_ref, w_ref, rows_ref, out_ref, wsum_ref, *,
-                    transposed: bool):
+def _scatter_kernel(
+    bounds_ref, latent_ref, source_ref, w_ref, rows_ref, out_ref, wsum_ref, *, transposed: bool
+):
     j = pl.program_id(0)
     block_n = wsum_ref.shape[0]
     first = j * block_n
@@ -334,6 +394,7 @@ def _scatter_kernel(bounds_ref, latent_ref, source_ref, w_ref, rows_ref, out_ref
         else:
             out_ref[local, :] += update
         return carry
+
     lax.fori_loop(start, stop, add_row, 0)
 
     @pl.when(pl.program_id(1) == 0)  # the weight sums once per latent block
@@ -344,11 +405,21 @@ def _scatter_kernel(bounds_ref, latent_ref, source_ref, w_ref, rows_ref, out_ref
             local = latent_ref[e] - first
             wsum_ref[local] += w_ref[e]
             return carry
+
         lax.fori_loop(start, stop, add_weight, 0)
 
 
-def scatter_rows(weights, idx, rows, n: int, transposed: bool = False, *, interpret=None,
-                 block_latents: int = SCATTER_BLOCK_LATENTS, block_cols: int = SCATTER_BLOCK_COLS):
+def scatter_rows(
+    weights,
+    idx,
+    rows,
+    n: int,
+    transposed: bool = False,
+    *,
+    interpret=None,
+    block_latents: int = SCATTER_BLOCK_LATENTS,
+    block_cols: int = SCATTER_BLOCK_COLS,
+):
     """(out [n, D], wsum [n]): out[j] = Σ_{idx[b,i]=j} weights[b, i]·rows[b]; wsum the Σ
     weights. transposed=True returns out as [D, n], written in that layout. Deterministic."""
     _check_block("block_latents", block_latents)
@@ -364,8 +435,9 @@ def scatter_rows(weights, idx, rows, n: int, transposed: bool = False, *, interp
     w = weights.astype(jnp.float32).reshape(-1)[order]
     # sorted entries [bounds[j], bounds[j + 1]) belong to latent block j; out-of-range
     # latents fall outside [bounds[0], bounds[-1]) and are dropped
-    bounds = jnp.searchsorted(latent, jnp.arange(n_p // bn + 1, dtype=jnp.int32) * bn,
-                              side="left").astype(jnp.int32)
+    bounds = jnp.searchsorted(
+        latent, jnp.arange(n_p // bn + 1, dtype=jnp.int32) * bn, side="left"
+    ).astype(jnp.int32)
     rows = _pad(rows.astype(jnp.float32), (batch, d_p))
     if transposed:
         out_shape = ((d_p, n_p), jnp.float32)
@@ -378,9 +450,15 @@ def scatter_rows(weights, idx, rows, n: int, transposed: bool = False, *, interp
         partial(_scatter_kernel, transposed=transposed),
         out_shape=(out_shape, ((n_p,), jnp.float32)),
         grid=(n_p // bn, d_p // bd),
-        in_specs=[scalars[0], scalars[1], scalars[1], scalars[1],
-                  pl.BlockSpec((batch, bd), lambda j, c: (0, c))],
+        in_specs=[
+            scalars[0],
+            scalars[1],
+            scalars[1],
+            scalars[1],
+            pl.BlockSpec((batch, bd), lambda j, c: (0, c)),
+        ],
         out_specs=(out_spec, pl.BlockSpec((bn,), lambda j, c: (j,))),
-        interpret=_interpret(interpret), name="saejax_scatter_rows",
+        interpret=_interpret(interpret),
+        name="saejax_scatter_rows",
     )(bounds, latent, source, w, rows)
     return _pad_back(out, (d, n) if transposed else (n, d)), _pad_back(wsum, (n,))

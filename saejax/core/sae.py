@@ -26,6 +26,7 @@ from saejax.core.sharding import LATENT_SPECS, varying_axes
 @dataclass(frozen=True)
 class SAESpec:
     """What the pure functions need to know about an SAE (hashable: a jit static)."""
+
     architecture: str
     d_in: int
     d_sae: int
@@ -46,6 +47,7 @@ class SAESpec:
 
 class SparseAutoencoder(nn.Module):
     """Declares the parameters; `init_params` below is the usual entry point."""
+
     spec: SAESpec
     init_threshold: float = 1e-3
 
@@ -65,12 +67,14 @@ class SparseAutoencoder(nn.Module):
         params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
         if s.has_threshold:
             params["threshold"] = self.param(
-                "threshold", nn.initializers.constant(self.init_threshold), (s.d_sae,))
+                "threshold", nn.initializers.constant(self.init_threshold), (s.d_sae,)
+            )
         return forward(params, x, s)[0]
 
 
-def init_params(spec: SAESpec, key, b_dec: np.ndarray | None = None,
-                init_threshold: float = 1e-3) -> dict:
+def init_params(
+    spec: SAESpec, key, b_dec: np.ndarray | None = None, init_threshold: float = 1e-3
+) -> dict:
     module = SparseAutoencoder(spec, init_threshold)
     params = dict(module.init(key, jnp.zeros((1, spec.d_in)))["params"])
     if b_dec is not None:
@@ -162,8 +166,14 @@ def _selected_preacts_bwd(residual, g):
         db_enc = jnp.zeros(d_sae, jnp.float32).at[flat].add(g.reshape(-1))
         dW_enc = dW_enc_t.T
     db_dec = -(W_enc @ db_enc)
-    return (None, _match_varying_axes(db_dec, b_dec), _match_varying_axes(dW_enc, W_enc),
-            _match_varying_axes(db_enc, b_enc), None, None)
+    return (
+        None,
+        _match_varying_axes(db_dec, b_dec),
+        _match_varying_axes(dW_enc, W_enc),
+        _match_varying_axes(db_enc, b_enc),
+        None,
+        None,
+    )
 
 
 selected_preacts.defvjp(_selected_preacts_fwd, _selected_preacts_bwd)
@@ -181,6 +191,7 @@ def _gather_rows_weighted(weights, idx, table):
     def add_one(total, column):
         w, i = column
         return total + w[:, None] * table[i], None
+
     # the first term seeds the carry (rather than zeros) so that under shard_map the carry
     # has the same varying-axes type as the terms added to it
     first = weights[:, 0, None] * table[idx[:, 0]]
@@ -207,8 +218,10 @@ def _sparse_decode_bwd(residual, g):
         d_acts = cpu_kernels.row_dots(g, idx, W_dec)
         dW_dec = cpu_kernels.scatter_rows(acts, idx, g, W_dec.shape[0])[0]
     else:
+
         def dot_one(_, i):
             return None, jnp.sum(g * W_dec[i], axis=-1)
+
         d_acts = jax.lax.scan(dot_one, None, idx.T)[1].T
         updates = (acts[:, :, None] * g[:, None, :]).reshape(-1, g.shape[-1])
         dW_dec = jnp.zeros_like(W_dec).at[idx.reshape(-1)].add(updates)
@@ -260,8 +273,10 @@ def _batchtopk_cutoff(relu_pre, n_keep: int):
         top = jax.lax.top_k(block.reshape(-1), min(n_keep, block.size))[0]
         candidates = jax.lax.all_gather(top, ("data", "model"), tiled=True)
         return jax.lax.top_k(candidates, n_keep)[0][-1:]
-    cutoff = jax.shard_map(local, in_specs=P("data", "model"), out_specs=P(),
-                           check_vma=False)(relu_pre)
+
+    cutoff = jax.shard_map(local, in_specs=P("data", "model"), out_specs=P(), check_vma=False)(
+        relu_pre
+    )
     return cutoff[0]
 
 
@@ -369,8 +384,9 @@ def _select_and_decode_sharded(params, x, scores, k: int):
     idx = jnp.take_along_axis(candidate_idx, pick, axis=1)  # global latent indices
     mine = (idx >= shard * width) & (idx < (shard + 1) * width)
     local = jnp.clip(idx - shard * width, 0, width - 1)
-    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], local,
-                              jnp.where(mine, values, 0.0))
+    values = selected_preacts(
+        x, params["b_dec"], params["W_enc"], params["b_enc"], local, jnp.where(mine, values, 0.0)
+    )
     acts_mine = jnp.where(mine, jax.nn.relu(values), 0.0)
     partial = sparse_decode(acts_mine, local, params["W_dec"])
     # each selected latent lives on exactly one shard: these sums assemble the full values
@@ -397,7 +413,8 @@ def select_and_decode(params, x, scores, k: int, spec: SAESpec):
     return jax.shard_map(
         partial(_select_and_decode_sharded, k=k),
         in_specs=(specs, P("data", None), P("data", "model")),
-        out_specs=(P("data", None), P("data", None), P("data", None)))(params, x, scores)
+        out_specs=(P("data", None), P("data", None), P("data", None)),
+    )(params, x, scores)
 
 
 def _sparse_forward(params, x, spec: SAESpec):
@@ -419,8 +436,11 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     if spec.uses_sparse_kernels:
         x_hat, acts, idx, pre = _sparse_forward(params, x, spec)
         active = acts > 0
-        fires = jnp.zeros(spec.d_sae, jnp.int32).at[idx.reshape(-1)].add(
-            active.reshape(-1).astype(jnp.int32))
+        fires = (
+            jnp.zeros(spec.d_sae, jnp.int32)
+            .at[idx.reshape(-1)]
+            .add(active.reshape(-1).astype(jnp.int32))
+        )
         smallest = jnp.min(jnp.where(active, acts, jnp.inf))
     else:
         x_hat, f, pre = forward(params, x, spec, training=True)
@@ -430,9 +450,13 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     err = x - x_hat
     sq = jnp.sum(jnp.square(err))
     variance = jnp.maximum(total_variance(x), 1e-12)
-    parts = {"mse": sq / x.shape[0], "fvu": sq / variance,
-             "l0": jnp.mean(jnp.sum(active, axis=-1)),
-             "aux_loss": jnp.float32(0.0), "sparsity_loss": jnp.float32(0.0)}
+    parts = {
+        "mse": sq / x.shape[0],
+        "fvu": sq / variance,
+        "l0": jnp.mean(jnp.sum(active, axis=-1)),
+        "aux_loss": jnp.float32(0.0),
+        "sparsity_loss": jnp.float32(0.0),
+    }
     a = spec.architecture
     if a == "relu":
         dec_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
@@ -456,7 +480,8 @@ def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coe
     cost as much as the AuxK pass itself on every step.
     """
     (_, (parts, fires, smallest, pre, err)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, x, spec, sparsity_coefficient)
+        params, x, spec, sparsity_coefficient
+    )
     if spec.architecture not in ("topk", "batchtopk"):
         return parts, fires, smallest, grads
     variance = jnp.maximum(total_variance(x), 1e-12)

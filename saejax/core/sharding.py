@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from saejax.errors import SaejaxError
 
-
-LATENT_SPECS = {"W_enc": P(None, "model"), "b_enc": P("model"), "W_dec": P("model", None),
-                "b_dec": P(), "threshold": P("model")}
+LATENT_SPECS = {
+    "W_enc": P(None, "model"),
+    "b_enc": P("model"),
+    "W_dec": P("model", None),
+    "b_dec": P(),
+    "threshold": P("model"),
+}
 PER_LATENT_STATE = ("tokens_since_fired", "fire_count")
 
 
@@ -43,13 +48,15 @@ def make_mesh(data: int, model: int) -> Mesh:
         raise SaejaxError(
             f"mesh {{data: {data}, model: {model}}} needs {n} devices but "
             f"{len(devices)} are visible ({devices[0].platform}); set mesh.data × mesh.model "
-            f"to {len(devices)}")
+            f"to {len(devices)}"
+        )
     order = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(order).reshape(data, model), ("data", "model"))
 
 
 def state_shardings(state, mesh: Mesh):
     """A pytree of NamedShardings with the structure of `state` (a TrainState)."""
+
     def place(path, leaf):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         name = next((k for k in reversed(keys) if k in LATENT_SPECS), None)
@@ -58,6 +65,7 @@ def state_shardings(state, mesh: Mesh):
         if keys and keys[-1] in PER_LATENT_STATE:
             return NamedSharding(mesh, P("model"))
         return NamedSharding(mesh, P())
+
     return jax.tree_util.tree_map_with_path(place, state)
 
 
@@ -80,9 +88,11 @@ def put_batch(rows: np.ndarray, sharding: NamedSharding, global_rows: int):
 
 def place(tree, shardings):
     """Put host or single-device values onto the mesh (identical on every process)."""
+
     def put(value, sharding):
         host = np.asarray(jax.device_get(value))
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
     return jax.tree_util.tree_map(put, tree, shardings)
 
 

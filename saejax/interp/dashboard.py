@@ -36,24 +36,31 @@ def _token_strings(tok, ids) -> list[str]:
     return [tok.decode([int(i)]) for i in ids]
 
 
-def builtin_explanation(tokens_at_top: list[str], sample_tokens: list[int], token_freq: dict,
-                        tok) -> str:
+def builtin_explanation(
+    tokens_at_top: list[str], sample_tokens: list[int], token_freq: dict, tok
+) -> str:
     """Dominant tokens among the examples, and tokens over-represented against the corpus."""
     parts = []
     if tokens_at_top:
         values, counts = np.unique(tokens_at_top, return_counts=True)
         order = np.argsort(-counts)[:3]
-        parts.append("fires on " + ", ".join(f"{str(values[i])!r} ({counts[i]}/{len(tokens_at_top)})"
-                                           for i in order))
+        parts.append(
+            "fires on "
+            + ", ".join(f"{str(values[i])!r} ({counts[i]}/{len(tokens_at_top)})" for i in order)
+        )
     if sample_tokens:
         ids, counts = np.unique(sample_tokens, return_counts=True)
         total = sum(token_freq.values())
-        lift = [(c / len(sample_tokens)) / max(token_freq.get(int(t), 0.5) / total, 1e-9)
-                for t, c in zip(ids, counts)]
+        lift = [
+            (c / len(sample_tokens)) / max(token_freq.get(int(t), 0.5) / total, 1e-9)
+            for t, c in zip(ids, counts)
+        ]
         picks = [i for i in np.argsort(lift)[::-1] if counts[i] >= 2 and lift[i] > 2][:3]
         if picks:
-            parts.append("over-represented: " + ", ".join(
-                f"{tok.decode([int(ids[i])])!r} ×{lift[i]:.0f}" for i in picks))
+            parts.append(
+                "over-represented: "
+                + ", ".join(f"{tok.decode([int(ids[i])])!r} ×{lift[i]:.0f}" for i in picks)
+            )
     return "; ".join(parts) or "no activations seen"
 
 
@@ -61,19 +68,28 @@ class LLMExplainer:
     """OpenAI-compatible chat completions; after the first failure it stops asking."""
 
     def __init__(self, url: str, model: str, timeout: float = 20.0):
-        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions")
-                                      else "/chat/completions")
+        self.url = url.rstrip("/") + (
+            "" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions"
+        )
         self.model, self.timeout, self.failed = model, timeout, None
 
     def explain(self, examples: list[str]) -> tuple[str, str] | None:
         if self.failed:
             return None
-        prompt = ("Here are text snippets where one feature of a language model is most active; "
-                  "the token where it fires is marked [[like this]].\n\n" + "\n".join(examples[:12]) +
-                  "\n\nAnswer in two lines: a title of at most six words, then one sentence "
-                  "explaining what the feature detects.")
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0}).encode()
+        prompt = (
+            "Here are text snippets where one feature of a language model is most active; "
+            "the token where it fires is marked [[like this]].\n\n"
+            + "\n".join(examples[:12])
+            + "\n\nAnswer in two lines: a title of at most six words, then one sentence "
+            "explaining what the feature detects."
+        )
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if os.environ.get("OPENAI_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
@@ -83,8 +99,11 @@ class LLMExplainer:
                 text = json.load(resp)["choices"][0]["message"]["content"].strip()
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as e:
             self.failed = f"{self.url}: {getattr(e, 'reason', e)}"
-            print(f"saejax: warning: the explanation endpoint is unreachable ({self.failed}); "
-                  "writing the dashboard with built-in summaries only", file=sys.stderr)
+            print(
+                f"saejax: warning: the explanation endpoint is unreachable ({self.failed}); "
+                "writing the dashboard with built-in summaries only",
+                file=sys.stderr,
+            )
             return None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         return (lines[0][:80], " ".join(lines[1:])[:400]) if lines else None
@@ -114,17 +133,20 @@ def unembedding_effects(loaded, sae, n: int = 8) -> tuple[np.ndarray, np.ndarray
     return promoted, suppressed
 
 
-
 ASSETS = Path(__file__).with_name("dashboard_assets")
-_CSS = (ASSETS / "style.css").read_text().rstrip("\n")  # inlined into every page: one file per page to open
+_CSS = (
+    (ASSETS / "style.css").read_text().rstrip("\n")
+)  # inlined into every page: one file per page to open
 _INDEX_JS = (ASSETS / "index.js").read_text().rstrip("\n")  # sorting and search of the latent list
 
 
 def _shade(text: str, value: float, peak: float, hit: bool) -> str:
     alpha = 0.0 if peak <= 0 else max(0.0, min(1.0, value / peak))
     cls = "tok hit" if hit else "tok"
-    return (f'<span class="{cls}" title="{value:.3f}" data-act="{value:.4f}" '
-            f'style="background:rgba(255,140,0,{alpha:.2f})">{html.escape(text)}</span>')
+    return (
+        f'<span class="{cls}" title="{value:.3f}" data-act="{value:.4f}" '
+        f'style="background:rgba(255,140,0,{alpha:.2f})">{html.escape(text)}</span>'
+    )
 
 
 def _histogram_svg(values: np.ndarray, bins: int = 20) -> str:
@@ -133,17 +155,29 @@ def _histogram_svg(values: np.ndarray, bins: int = 20) -> str:
     counts, edges = np.histogram(values, bins=bins)
     w, h = 400, 120
     peak = max(int(counts.max()), 1)
-    bars = "".join(f'<rect class="bar" x="{i * w / bins:.1f}" y="{h - c / peak * h:.1f}" '
-                   f'width="{w / bins - 1:.1f}" height="{c / peak * h:.1f}"><title>{edges[i]:.2f}–'
-                   f'{edges[i + 1]:.2f}: {c}</title></rect>' for i, c in enumerate(counts))
-    return (f'<svg class="hist" width="{w}" height="{h + 16}">{bars}<text x="0" y="{h + 14}" '
-            f'font-size="11">{edges[0]:.2f}</text><text x="{w - 40}" y="{h + 14}" font-size="11">'
-            f'{edges[-1]:.2f}</text></svg>')
+    bars = "".join(
+        f'<rect class="bar" x="{i * w / bins:.1f}" y="{h - c / peak * h:.1f}" '
+        f'width="{w / bins - 1:.1f}" height="{c / peak * h:.1f}"><title>{edges[i]:.2f}–'
+        f"{edges[i + 1]:.2f}: {c}</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    return (
+        f'<svg class="hist" width="{w}" height="{h + 16}">{bars}<text x="0" y="{h + 14}" '
+        f'font-size="11">{edges[0]:.2f}</text><text x="{w - 40}" y="{h + 14}" font-size="11">'
+        f"{edges[-1]:.2f}</text></svg>"
+    )
 
 
-def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url: str | None = None,
-                    llm_model: str = "gpt-4o-mini", store_path: str | None = None,
-                    progress: bool = False, split_with: str | None = None) -> str:
+def write_dashboard(
+    run: str,
+    out: str | None = None,
+    pages: int = 128,
+    llm_url: str | None = None,
+    llm_model: str = "gpt-4o-mini",
+    store_path: str | None = None,
+    progress: bool = False,
+    split_with: str | None = None,
+) -> str:
     from saejax.interp.eval import resolve_run_store
     from saejax.interp.features import quantile_examples, scan_examples
     from saejax.interp.lm import load_cached, model_for
@@ -152,8 +186,11 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
     sae = load_sae(run)
     store, hook = resolve_run_store(run, sae, store_path)
     cache = os.path.join(run, "features", "examples.npz")
-    result = dict(np.load(cache)) if os.path.exists(cache) else scan_examples(
-        sae, store, hook, progress=progress)
+    result = (
+        dict(np.load(cache))
+        if os.path.exists(cache)
+        else scan_examples(sae, store, hook, progress=progress)
+    )
     n_rows = int(result["n_rows"])
     tokens = store.tokens(0, n_rows)
     doc = store.doc(0, n_rows)
@@ -169,7 +206,9 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
         larger = load_sae(split_with)
         if larger.spec.d_in != sae.spec.d_in:
             raise SaejaxError(f"{split_with} has d_in {larger.spec.d_in}, not {sae.spec.d_in}")
-        splits = closest_latents(np.asarray(sae.params["W_dec"]), np.asarray(larger.params["W_dec"]))
+        splits = closest_latents(
+            np.asarray(sae.params["W_dec"]), np.asarray(larger.params["W_dec"])
+        )
         split_name = os.path.basename(os.path.abspath(split_with))
 
     density = result["fire_count"] / max(n_rows, 1)
@@ -189,8 +228,11 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
         explanations = {}
         for latent in paged:
             latent = int(latent)
-            examples = [(float(v), int(r)) for v, r in zip(result["top_vals"][latent], result["top_rows"][latent])
-                        if r >= 0 and v > 0]
+            examples = [
+                (float(v), int(r))
+                for v, r in zip(result["top_vals"][latent], result["top_rows"][latent])
+                if r >= 0 and v > 0
+            ]
             rows_needed = sorted({int(r) for _, row in examples for r in context(row)[0]})
             acts = {}
             if rows_needed:
@@ -202,8 +244,10 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
             for value, row in examples:
                 idx, ids = context(row)
                 strings = _token_strings(tok, ids)
-                spans = "".join(_shade(s, acts.get(int(r), 0.0), peak, int(r) == row)
-                                for s, r in zip(strings, idx))
+                spans = "".join(
+                    _shade(s, acts.get(int(r), 0.0), peak, int(r) == row)
+                    for s, r in zip(strings, idx)
+                )
                 blocks.append(f'<tr><td>{value:.3f}</td><td class="ctx">{spans}</td></tr>')
                 at = int(np.flatnonzero(idx == row)[0])
                 top_tokens.append(strings[at])
@@ -212,9 +256,14 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
             for value, row in quantile_examples(result, latent):
                 idx, ids = context(row)
                 strings = _token_strings(tok, ids)
-                quant.append(f'<tr><td>{value:.3f}</td><td class="ctx">' + "".join(
-                    _shade(s, value if int(r) == row else 0.0, peak, int(r) == row)
-                    for s, r in zip(strings, idx)) + "</td></tr>")
+                quant.append(
+                    f'<tr><td>{value:.3f}</td><td class="ctx">'
+                    + "".join(
+                        _shade(s, value if int(r) == row else 0.0, peak, int(r) == row)
+                        for s, r in zip(strings, idx)
+                    )
+                    + "</td></tr>"
+                )
             valid = result["sample_priority"][latent] >= 0
             sample_tokens = tokens[result["sample_rows"][latent][valid]].tolist()
             summary = builtin_explanation(top_tokens, sample_tokens, token_freq, tok)
@@ -226,36 +275,52 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
             explanations[latent] = (title, summary)
             effect_html = "<p>not in the residual stream: no unembedding view</p>"
             if effects is not None:
-                pro = ", ".join(html.escape(repr(t)) for t in _token_strings(tok, effects[0][latent]))
-                sup = ", ".join(html.escape(repr(t)) for t in _token_strings(tok, effects[1][latent]))
-                effect_html = (f'<p class="pos">promotes: {pro}</p><p class="neg">suppresses: {sup}</p>')
+                pro = ", ".join(
+                    html.escape(repr(t)) for t in _token_strings(tok, effects[0][latent])
+                )
+                sup = ", ".join(
+                    html.escape(repr(t)) for t in _token_strings(tok, effects[1][latent])
+                )
+                effect_html = (
+                    f'<p class="pos">promotes: {pro}</p><p class="neg">suppresses: {sup}</p>'
+                )
             split_html = ""
             if splits is not None:
-                split_html = (f"<h2>in the larger SAE ({html.escape(split_name)}, d_sae "
-                              f"{len(larger.params['W_dec']):,})</h2><p id=\"splits\">" + ", ".join(
-                                  f"latent {int(j)} (cos {c:.3f})"
-                                  for j, c in zip(splits[0][latent], splits[1][latent])) + "</p>")
+                split_html = (
+                    f"<h2>in the larger SAE ({html.escape(split_name)}, d_sae "
+                    f'{len(larger.params["W_dec"]):,})</h2><p id="splits">'
+                    + ", ".join(
+                        f"latent {int(j)} (cos {c:.3f})"
+                        for j, c in zip(splits[0][latent], splits[1][latent])
+                    )
+                    + "</p>"
+                )
             page = f"""<!doctype html><html><head><meta charset="utf-8"><title>latent {latent}</title>
     <style>{_CSS}</style></head><body><p><a href="../index.html">all latents</a></p>
-    <h1 id="title">latent {latent}{(' — ' + html.escape(title)) if title else ''}</h1>
+    <h1 id="title">latent {latent}{(" — " + html.escape(title)) if title else ""}</h1>
     <p>density {density[latent]:.4%} of {n_rows:,} rows; mean activation when active {mean_act[latent]:.3f}</p>
-    <p id="explanation">{html.escape(llm_text) + '<br>' if llm_text else ''}{html.escape(summary)}</p>
-    <h2>activation histogram (random activating rows)</h2>{_histogram_svg(result['sample_vals'][latent][valid])}
+    <p id="explanation">{html.escape(llm_text) + "<br>" if llm_text else ""}{html.escape(summary)}</p>
+    <h2>activation histogram (random activating rows)</h2>{_histogram_svg(result["sample_vals"][latent][valid])}
     <h2>output tokens (through the unembedding)</h2>{effect_html}{split_html}
-    <h2>top examples</h2><table id="top">{''.join(blocks)}</table>
-    <h2>at activation quantiles</h2><table id="quantiles">{''.join(quant)}</table></body></html>"""
+    <h2>top examples</h2><table id="top">{"".join(blocks)}</table>
+    <h2>at activation quantiles</h2><table id="quantiles">{"".join(quant)}</table></body></html>"""
             with open(os.path.join(tmp, "latents", f"{latent}.html"), "w") as fh:
                 fh.write(page)
 
         rows_html = []
         for latent in range(d_sae):
             title, summary = explanations.get(latent, ("", ""))
-            name = (f'<a href="latents/{latent}.html">{latent}</a>' if latent in explanations
-                    else str(latent))
-            rows_html.append(f'<tr><td data-v="{latent}">{name}</td><td data-v="{density[latent]:.8f}">'
-                             f'{density[latent]:.4%}</td><td data-v="{mean_act[latent]:.6f}">'
-                             f'{mean_act[latent]:.3f}</td><td>{html.escape(title)}</td>'
-                             f'<td>{html.escape(summary)}</td></tr>')
+            name = (
+                f'<a href="latents/{latent}.html">{latent}</a>'
+                if latent in explanations
+                else str(latent)
+            )
+            rows_html.append(
+                f'<tr><td data-v="{latent}">{name}</td><td data-v="{density[latent]:.8f}">'
+                f'{density[latent]:.4%}</td><td data-v="{mean_act[latent]:.6f}">'
+                f"{mean_act[latent]:.3f}</td><td>{html.escape(title)}</td>"
+                f"<td>{html.escape(summary)}</td></tr>"
+            )
         dead = int(np.sum(density == 0))
         index = f"""<!doctype html><html><head><meta charset="utf-8"><title>saejax dashboard</title>
     <style>{_CSS}</style></head><body><h1>{html.escape(os.path.basename(os.path.abspath(run)))}</h1>
@@ -263,12 +328,18 @@ def write_dashboard(run: str, out: str | None = None, pages: int = 128, llm_url:
     {n_rows:,} rows scanned; {dead:,} latents never fired; pages for the {len(paged)} densest.</p>
     <input id="q" placeholder="search latents, tokens, explanations"><table id="latents"><thead><tr>
     <th>latent</th><th>density</th><th>mean act.</th><th>title</th><th>summary</th></tr></thead>
-    <tbody>{''.join(rows_html)}</tbody></table><script>{_INDEX_JS}</script></body></html>"""
+    <tbody>{"".join(rows_html)}</tbody></table><script>{_INDEX_JS}</script></body></html>"""
         plots = _write_plots(run, density, tmp)
         if plots:
-            index = index.replace("<input id=", "".join(
-                f'<img src="{name}" alt="{name}" style="max-width:48%;margin-right:8px">' for name in plots)
-                + "<br><input id=", 1)
+            index = index.replace(
+                "<input id=",
+                "".join(
+                    f'<img src="{name}" alt="{name}" style="max-width:48%;margin-right:8px">'
+                    for name in plots
+                )
+                + "<br><input id=",
+                1,
+            )
         with open(os.path.join(tmp, "index.html"), "w") as fh:
             fh.write(index)
     return os.path.join(final, "index.html")
@@ -279,11 +350,14 @@ def _write_plots(run: str, density: np.ndarray, folder: str) -> list[str]:
     (FVU, L0 and dead fraction against tokens from metrics.jsonl). Needs matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: no plots in the dashboard (needs matplotlib: pip install 'saejax[plots]')",
-              file=sys.stderr)
+        print(
+            "note: no plots in the dashboard (needs matplotlib: pip install 'saejax[plots]')",
+            file=sys.stderr,
+        )
         return []
     names = []
     fig, ax = plt.subplots(figsize=(5, 3), dpi=110)

@@ -18,8 +18,9 @@ DEMO_HOOK = "blocks.15.hook_resid_post"
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
 
 
-def run_demo(out: str = "demo_out", tokens: int = 250_000, train_tokens: int = 1_000_000,
-             quiet: bool = False) -> dict:
+def run_demo(
+    out: str = "demo_out", tokens: int = 250_000, train_tokens: int = 1_000_000, quiet: bool = False
+) -> dict:
     """The whole flow; returns the report (also written to OUT/report.json)."""
     from extract.extractor import ExtractConfig, run_extract
     from saejax.store import ActivationStore, describe
@@ -28,8 +29,7 @@ def run_demo(out: str = "demo_out", tokens: int = 250_000, train_tokens: int = 1
     store_path = os.path.join(out, "store")
     t0 = time.time()
     print(f"[1] extract {tokens:,} rows of {DEMO_HOOK} from the built-in model -> {store_path}")
-    run_extract(ExtractConfig(out=store_path, hooks=[DEMO_HOOK], tokens=tokens),
-                progress=not quiet)
+    run_extract(ExtractConfig(out=store_path, hooks=[DEMO_HOOK], tokens=tokens), progress=not quiet)
     store = ActivationStore.open(store_path)
     print(describe(store))
     print(f"    done in {time.time() - t0:.0f}s")
@@ -41,26 +41,38 @@ def run_demo(out: str = "demo_out", tokens: int = 250_000, train_tokens: int = 1
         print(f"[{i}] train a {arch} SAE ({train_tokens:,} tokens) -> {run_dir}")
         results[arch] = _train_one(store_path, run_dir, arch, extra, train_tokens, quiet)
         m = results[arch]
-        print(f"    FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}   "
-              f"{m['tokens_per_s']:,.0f} tokens/s   ({time.time() - t1:.0f}s)")
+        print(
+            f"    FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}   "
+            f"{m['tokens_per_s']:,.0f} tokens/s   ({time.time() - t1:.0f}s)"
+        )
         lm = _lm_eval_one(run_dir, store_path, quiet)
-        m.update({k: lm[k] for k in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced",
-                                     "ce_loss_recovered")})
-        print(f"    CE loss recovered {lm['ce_loss_recovered']:.4f}   KL {lm['kl_spliced']:.4f}   "
-              f"(CE clean {lm['ce_clean']:.3f}, with SAE {lm['ce_spliced']:.3f}, "
-              f"zero-ablated {lm['ce_zero']:.3f}; {lm['sequences']} held-out sequences)")
+        m.update(
+            {
+                k: lm[k]
+                for k in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "ce_loss_recovered")
+            }
+        )
+        print(
+            f"    CE loss recovered {lm['ce_loss_recovered']:.4f}   KL {lm['kl_spliced']:.4f}   "
+            f"(CE clean {lm['ce_clean']:.3f}, with SAE {lm['ce_spliced']:.3f}, "
+            f"zero-ablated {lm['ce_zero']:.3f}; {lm['sequences']} held-out sequences)"
+        )
 
     step = len(DEMO_SAES) + 2
     sweep_dir = os.path.join(out, "sweep")
-    print(f"[{step}] sweep: topk at d_sae {', '.join(map(str, DEMO_SWEEP))} in lockstep "
-          f"({train_tokens // 4:,} tokens) -> {sweep_dir}")
+    print(
+        f"[{step}] sweep: topk at d_sae {', '.join(map(str, DEMO_SWEEP))} in lockstep "
+        f"({train_tokens // 4:,} tokens) -> {sweep_dir}"
+    )
     t1 = time.time()
     sweep_rows = _sweep(store_path, sweep_dir, train_tokens, quiet)
     print(f"    ({time.time() - t1:.0f}s)")
 
     dash_dir = os.path.join(out, "runs", "topk", "dashboard")
-    print(f"[{step + 1}] dashboard of the topk SAE (feature splitting against the largest sweep "
-          f"member) -> {dash_dir}/index.html")
+    print(
+        f"[{step + 1}] dashboard of the topk SAE (feature splitting against the largest sweep "
+        f"member) -> {dash_dir}/index.html"
+    )
     t1 = time.time()
     dashboard = _dashboard(os.path.join(out, "runs", "topk"), sweep_rows, quiet)
     print(f"    ({time.time() - t1:.0f}s)")
@@ -71,19 +83,28 @@ def run_demo(out: str = "demo_out", tokens: int = 250_000, train_tokens: int = 1
     decor_plot = _decorrelation(decor_dir)
     print(f"    ({time.time() - t1:.0f}s)")
 
-    report = {"store": store_path, "rows": len(store), "hook": DEMO_HOOK,
-              "runs": {a: {"run_dir": os.path.join(out, "runs", a), **m} for a, m in results.items()},
-              "sweep": {"table": os.path.join(sweep_dir, "sweep.md"), "members": sweep_rows},
-              "dashboard": dashboard, "decorrelation_plot": decor_plot,
-              "wall_s": time.time() - t0}
+    report = {
+        "store": store_path,
+        "rows": len(store),
+        "hook": DEMO_HOOK,
+        "runs": {a: {"run_dir": os.path.join(out, "runs", a), **m} for a, m in results.items()},
+        "sweep": {"table": os.path.join(sweep_dir, "sweep.md"), "members": sweep_rows},
+        "dashboard": dashboard,
+        "decorrelation_plot": decor_plot,
+        "wall_s": time.time() - t0,
+    }
     write_json(os.path.join(out, "report.json"), report)
     print(f"\nsummary ({time.time() - t0:.0f}s): store {store_path}; report {out}/report.json")
     for arch, m in results.items():
-        print(f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "
-              f"CE loss recovered {m['ce_loss_recovered']:.4f}  -> {out}/runs/{arch}/sae")
+        print(
+            f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "
+            f"CE loss recovered {m['ce_loss_recovered']:.4f}  -> {out}/runs/{arch}/sae"
+        )
     for r in sweep_rows:
-        print(f"  sweep d_sae {r['d_sae']:5d}  FVU {r['fvu']:.4f}  L0 {r['l0']:5.1f}  "
-              f"CE loss recovered {r['ce_loss_recovered']:.4f}")
+        print(
+            f"  sweep d_sae {r['d_sae']:5d}  FVU {r['fvu']:.4f}  L0 {r['l0']:5.1f}  "
+            f"CE loss recovered {r['ce_loss_recovered']:.4f}"
+        )
     print(f"  sweep table   {sweep_dir}/sweep.md")
     print(f"  dashboard     {dashboard}")
     print(f"  decorrelation {decor_plot}")
@@ -94,8 +115,15 @@ def run_demo(out: str = "demo_out", tokens: int = 250_000, train_tokens: int = 1
 # with resampling. Both 8x wide over d_in 576.
 DEMO_SAES = [
     ("topk", {"sae.k": 32}),
-    ("relu", {"sae.l1_coefficient": 2.0, "sae.l1_warmup_steps": 100,
-              "train.resample.every_steps": 150, "train.lr": 0.0003}),
+    (
+        "relu",
+        {
+            "sae.l1_coefficient": 2.0,
+            "sae.l1_warmup_steps": 100,
+            "train.resample.every_steps": 150,
+            "train.lr": 0.0003,
+        },
+    ),
 ]
 
 
@@ -112,13 +140,17 @@ def _sweep(store_path: str, sweep_dir: str, train_tokens: int, quiet: bool) -> l
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)["members"]
-    base = with_values(load_config(CONFIG_PATH, check=False),
-                       {"data.path": store_path, "train.tokens": train_tokens // 4, "sae.k": 32})
-    rows = run_sweep(base, members_of("topk", list(DEMO_SWEEP), [], []), sweep_dir,
-                     progress=not quiet)
+    base = with_values(
+        load_config(CONFIG_PATH, check=False),
+        {"data.path": store_path, "train.tokens": train_tokens // 4, "sae.k": 32},
+    )
+    rows = run_sweep(
+        base, members_of("topk", list(DEMO_SWEEP), [], []), sweep_dir, progress=not quiet
+    )
     for r in rows:
         r["ce_loss_recovered"] = evaluate_run(r["run_dir"], store_path, sequences=8)["lm"][
-            "ce_loss_recovered"]
+            "ce_loss_recovered"
+        ]
     write_table(rows, sweep_dir)
     return rows
 
@@ -150,15 +182,17 @@ def _lm_eval_one(run_dir: str, store_path: str, quiet: bool) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["lm"]
-    return evaluate_run(run_dir, store_path, sequences=DEMO_EVAL_SEQUENCES,
-                        progress=not quiet)["lm"]
+    return evaluate_run(run_dir, store_path, sequences=DEMO_EVAL_SEQUENCES, progress=not quiet)[
+        "lm"
+    ]
 
 
 DEMO_EVAL_SEQUENCES = 32
 
 
-def _train_one(store_path: str, run_dir: str, arch: str, extra: dict, train_tokens: int,
-               quiet: bool) -> dict:
+def _train_one(
+    store_path: str, run_dir: str, arch: str, extra: dict, train_tokens: int, quiet: bool
+) -> dict:
     from saejax.config import load_config, with_values
     from saejax.train.run import load_run_config, train
 
@@ -171,9 +205,17 @@ def _train_one(store_path: str, run_dir: str, arch: str, extra: dict, train_toke
     else:
         if not os.path.exists(CONFIG_PATH):
             raise SaejaxError(f"{CONFIG_PATH} not found: run the demo from a source checkout")
-        cfg = with_values(load_config(CONFIG_PATH, check=False), {
-            "data.path": store_path, "run_dir": run_dir, "sae.architecture": arch,
-            "train.tokens": train_tokens, "log.progress": not quiet, **extra})
+        cfg = with_values(
+            load_config(CONFIG_PATH, check=False),
+            {
+                "data.path": store_path,
+                "run_dir": run_dir,
+                "sae.architecture": arch,
+                "train.tokens": train_tokens,
+                "log.progress": not quiet,
+                **extra,
+            },
+        )
         result = train(cfg)
     if result.stopped_early:
         raise KeyboardInterrupt

@@ -47,8 +47,16 @@ def _token_losses(logits, ids):
     return ce, logp
 
 
-def run_lm_eval(sae, store, model_name: str | None, n_sequences: int, batch_size: int,
-                hook: str, validation_tokens: int, progress: bool = False) -> dict:
+def run_lm_eval(
+    sae,
+    store,
+    model_name: str | None,
+    n_sequences: int,
+    batch_size: int,
+    hook: str,
+    validation_tokens: int,
+    progress: bool = False,
+) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -69,6 +77,7 @@ def run_lm_eval(sae, store, model_name: str | None, n_sequences: int, batch_size
             if keep_first_clean:
                 out = torch.cat([t[:, :1], out[:, 1:]], dim=1)
             return out
+
         return replace
 
     def reconstruct(t):
@@ -76,15 +85,17 @@ def run_lm_eval(sae, store, model_name: str | None, n_sequences: int, batch_size
         recon = np.array(sae.reconstruct(flat), np.float32).reshape(t.shape)  # a writable copy
         return torch.from_numpy(recon).to(t.dtype)
 
-    totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl_spliced": 0.0,
-              "kl_zero": 0.0}
+    totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl_spliced": 0.0, "kl_zero": 0.0}
     n_tokens = 0
     inputs = [store.sequence_input(seq, row) for seq, row in sequences]
     by_length: dict[int, list] = {}
     for ids in inputs:
         by_length.setdefault(len(ids), []).append(ids)
-    batches = [group[i:i + batch_size] for group in by_length.values()
-               for i in range(0, len(group), batch_size)]
+    batches = [
+        group[i : i + batch_size]
+        for group in by_length.values()
+        for i in range(0, len(group), batch_size)
+    ]
     model = loaded.model
     with torch.inference_mode():
         for group in tqdm(batches, desc="eval", disable=not progress, file=sys.stderr):
@@ -93,7 +104,9 @@ def run_lm_eval(sae, store, model_name: str | None, n_sequences: int, batch_size
             with Splice(model, point, spliced(reconstruct)):
                 ce_sae, logp_sae = _token_losses(model(input_ids=ids, use_cache=False).logits, ids)
             with Splice(model, point, spliced(torch.zeros_like)):
-                ce_zero, logp_zero = _token_losses(model(input_ids=ids, use_cache=False).logits, ids)
+                ce_zero, logp_zero = _token_losses(
+                    model(input_ids=ids, use_cache=False).logits, ids
+                )
             p_clean = logp_clean.exp()
             totals["ce_clean"] += float(ce_clean.sum())
             totals["ce_spliced"] += float(ce_sae.sum())
@@ -104,8 +117,13 @@ def run_lm_eval(sae, store, model_name: str | None, n_sequences: int, batch_size
     out = {k: v / n_tokens for k, v in totals.items()}
     gap = out["ce_zero"] - out["ce_clean"]
     out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap > 0 else None
-    out.update(sequences=len(inputs), predicted_tokens=n_tokens, model=loaded.model_id, hook=hook,
-               bos_left_clean=keep_first_clean)
+    out.update(
+        sequences=len(inputs),
+        predicted_tokens=n_tokens,
+        model=loaded.model_id,
+        hook=hook,
+        bos_left_clean=keep_first_clean,
+    )
     return out
 
 
@@ -120,20 +138,31 @@ def resolve_run_store(run: str, sae, store_path: str | None = None):
     if not store_path:
         raise SaejaxError(f"{run} does not say which store it was trained on; pass --store")
     if not os.path.exists(os.path.join(store_path, "meta.json")):
-        raise SaejaxError(f"the run's store {store_path} is missing (moved or deleted?); "
-                          "pass --store PATH")
+        raise SaejaxError(
+            f"the run's store {store_path} is missing (moved or deleted?); pass --store PATH"
+        )
     store = ActivationStore.open(store_path)
-    hook = (cfg.data.hook if cfg and cfg.data.hook else None) or sae.info.get("hook") or store.hooks[0]
+    hook = (
+        (cfg.data.hook if cfg and cfg.data.hook else None) or sae.info.get("hook") or store.hooks[0]
+    )
     if hook not in store.hooks:
         raise SaejaxError(f"the store {store_path} has no hook {hook} (it has {store.hooks})")
     if store.d_in_of(hook) != sae.spec.d_in:
-        raise SaejaxError(f"the SAE has d_in {sae.spec.d_in} but {hook} in {store_path} has "
-                          f"width {store.d_in_of(hook)}")
+        raise SaejaxError(
+            f"the SAE has d_in {sae.spec.d_in} but {hook} in {store_path} has "
+            f"width {store.d_in_of(hook)}"
+        )
     return store, hook
 
 
-def evaluate_run(run: str, store_path: str | None = None, model: str | None = None,
-                 sequences: int = 32, batch_size: int = 8, progress: bool = False) -> dict:
+def evaluate_run(
+    run: str,
+    store_path: str | None = None,
+    model: str | None = None,
+    sequences: int = 32,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """Held-out SAE metrics and the LM splice metrics of a run; also written to
     RUN/eval_lm.json (atomically) when the run directory is writable."""
     from saejax.config import load_config
@@ -153,8 +182,16 @@ def evaluate_run(run: str, store_path: str | None = None, model: str | None = No
     data_cfg = cfg.data if cfg else load_config(None, [f"data.path={store_path}"]).data
     rows = validation_rows(ArraySource(store_path, hook), data_cfg)
     result = {"sae": evaluate_rows(sae.params, sae.spec, 1.0, rows)}
-    result["lm"] = run_lm_eval(sae, store, model, sequences, batch_size, hook,
-                               data_cfg.validation_tokens, progress=progress)
+    result["lm"] = run_lm_eval(
+        sae,
+        store,
+        model,
+        sequences,
+        batch_size,
+        hook,
+        data_cfg.validation_tokens,
+        progress=progress,
+    )
     if os.access(run, os.W_OK):
         write_json(os.path.join(run, "eval_lm.json"), result)
     return result

@@ -20,9 +20,9 @@ import numpy as np
 
 from saejax.core import sae as S
 from saejax.errors import SaejaxError
-from saejax.store import check_finite
 from saejax.interp.contexts import marked_context
 from saejax.io import write_json, write_npz
+from saejax.store import check_finite
 
 
 def _merge(vals, rows, new_vals, new_rows, k):
@@ -46,23 +46,41 @@ def _update(state, params, x, first_row, key, spec: S.SAESpec, k: int, m: int):
     val_all = jnp.concatenate([state["sample_vals"], jnp.take_along_axis(f, pri_i, axis=1)], axis=1)
     row_all = jnp.concatenate([state["sample_rows"], rows[pri_i]], axis=1)
     keep_p, keep = jax.lax.top_k(pri_all, m)
-    return {"top_vals": top_vals, "top_rows": top_rows, "sample_priority": keep_p,
-            "sample_vals": jnp.take_along_axis(val_all, keep, axis=1),
-            "sample_rows": jnp.take_along_axis(row_all, keep, axis=1),
-            "fire_count": state["fire_count"] + jnp.sum(f > 0, axis=1, dtype=jnp.int32),
-            "act_sum": state["act_sum"] + jnp.sum(f, axis=1)}
+    return {
+        "top_vals": top_vals,
+        "top_rows": top_rows,
+        "sample_priority": keep_p,
+        "sample_vals": jnp.take_along_axis(val_all, keep, axis=1),
+        "sample_rows": jnp.take_along_axis(row_all, keep, axis=1),
+        "fire_count": state["fire_count"] + jnp.sum(f > 0, axis=1, dtype=jnp.int32),
+        "act_sum": state["act_sum"] + jnp.sum(f, axis=1),
+    }
 
 
-def scan_examples(sae, store, hook: str, k: int = 20, m: int = 64, max_rows: int | None = None,
-                  chunk_rows: int = 8192, seed: int = 0, progress: bool = False) -> dict:
+def scan_examples(
+    sae,
+    store,
+    hook: str,
+    k: int = 20,
+    m: int = 64,
+    max_rows: int | None = None,
+    chunk_rows: int = 8192,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """One pass over the store; NumPy arrays per latent (rows are store row numbers)."""
     from tqdm import tqdm
 
     d = sae.spec.d_sae
-    state = {"top_vals": jnp.full((d, k), -jnp.inf), "top_rows": jnp.full((d, k), -1, jnp.int32),
-             "sample_priority": jnp.full((d, m), -2.0), "sample_vals": jnp.zeros((d, m)),
-             "sample_rows": jnp.full((d, m), -1, jnp.int32),
-             "fire_count": jnp.zeros(d, jnp.int32), "act_sum": jnp.zeros(d)}
+    state = {
+        "top_vals": jnp.full((d, k), -jnp.inf),
+        "top_rows": jnp.full((d, k), -1, jnp.int32),
+        "sample_priority": jnp.full((d, m), -2.0),
+        "sample_vals": jnp.zeros((d, m)),
+        "sample_rows": jnp.full((d, m), -1, jnp.int32),
+        "fire_count": jnp.zeros(d, jnp.int32),
+        "act_sum": jnp.zeros(d),
+    }
     stop = len(store) if max_rows is None else min(len(store), max_rows)
     key = jax.random.PRNGKey(seed)
     bar = tqdm(total=stop, unit="row", desc="features", disable=not progress, file=sys.stderr)
@@ -89,8 +107,14 @@ def quantile_examples(result: dict, latent: int, n: int = 5) -> list[tuple[float
     return [(float(vals[order[i]]), int(rows[order[i]])) for i in picks]
 
 
-def latent_examples(run: str, store_path: str | None = None, top: int = 20, samples: int = 64,
-                    max_rows: int | None = None, progress: bool = False):
+def latent_examples(
+    run: str,
+    store_path: str | None = None,
+    top: int = 20,
+    samples: int = 64,
+    max_rows: int | None = None,
+    progress: bool = False,
+):
     """(result, store, scanned): the examples of every latent, from RUN/features/ when an
     earlier full scan left them there, else from a new scan (then saved there)."""
     from saejax.interp.eval import resolve_run_store
@@ -108,11 +132,17 @@ def latent_examples(run: str, store_path: str | None = None, top: int = 20, samp
     os.makedirs(out_dir, exist_ok=True)
     write_npz(path, **result)
     density = result["fire_count"] / max(int(result["n_rows"]), 1)
-    write_json(os.path.join(out_dir, "summary.json"),
-               {"rows_scanned": int(result["n_rows"]), "store": store.path, "hook": hook,
-                "density": density.tolist(),
-                "mean_activation": (result["act_sum"] / np.maximum(result["fire_count"], 1)).tolist()},
-               indent=None)
+    write_json(
+        os.path.join(out_dir, "summary.json"),
+        {
+            "rows_scanned": int(result["n_rows"]),
+            "store": store.path,
+            "hook": hook,
+            "density": density.tolist(),
+            "mean_activation": (result["act_sum"] / np.maximum(result["fire_count"], 1)).tolist(),
+        },
+        indent=None,
+    )
     return result, store, True
 
 
@@ -124,6 +154,7 @@ def latent_report(result: dict, latent: int, store, tok) -> list[str]:
     def show(value, row):
         ids, at = store.context(int(row), before=12, after=3)
         lines.append(f"  {value:9.3f}  row {int(row):>9,}  {marked_context(tok, ids, at)}")
+
     lines.append("  top examples")
     for value, row in zip(result["top_vals"][latent], result["top_rows"][latent]):
         if row >= 0 and value > 0:

@@ -13,8 +13,9 @@ from saejax.errors import SaejaxError
 _CACHE: dict = {}  # the last model loaded, reused by consecutive evaluations (sweeps, demo)
 
 
-def model_for(sae_info: dict, store_meta: dict | None = None,
-              override: str | None = None) -> tuple[str, str | None]:
+def model_for(
+    sae_info: dict, store_meta: dict | None = None, override: str | None = None
+) -> tuple[str, str | None]:
     """(model name or path, revision) for an SAE, by the rule in the module docstring."""
     from extract.models import BUILTIN_MODEL, BUILTIN_MODEL_ID
 
@@ -22,8 +23,13 @@ def model_for(sae_info: dict, store_meta: dict | None = None,
     extracted = meta.get("extract_config") or {}
     if override:
         return override, None
-    name = (sae_info.get("model_spec") or extracted.get("model") or sae_info.get("model")
-            or meta.get("model") or (sae_info.get("metadata") or {}).get("model_name"))
+    name = (
+        sae_info.get("model_spec")
+        or extracted.get("model")
+        or sae_info.get("model")
+        or meta.get("model")
+        or (sae_info.get("metadata") or {}).get("model_name")
+    )
     if not name:
         raise SaejaxError("the SAE does not record which model it came from; pass --model")
     return (BUILTIN_MODEL if name == BUILTIN_MODEL_ID else name), extracted.get("revision")

@@ -29,6 +29,7 @@ def rank_latents(pos: np.ndarray, neg: np.ndarray | None, percentile: float = 1.
         np.put_along_axis(in_top, top, True, axis=1)
         in_top &= acts > 0
         return in_top.mean(axis=0)
+
     top_share = share(pos)
     if neg is not None and len(neg):
         contrast = contrast - (neg / scale).mean(axis=0)
@@ -81,11 +82,19 @@ def _examples_printer(run: str, sae, store_path: str | None, n: int = 3):
                 continue
             ids, at = store.context(int(row), before=10, after=2)
             print(f"      {value:8.3f}  {marked_context(tok, ids, at)}")
+
     return show
 
 
-def search(run: str, positive: list[str], negative: list[str] = (), top: int = 10,
-           percentile: float = 1.0, model: str | None = None, store_path: str | None = None) -> dict:
+def search(
+    run: str,
+    positive: list[str],
+    negative: list[str] = (),
+    top: int = 10,
+    percentile: float = 1.0,
+    model: str | None = None,
+    store_path: str | None = None,
+) -> dict:
     """Rank the SAE's latents on the prompts and print both rankings with their examples;
     returns the scores."""
     from extract.hooks import parse_hooks, validate_hooks
@@ -107,12 +116,16 @@ def search(run: str, positive: list[str], negative: list[str] = (), top: int = 1
     neg = token_latents(loaded, sae, point, negative) if negative else None
     scores = rank_latents(pos, neg, percentile)
     examples = _examples_printer(run, sae, store_path)
-    for name, label in (("contrast", "normalised mean activation, positive − negative"),
-                        ("top_share", f"share of tokens with the latent in their top {percentile:g}%")):
+    for name, label in (
+        ("contrast", "normalised mean activation, positive − negative"),
+        ("top_share", f"share of tokens with the latent in their top {percentile:g}%"),
+    ):
         order = np.argsort(-scores[name])[:top]
         print(f"by {label}:")
         for latent in order:
-            print(f"  latent {int(latent):>7}  {scores[name][latent]:+.4f}   "
-                  f"(max on positives {pos[:, latent].max():.3f})")
+            print(
+                f"  latent {int(latent):>7}  {scores[name][latent]:+.4f}   "
+                f"(max on positives {pos[:, latent].max():.3f})"
+            )
             examples(int(latent))
     return scores

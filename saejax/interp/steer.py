@@ -17,7 +17,9 @@ from saejax.errors import SaejaxError
 
 def decoder_direction(sae, latent: int) -> np.ndarray:
     if not 0 <= latent < sae.spec.d_sae:
-        raise SaejaxError(f"latent {latent} is out of range: the SAE has latents 0..{sae.spec.d_sae - 1}")
+        raise SaejaxError(
+            f"latent {latent} is out of range: the SAE has latents 0..{sae.spec.d_sae - 1}"
+        )
     row = np.asarray(sae.params["W_dec"][latent], np.float32)
     return row / max(float(np.linalg.norm(row)), 1e-12)
 
@@ -37,6 +39,7 @@ def intervention(sae, latent: int, boost: float | None, clamp: float | None):
         f = np.asarray(sae.encode(flat))[:, latent].reshape(t.shape[:-1])
         delta = torch.from_numpy((clamp - f).astype(np.float32) * scale).to(t.dtype)
         return t + delta[..., None] * d
+
     return apply
 
 
@@ -67,8 +70,15 @@ def generate(loaded, prompt: str, n_tokens: int, point=None, fn=None) -> tuple[l
     return ids, steps
 
 
-def steer(run: str, latent: int, prompts: list[str], boost: float | None = None,
-          clamp: float | None = None, n_tokens: int = 24, model: str | None = None) -> list[dict]:
+def steer(
+    run: str,
+    latent: int,
+    prompts: list[str],
+    boost: float | None = None,
+    clamp: float | None = None,
+    n_tokens: int = 24,
+    model: str | None = None,
+) -> list[dict]:
     """For each prompt, the greedy continuation without and with the intervention."""
     from extract.hooks import parse_hooks, validate_hooks
     from saejax.interp.lm import hook_of, load_cached, model_for
@@ -93,6 +103,11 @@ def steer(run: str, latent: int, prompts: list[str], boost: float | None = None,
         plain, _ = generate(loaded, prompt, n_tokens)
         steered, _ = generate(loaded, prompt, n_tokens, point, fn)
         n = len(plain) - n_tokens
-        results.append({"prompt": prompt, "unsteered": loaded.tokenizer.decode(plain[n:]),
-                        "steered": loaded.tokenizer.decode(steered[n:])})
+        results.append(
+            {
+                "prompt": prompt,
+                "unsteered": loaded.tokenizer.decode(plain[n:]),
+                "steered": loaded.tokenizer.decode(steered[n:]),
+            }
+        )
     return results

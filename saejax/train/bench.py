@@ -39,14 +39,26 @@ class StepShape:
 def run_config(shape: StepShape, data_path: str = "", run_dir: str = ""):
     from saejax.config import RunConfig, with_values
 
-    return with_values(RunConfig(), {
-        "sae.architecture": shape.arch, "sae.d_sae": shape.d_sae, "sae.k": shape.k,
-        "sae.dtype": shape.dtype, "sae.topk_kernel": shape.topk_kernel,
-        "train.batch_size": shape.batch, "train.tokens": 1_000_000_000_000,
-        "train.log_every": 1_000_000, "train.checkpoint_every": 1_000_000,
-        "train.resample.enabled": False, "log.progress": False,
-        "data.path": data_path, "run_dir": run_dir or "unused",
-        "data.validation_tokens": shape.batch}, check=bool(data_path))
+    return with_values(
+        RunConfig(),
+        {
+            "sae.architecture": shape.arch,
+            "sae.d_sae": shape.d_sae,
+            "sae.k": shape.k,
+            "sae.dtype": shape.dtype,
+            "sae.topk_kernel": shape.topk_kernel,
+            "train.batch_size": shape.batch,
+            "train.tokens": 1_000_000_000_000,
+            "train.log_every": 1_000_000,
+            "train.checkpoint_every": 1_000_000,
+            "train.resample.enabled": False,
+            "log.progress": False,
+            "data.path": data_path,
+            "run_dir": run_dir or "unused",
+            "data.validation_tokens": shape.batch,
+        },
+        check=bool(data_path),
+    )
 
 
 def time_steps(step, state, batch, steps: int):
@@ -106,12 +118,14 @@ def matmul_peak(batch: int, d_in: int, d_sae: int, dtype: str, repeats: int = 3)
 
 
 def _kernel_name(shape: StepShape) -> str | None:
-    """'sparse/c++' (the CPU kernels), 'sparse/xla' (XLA's primitives) or 'dense'; None if not TopK."""
+    """'sparse/c++' (the CPU kernels), 'sparse/xla' (XLA's primitives) or 'dense';
+    None if not TopK."""
     if shape.arch != "topk":
         return None
     if shape.topk_kernel != "sparse":
         return shape.topk_kernel
     from saejax.core import cpu_kernels
+
     return "sparse/c++" if cpu_kernels.enabled() else "sparse/xla"
 
 
@@ -122,12 +136,20 @@ def bench_step(shape: StepShape, steps: int, peak: float, timer: StepTimer | Non
     seconds = timer.run(steps)
     tokens_per_s = shape.batch * steps / seconds
     flops = tokens_per_s * shape.dense_matmuls * 2.0 * shape.d_in * shape.d_sae
-    return {"arch": shape.arch, "d_sae": shape.d_sae, "d_in": shape.d_in, "batch": shape.batch,
-            "k": shape.k if selects_top_k(shape.arch) else None, "dtype": shape.dtype,
-            "topk_kernel": _kernel_name(shape),
-            "tokens_per_s": tokens_per_s, "step_ms": 1000.0 * seconds / steps,
-            "dense_matmuls": shape.dense_matmuls, "flops_per_s": flops,
-            "fraction_of_peak": flops / peak}
+    return {
+        "arch": shape.arch,
+        "d_sae": shape.d_sae,
+        "d_in": shape.d_in,
+        "batch": shape.batch,
+        "k": shape.k if selects_top_k(shape.arch) else None,
+        "dtype": shape.dtype,
+        "topk_kernel": _kernel_name(shape),
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000.0 * seconds / steps,
+        "dense_matmuls": shape.dense_matmuls,
+        "flops_per_s": flops,
+        "fraction_of_peak": flops / peak,
+    }
 
 
 def synthetic_store(path: str, n_rows: int, d_in: int, dtype: str = "bfloat16") -> str:
@@ -136,8 +158,9 @@ def synthetic_store(path: str, n_rows: int, d_in: int, dtype: str = "bfloat16") 
 
     rng = np.random.default_rng(0)
     chunk = max(1, (4 << 20) // (d_in * 2))
-    meta = st.new_meta("synthetic (saejax bench)", {"bench": d_in}, dtype, 128, chunk,
-                       vocab_size=1, complete=False)
+    meta = st.new_meta(
+        "synthetic (saejax bench)", {"bench": d_in}, dtype, 128, chunk, vocab_size=1, complete=False
+    )
     os.makedirs(path, exist_ok=True)
     acts, tokens, doc = st.create_arrays(path, meta, n_rows)
     acts = acts["bench"]
@@ -153,8 +176,9 @@ def synthetic_store(path: str, n_rows: int, d_in: int, dtype: str = "bfloat16") 
     return path
 
 
-def bench_loader(store_path: str, shape: StepShape, batches: int,
-                 data_module=None) -> tuple[float, float]:
+def bench_loader(
+    store_path: str, shape: StepShape, batches: int, data_module=None
+) -> tuple[float, float]:
     """(tokens/s, host CPU ms per batch) of the loader alone: reads, NaN/Inf check, shuffle
     gather, device transfer. The CPU figure is what a faster device would ask of the host.
     Timed from the loader's start, so work done once per shuffle group counts: time several
@@ -188,15 +212,23 @@ def bench_loop(store_path: str, shape: StepShape, steps: int) -> float:
     return result.steady_tokens_per_s
 
 
-def run_bench(shapes: list[StepShape], steps: int, store: str | None, loop: bool,
-              say=lambda line: None, loop_rounds: int = 3) -> dict:
+def run_bench(
+    shapes: list[StepShape],
+    steps: int,
+    store: str | None,
+    loop: bool,
+    say=lambda line: None,
+    loop_rounds: int = 3,
+) -> dict:
     import jax
 
     first = shapes[0]
     peak = matmul_peak(first.batch, first.d_in, max(s.d_sae for s in shapes), first.dtype)
-    say(f"device      {jax.devices()[0].platform} × {jax.device_count()}; matmul peak "
+    say(
+        f"device      {jax.devices()[0].platform} × {jax.device_count()}; matmul peak "
         f"{peak / 1e9:,.1f} GFLOP/s ({first.batch}×{first.d_in} @ {first.d_in}×"
-        f"{max(s.d_sae for s in shapes)}, {first.dtype})")
+        f"{max(s.d_sae for s in shapes)}, {first.dtype})"
+    )
     results = []
     first_timer = StepTimer(first)
     first_timer.run(2)
@@ -204,18 +236,25 @@ def run_bench(shapes: list[StepShape], steps: int, store: str | None, loop: bool
         r = bench_step(shape, steps, peak, first_timer if shape is first else None)
         results.append(r)
         kernel = f" [{r['topk_kernel']}]" if r["topk_kernel"] else ""
-        say(f"step        {shape.arch:<9}{kernel:<9} d_sae {shape.d_sae:>7,}  "
+        say(
+            f"step        {shape.arch:<9}{kernel:<9} d_sae {shape.d_sae:>7,}  "
             f"{r['tokens_per_s']:>10,.0f} tok/s  {r['step_ms']:>8.1f} ms/step  "
-            f"{100 * r['fraction_of_peak']:5.1f}% of peak ({r['dense_matmuls']} dense matmuls)")
-    out = {"device": str(jax.devices()[0]), "n_devices": jax.device_count(),
-           "matmul_peak_flops": peak, "results": results}
+            f"{100 * r['fraction_of_peak']:5.1f}% of peak ({r['dense_matmuls']} dense matmuls)"
+        )
+    out = {
+        "device": str(jax.devices()[0]),
+        "n_devices": jax.device_count(),
+        "matmul_peak_flops": peak,
+        "results": results,
+    }
     if loop:
         with tempfile.TemporaryDirectory(prefix="saejax-bench-store-") as tmp:
             path = store
             if path is None:
                 say("store       writing a temporary store of random rows ...")
-                path = synthetic_store(os.path.join(tmp, "store"),
-                                       first.batch * (max(steps, 20) + 2), first.d_in)
+                path = synthetic_store(
+                    os.path.join(tmp, "store"), first.batch * (max(steps, 20) + 2), first.d_in
+                )
             # three passes over the (one-epoch) store: its group reads and shuffles count
             loader_tps, loader_cpu_ms = bench_loader(path, first, 3 * max(steps, 20))
             # Rounds of (loop, step): each loop is compared with the step timed on either side
@@ -225,17 +264,27 @@ def run_bench(shapes: list[StepShape], steps: int, store: str | None, loop: bool
                 loop_tps = bench_loop(path, first, steps)
                 step_after = bench_step(first, steps, peak, first_timer)["tokens_per_s"]
                 step_tps = 0.5 * (step_before + step_after)
-                rounds.append({"tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
-                               "fraction_of_step": loop_tps / step_tps})
+                rounds.append(
+                    {
+                        "tokens_per_s": loop_tps,
+                        "step_tokens_per_s": step_tps,
+                        "fraction_of_step": loop_tps / step_tps,
+                    }
+                )
                 step_before = step_after
         median = sorted(rounds, key=lambda r: r["fraction_of_step"])[len(rounds) // 2]
         loop_tps, step_tps = median["tokens_per_s"], median["step_tokens_per_s"]
         out["loader_tokens_per_s"] = loader_tps
         out["loader_cpu_ms_per_batch"] = loader_cpu_ms
         out["loop"] = {"arch": first.arch, "d_sae": first.d_sae, **median, "rounds": rounds}
-        say(f"loader      {loader_tps:>10,.0f} tok/s from the store on disk, {loader_cpu_ms:.1f} host "
-            f"CPU ms per batch")
-        say(f"loop        {loop_tps:>10,.0f} tok/s = {loop_tps / step_tps:.3f} × the step's own "
+        say(
+            f"loader      {loader_tps:>10,.0f} tok/s from the store on disk, "
+            f"{loader_cpu_ms:.1f} host "
+            f"CPU ms per batch"
+        )
+        say(
+            f"loop        {loop_tps:>10,.0f} tok/s = {loop_tps / step_tps:.3f} × the step's own "
             f"({first.arch}, d_sae {first.d_sae:,}; median of {len(rounds)} rounds: "
-            f"{', '.join(format(r['fraction_of_step'], '.3f') for r in rounds)})")
+            f"{', '.join(format(r['fraction_of_step'], '.3f') for r in rounds)})"
+        )
     return out

@@ -17,9 +17,9 @@ import collections
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -41,7 +41,9 @@ class ArraySource:
             except ValueError as e:
                 raise SaejaxError(f"{path} is not a readable .npy array ({e})") from None
             if self._array.ndim != 2:
-                raise SaejaxError(f"{path} must hold a 2-d array [n, d_in], got shape {self._array.shape}")
+                raise SaejaxError(
+                    f"{path} must hold a 2-d array [n, d_in], got shape {self._array.shape}"
+                )
             self.store = None
             self.hook = None
             self.n_rows, self.d_in = self._array.shape
@@ -86,11 +88,20 @@ def split_rows(n_rows: int, validation_tokens: int) -> Split:
 class BatchPlan:
     """Which rows form batch b: a pure function of (seed, b)."""
 
-    def __init__(self, train_rows: int, batch_size: int, block_rows: int, shuffle_blocks: int,
-                 seed: int, row_offset: int = 0, stream: int | None = None):
+    def __init__(
+        self,
+        train_rows: int,
+        batch_size: int,
+        block_rows: int,
+        shuffle_blocks: int,
+        seed: int,
+        row_offset: int = 0,
+        stream: int | None = None,
+    ):
         if train_rows < batch_size:
-            raise SaejaxError(f"the data has {train_rows} training rows, fewer than one batch "
-                              f"of {batch_size}")
+            raise SaejaxError(
+                f"the data has {train_rows} training rows, fewer than one batch of {batch_size}"
+            )
         self.train_rows, self.batch_size = train_rows, batch_size
         self.block_rows = min(block_rows, train_rows)
         self.shuffle_blocks, self.seed = shuffle_blocks, seed
@@ -101,7 +112,9 @@ class BatchPlan:
 
     def groups(self, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng(self._key + [epoch]).permutation(self.n_blocks)
-        return [order[i:i + self.shuffle_blocks] for i in range(0, self.n_blocks, self.shuffle_blocks)]
+        return [
+            order[i : i + self.shuffle_blocks] for i in range(0, self.n_blocks, self.shuffle_blocks)
+        ]
 
     def row_permutation(self, epoch: int, group: int, n: int) -> np.ndarray:
         return np.random.default_rng(self._key + [epoch, group, 1]).permutation(n)
@@ -131,19 +144,38 @@ class Loader:
     hands them to `transform` (the device transfer), in order.
     """
 
-    def __init__(self, source: ArraySource, cfg: DataConfig, batch_size: int, start_batch: int = 0,
-                 transform: Callable[[np.ndarray], object] | None = None, n_slices: int = 1,
-                 slices: list[int] | None = None):
+    def __init__(
+        self,
+        source: ArraySource,
+        cfg: DataConfig,
+        batch_size: int,
+        start_batch: int = 0,
+        transform: Callable[[np.ndarray], object] | None = None,
+        n_slices: int = 1,
+        slices: list[int] | None = None,
+    ):
         self.source, self.cfg = source, cfg
         split = split_rows(source.n_rows, cfg.validation_tokens)
         if n_slices == 1:
-            self.plans = [BatchPlan(split.train_rows, batch_size, cfg.block_rows,
-                                    cfg.shuffle_blocks, cfg.seed)]
+            self.plans = [
+                BatchPlan(
+                    split.train_rows, batch_size, cfg.block_rows, cfg.shuffle_blocks, cfg.seed
+                )
+            ]
         else:
             per = split.train_rows // n_slices
-            self.plans = [BatchPlan(per, batch_size // n_slices, cfg.block_rows, cfg.shuffle_blocks,
-                                    cfg.seed, row_offset=s * per, stream=s)
-                          for s in (range(n_slices) if slices is None else slices)]
+            self.plans = [
+                BatchPlan(
+                    per,
+                    batch_size // n_slices,
+                    cfg.block_rows,
+                    cfg.shuffle_blocks,
+                    cfg.seed,
+                    row_offset=s * per,
+                    stream=s,
+                )
+                for s in (range(n_slices) if slices is None else slices)
+            ]
         self.plan = self.plans[0]
         self.start_batch = start_batch
         self.transform = transform or (lambda b: b)
@@ -156,9 +188,13 @@ class Loader:
     def _start_group(self, plan: BatchPlan, epoch: int, group: int):
         """Issue the reads of one shuffle group; returns what `_finish_group` waits on."""
         br, first_row = plan.block_rows, plan.row_offset
-        return [(first_row + b * br, self.source.read_async(first_row + b * br,
-                                                           first_row + (b + 1) * br))
-                for b in plan.groups(epoch)[group]]
+        return [
+            (
+                first_row + b * br,
+                self.source.read_async(first_row + b * br, first_row + (b + 1) * br),
+            )
+            for b in plan.groups(epoch)[group]
+        ]
 
     def _finish_group(self, plan: BatchPlan, epoch: int, group: int, pending) -> Piece:
         parts = []
@@ -179,12 +215,14 @@ class Loader:
             rows, order = self._finish_group(plan, epoch, group, pending)
             order = order[offset:]
             offset = 0
-            epoch, group = (epoch, group + 1) if group + 1 < len(plan.groups(epoch)) else (epoch + 1, 0)
+            epoch, group = (
+                (epoch, group + 1) if group + 1 < len(plan.groups(epoch)) else (epoch + 1, 0)
+            )
             pending = self._start_group(plan, epoch, group)  # read ahead while this one is served
             at = 0
             while at < len(order):
                 n = min(plan.batch_size - have, len(order) - at)
-                pieces.append((rows, order[at:at + n]))
+                pieces.append((rows, order[at : at + n]))
                 have, at = have + n, at + n
                 if have == plan.batch_size:
                     yield pieces

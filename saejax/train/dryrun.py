@@ -32,24 +32,38 @@ def estimate(cfg: RunConfig, d_in: int) -> dict:
     params = F32 * (2 * d_in * latents + latents + d_in + (latents if has_threshold else 0))
     sparse = s.architecture == "topk" and s.topk_kernel == "sparse"
     compute = 2 if s.dtype == "bfloat16" else F32
-    activations = (rows * d_in * F32 * 4  # inputs, reconstruction, error, its gradient
-                   + rows * latents * compute * (1 if sparse else 4))
+    activations = (
+        rows * d_in * F32 * 4  # inputs, reconstruction, error, its gradient
+        + rows * latents * compute * (1 if sparse else 4)
+    )
     if s.architecture in ("topk", "batchtopk"):
         activations += rows * s.k * (F32 + 4) * (model if model > 1 else 1)
-    per_device = {"parameters": params, "optimizer": 2 * params, "gradients": params,
-                  "counters": 2 * 4 * latents, "activations": activations}
+    per_device = {
+        "parameters": params,
+        "optimizer": 2 * params,
+        "gradients": params,
+        "counters": 2 * 4 * latents,
+        "activations": activations,
+    }
     per_device["total"] = sum(per_device.values())
     communication = {
         "gradient_all_reduce_over_data": _ring(data, params),
         "reconstruction_sum_over_model": 2 * _ring(model, rows * d_in * F32),
         "topk_candidates_over_model": (
             (model - 1) * rows * s.k * (F32 + 4) + _ring(model, 2 * rows * s.k * (F32 + 4))
-            if s.architecture in ("topk", "batchtopk") and model > 1 else 0.0),
+            if s.architecture in ("topk", "batchtopk") and model > 1
+            else 0.0
+        ),
     }
     communication["total"] = sum(communication.values())
-    return {"mesh": {"data": data, "model": model}, "d_in": d_in, "d_sae": s.d_sae,
-            "batch_size": cfg.train.batch_size, "bytes_per_device": per_device,
-            "bytes_sent_per_device_per_step": communication}
+    return {
+        "mesh": {"data": data, "model": model},
+        "d_in": d_in,
+        "d_sae": s.d_sae,
+        "batch_size": cfg.train.batch_size,
+        "bytes_per_device": per_device,
+        "bytes_sent_per_device_per_step": communication,
+    }
 
 
 def _size(nbytes: float) -> str:
@@ -62,9 +76,11 @@ def _size(nbytes: float) -> str:
 
 def describe(est: dict) -> str:
     m = est["mesh"]
-    lines = [f"mesh         data {m['data']} × model {m['model']} = {m['data'] * m['model']} devices",
-             f"sae          d_in {est['d_in']:,}  d_sae {est['d_sae']:,}  batch {est['batch_size']:,}",
-             "per device"]
+    lines = [
+        f"mesh         data {m['data']} × model {m['model']} = {m['data'] * m['model']} devices",
+        f"sae          d_in {est['d_in']:,}  d_sae {est['d_sae']:,}  batch {est['batch_size']:,}",
+        "per device",
+    ]
     for key, value in est["bytes_per_device"].items():
         lines.append(f"  {key:<13}{_size(value):>14}")
     lines.append("sent per device per step")

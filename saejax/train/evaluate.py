@@ -11,9 +11,11 @@ from saejax.train.data import validation_rows
 from saejax.train.step import DENSITY_EDGES
 
 
-def evaluate_rows(params, spec: S.SAESpec, input_scale: float, rows: np.ndarray,
-                  batch_size: int = 4096) -> dict:
+def evaluate_rows(
+    params, spec: S.SAESpec, input_scale: float, rows: np.ndarray, batch_size: int = 4096
+) -> dict:
     """MSE, FVU, L0, dead/dense fractions and the density histogram on `rows` (raw units)."""
+
     @jax.jit
     def stats(x):
         x = x.astype(jnp.float32) * input_scale
@@ -26,16 +28,23 @@ def evaluate_rows(params, spec: S.SAESpec, input_scale: float, rows: np.ndarray,
     total = np.zeros(spec.d_in)
     fires = np.zeros(spec.d_sae)
     for i in range(0, n, batch_size):
-        e, s, q, fc, nz = jax.device_get(stats(jnp.asarray(rows[i:i + batch_size])))
+        e, s, q, fc, nz = jax.device_get(stats(jnp.asarray(rows[i : i + batch_size])))
         err, sq, l0 = err + float(e), sq + float(q), l0 + float(nz)
         total += s
         fires += fc
-    variance = sq - float(np.sum(total ** 2)) / n
+    variance = sq - float(np.sum(total**2)) / n
     freq = fires / n
     hist = np.histogram(np.log10(np.maximum(freq, 1e-10)), bins=np.asarray(DENSITY_EDGES))[0]
-    return {"tokens": n, "mse": err / n, "fvu": err / max(variance, 1e-12), "l0": l0 / n,
-            "dead_fraction": float(np.mean(fires == 0)), "dense_fraction": float(np.mean(freq > 0.1)),
-            "density_hist": hist.tolist(), "density_edges": list(DENSITY_EDGES)}
+    return {
+        "tokens": n,
+        "mse": err / n,
+        "fvu": err / max(variance, 1e-12),
+        "l0": l0 / n,
+        "dead_fraction": float(np.mean(fires == 0)),
+        "dense_fraction": float(np.mean(freq > 0.1)),
+        "density_hist": hist.tolist(),
+        "density_edges": list(DENSITY_EDGES),
+    }
 
 
 def evaluate(params, spec, input_scale, source, data_cfg) -> dict:

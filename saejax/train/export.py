@@ -14,7 +14,12 @@ from saejax.errors import SaejaxError
 from saejax.train.sae_files import fold_to_model_units, read_native
 
 SAELENS_VERSION = "6.0.0"
-_SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_SAELENS_ARCH = {
+    "relu": "standard",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "jumprelu",
+}
 
 
 def export_saelens(sae_dir: str, out: str) -> str:
@@ -25,15 +30,29 @@ def export_saelens(sae_dir: str, out: str) -> str:
     weights = {k: params[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if arch == "jumprelu":
         weights["threshold"] = params["threshold"]
-    cfg = {"architecture": arch, "d_in": spec.d_in, "d_sae": spec.d_sae, "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "reshape_activations": "none",
-           "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-                        "model_name": info.get("model"), "hook_name": info.get("hook"),
-                        "hook_head_index": None, "context_size": info.get("context_size"),
-                        "prepend_bos": info.get("prepend_bos"), "dataset_path": info.get("data_path"),
-                        "exported_by": f"saejax {__version__}", "saejax_architecture": spec.architecture,
-                        "export_note": note}}
+    cfg = {
+        "architecture": arch,
+        "d_in": spec.d_in,
+        "d_sae": spec.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": None,
+            "model_name": info.get("model"),
+            "hook_name": info.get("hook"),
+            "hook_head_index": None,
+            "context_size": info.get("context_size"),
+            "prepend_bos": info.get("prepend_bos"),
+            "dataset_path": info.get("data_path"),
+            "exported_by": f"saejax {__version__}",
+            "saejax_architecture": spec.architecture,
+            "export_note": note,
+        },
+    }
     if arch == "topk":
         cfg["k"] = spec.k
     return _write_export(out, "sae_weights.safetensors", weights, cfg)
@@ -43,14 +62,28 @@ def export_sparsify(sae_dir: str, out: str) -> str:
     native = read_native(sae_dir)
     spec, info = native["spec"], native["info"]
     if spec.architecture != "topk":
-        raise SaejaxError(f"the sparsify layout holds TopK SAEs only; this SAE is {spec.architecture} "
-                          "(export it with --format saelens)")
+        raise SaejaxError(
+            f"the sparsify layout holds TopK SAEs only; this SAE is {spec.architecture} "
+            "(export it with --format saelens)"
+        )
     params, _ = fold_to_model_units(native["params"], spec, info["input_scale"])
-    weights = {"encoder.weight": np.ascontiguousarray(params["W_enc"].T), "encoder.bias": params["b_enc"],
-               "W_dec": params["W_dec"], "b_dec": params["b_dec"]}
-    cfg = {"d_in": spec.d_in, "num_latents": spec.d_sae, "k": spec.k, "expansion_factor":
-           spec.d_sae // spec.d_in, "normalize_decoder": True, "multi_topk": False,
-           "skip_connection": False, "hook": info.get("hook"), "model": info.get("model")}
+    weights = {
+        "encoder.weight": np.ascontiguousarray(params["W_enc"].T),
+        "encoder.bias": params["b_enc"],
+        "W_dec": params["W_dec"],
+        "b_dec": params["b_dec"],
+    }
+    cfg = {
+        "d_in": spec.d_in,
+        "num_latents": spec.d_sae,
+        "k": spec.k,
+        "expansion_factor": spec.d_sae // spec.d_in,
+        "normalize_decoder": True,
+        "multi_topk": False,
+        "skip_connection": False,
+        "hook": info.get("hook"),
+        "model": info.get("model"),
+    }
     return _write_export(out, "sae.safetensors", weights, cfg)
 
 

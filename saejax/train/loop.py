@@ -16,8 +16,9 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ class StopFlag:
 @dataclass
 class Member:
     """One SAE being trained: its configuration, its state and where its outputs go."""
+
     name: str
     cfg: RunConfig
     spec: S.SAESpec
@@ -81,8 +83,16 @@ class LoopResult:
     last_batch: Any  # the last batch trained on (None when no step ran)
 
 
-def run_loop(members: list[Member], advance: Callable, loader, start_step: int, end_step: int,
-             pool_batches: int, mesh=None, bar=None) -> LoopResult:
+def run_loop(
+    members: list[Member],
+    advance: Callable,
+    loader,
+    start_step: int,
+    end_step: int,
+    pool_batches: int,
+    mesh=None,
+    bar=None,
+) -> LoopResult:
     """Train every member from `start_step` to `end_step`; `advance(states, batch)` returns the
     members' next states. Ends with a checkpoint of every member at the step reached."""
     pool = collections.deque(maxlen=max(1, pool_batches))
@@ -90,7 +100,7 @@ def run_loop(members: list[Member], advance: Callable, loader, start_step: int, 
     step, stopped, last_batch = start_step, False, None
     t_start, t_steady = time.perf_counter(), None
     # the SAE's shard_map kernels read the mesh from jax.set_mesh
-    with StopFlag() as stop, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+    with StopFlag() as stop, jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         while step < end_step:
             batch = next(loader)
             for m, state in zip(members, advance([m.state for m in members], batch)):
@@ -122,8 +132,13 @@ def _member_cadence(m: Member, step: int, end_step: int, pool) -> None:
     """Resampling, the metrics fetch and the checkpoint that fall due at `step`."""
     train = m.cfg.train
     if step in m.resample_at:
-        m.state = T.resample(m.state, jnp.concatenate(list(pool)), m.spec, m.cfg.sae.dead_tokens,
-                             train.resample.encoder_scale)
+        m.state = T.resample(
+            m.state,
+            jnp.concatenate(list(pool)),
+            m.spec,
+            m.cfg.sae.dead_tokens,
+            train.resample.encoder_scale,
+        )
         if m.shardings is not None:
             m.state = jax.device_put(m.state, m.shardings)  # no-op when already there
     if step % train.log_every == 0 or step == end_step:
@@ -134,11 +149,16 @@ def _member_cadence(m: Member, step: int, end_step: int, pool) -> None:
         m.ckpt.save(step, m.state, m.info)
 
 
-def finish(cfg: RunConfig, spec: S.SAESpec, params, input_scale: float, source, extra: dict) -> dict:
+def finish(
+    cfg: RunConfig, spec: S.SAESpec, params, input_scale: float, source, extra: dict
+) -> dict:
     """Evaluate on the held-out rows, then write RUN/sae/ and RUN/eval.json (host params)."""
-    final = evaluate(jax.tree_util.tree_map(jnp.asarray, params), spec, input_scale, source, cfg.data)
+    final = evaluate(
+        jax.tree_util.tree_map(jnp.asarray, params), spec, input_scale, source, cfg.data
+    )
     final.update(extra)
-    save_sae(os.path.join(cfg.run_dir, "sae"), params, spec, input_scale, cfg, source.meta,
-             source.hook)
+    save_sae(
+        os.path.join(cfg.run_dir, "sae"), params, spec, input_scale, cfg, source.meta, source.hook
+    )
     write_json(os.path.join(cfg.run_dir, "eval.json"), final)
     return final

@@ -29,20 +29,36 @@ class MetricsLogger:
         self.bar = None
         if cfg.log.progress:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train",
-                            file=sys.stderr, dynamic_ncols=True,
-                            mininterval=0.5 if sys.stderr.isatty() else 15)
+
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                desc="train",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 15,
+            )
         self.wandb = self.tensorboard = None
         if cfg.log.wandb:
             try:
                 import wandb
-                self.wandb = wandb.init(project=cfg.log.wandb_project, config=_config_dict(cfg),
-                                        dir=cfg.run_dir, resume="allow")
+
+                self.wandb = wandb.init(
+                    project=cfg.log.wandb_project,
+                    config=_config_dict(cfg),
+                    dir=cfg.run_dir,
+                    resume="allow",
+                )
             except ImportError:
-                print("saejax: log.wandb is on but wandb is not installed; skipping it", file=sys.stderr)
+                print(
+                    "saejax: log.wandb is on but wandb is not installed; skipping it",
+                    file=sys.stderr,
+                )
         if cfg.log.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
+
                 self.tensorboard = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
             except ImportError:
                 print("saejax: log.tensorboard needs tensorboardX; skipping it", file=sys.stderr)
@@ -61,8 +77,12 @@ class MetricsLogger:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         if self.bar is not None:
             self.bar.update(steps_done)
-            self.bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
-                                 dead=f"{record['dead_fraction']:.1%}", refresh=False)
+            self.bar.set_postfix(
+                fvu=f"{record['fvu']:.3f}",
+                l0=f"{record['l0']:.1f}",
+                dead=f"{record['dead_fraction']:.1%}",
+                refresh=False,
+            )
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
         if self.tensorboard is not None:
@@ -82,4 +102,5 @@ class MetricsLogger:
 
 def _config_dict(cfg):
     from saejax.config import to_dict
+
     return to_dict(cfg)

@@ -22,8 +22,14 @@ from saejax.train.checkpoint import Checkpointer
 from saejax.train.data import ArraySource, Loader
 from saejax.train.loop import Member, finish, run_loop
 from saejax.train.metrics import MetricsLogger
-from saejax.train.setup import (checkpoint_info, data_slices, init_distributed, mesh_for, prepare,
-                                resample_enabled)
+from saejax.train.setup import (
+    checkpoint_info,
+    data_slices,
+    init_distributed,
+    mesh_for,
+    prepare,
+    resample_enabled,
+)
 
 
 @dataclass
@@ -40,8 +46,10 @@ class TrainResult:
 def _check_run_dir(cfg: RunConfig, resume: bool) -> None:
     config_path = os.path.join(cfg.run_dir, "config.yaml")
     if not resume and os.path.exists(config_path):
-        raise SaejaxError(f"run directory {cfg.run_dir} already holds a run; resume it with "
-                          f"`saejax train --resume {cfg.run_dir}` or choose another run_dir")
+        raise SaejaxError(
+            f"run directory {cfg.run_dir} already holds a run; resume it with "
+            f"`saejax train --resume {cfg.run_dir}` or choose another run_dir"
+        )
     try:
         os.makedirs(cfg.run_dir, exist_ok=True)
     except OSError as e:
@@ -68,21 +76,25 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
     n_procs, proc = jax.process_count(), jax.process_index()
     n_slices = data_slices(cfg)
     if n_slices % n_procs:
-        raise SaejaxError(f"{n_procs} processes need data.slices ({n_slices}) to be a multiple "
-                          f"of {n_procs}")
+        raise SaejaxError(
+            f"{n_procs} processes need data.slices ({n_slices}) to be a multiple of {n_procs}"
+        )
     is_main = proc == 0
     source = ArraySource(cfg.data.path, cfg.data.hook)
     if cfg.sae.d_in and cfg.sae.d_in != source.d_in:
-        raise SaejaxError(f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has "
-                          f"d_in {source.d_in}")
+        raise SaejaxError(
+            f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has d_in {source.d_in}"
+        )
     _check_run_dir(cfg, resume)
     if n_procs > 1:  # nobody writes into the run directory before everyone has checked it
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices("saejax: run directory checked")
     spec, tx, state, total_steps = prepare(cfg, source)
     if total_steps == 0:
-        raise SaejaxError(f"train.tokens ({cfg.train.tokens}) is less than one batch "
-                          f"({cfg.train.batch_size})")
+        raise SaejaxError(
+            f"train.tokens ({cfg.train.tokens}) is less than one batch ({cfg.train.batch_size})"
+        )
     shardings = SH.state_shardings(state, mesh)
     state = SH.place(state, shardings)
     info = checkpoint_info(cfg, source.d_in)
@@ -99,24 +111,49 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
     start_step = int(SH.to_host(state.step, mesh))
     per_proc = n_slices // n_procs
     batch_on_mesh = SH.batch_sharding(mesh)
-    loader = Loader(source, cfg.data, cfg.train.batch_size, start_batch=start_step,
-                    transform=lambda rows: SH.put_batch(rows, batch_on_mesh, cfg.train.batch_size),
-                    n_slices=n_slices, slices=list(range(proc * per_proc, (proc + 1) * per_proc)))
+    loader = Loader(
+        source,
+        cfg.data,
+        cfg.train.batch_size,
+        start_batch=start_step,
+        transform=lambda rows: SH.put_batch(rows, batch_on_mesh, cfg.train.batch_size),
+        n_slices=n_slices,
+        slices=list(range(proc * per_proc, (proc + 1) * per_proc)),
+    )
     everywhere = SH.replicated(mesh)
-    step_fn = jax.jit(T.make_train_step(spec, cfg.sae, tx, total_steps), donate_argnums=0,
-                      out_shardings=(shardings, everywhere))
+    step_fn = jax.jit(
+        T.make_train_step(spec, cfg.sae, tx, total_steps),
+        donate_argnums=0,
+        out_shardings=(shardings, everywhere),
+    )
     member = Member(
-        "run", cfg, spec, state,
-        summarize=jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0,
-                          out_shardings=(everywhere, shardings)),
-        ckpt=ckpt, info=info,
+        "run",
+        cfg,
+        spec,
+        state,
+        summarize=jax.jit(
+            T.summarize,
+            static_argnames="dead_tokens",
+            donate_argnums=0,
+            out_shardings=(everywhere, shardings),
+        ),
+        ckpt=ckpt,
+        info=info,
         resample_at=T.resample_steps(cfg.train, total_steps) if resample_enabled(cfg) else set(),
         logger=MetricsLogger(cfg, total_steps, start_step) if is_main else None,
-        shardings=shardings)
+        shardings=shardings,
+    )
     end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
     try:
-        loop = run_loop([member], lambda states, batch: [step_fn(states[0], batch)[0]], loader,
-                        start_step, end_step, cfg.train.resample.pool_batches, mesh=mesh)
+        loop = run_loop(
+            [member],
+            lambda states, batch: [step_fn(states[0], batch)[0]],
+            loader,
+            start_step,
+            end_step,
+            cfg.train.resample.pool_batches,
+            mesh=mesh,
+        )
     finally:
         loader.close()
         if member.logger is not None:
@@ -128,14 +165,23 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
     if loop.steady_seconds is not None:
         steady = (step - start_step - 1) * cfg.train.batch_size / max(loop.steady_seconds, 1e-9)
     if loop.stopped:
-        print(f"\nstopped at step {step}/{total_steps}; checkpoint saved. Resume with "
-              f"`saejax train --resume {cfg.run_dir}`", file=sys.stderr)
+        print(
+            f"\nstopped at step {step}/{total_steps}; checkpoint saved. Resume with "
+            f"`saejax train --resume {cfg.run_dir}`",
+            file=sys.stderr,
+        )
         return TrainResult(cfg.run_dir, state, spec, {}, True, tokens_per_s, steady)
 
     final = {}
     if step == total_steps:
         params, scale = SH.to_host((state.params, state.input_scale), mesh)  # collective
         if is_main:
-            final = finish(cfg, spec, params, float(scale), source,
-                           {"tokens_per_s": tokens_per_s, "steps": step})
+            final = finish(
+                cfg,
+                spec,
+                params,
+                float(scale),
+                source,
+                {"tokens_per_s": tokens_per_s, "steps": step},
+            )
     return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s, steady)

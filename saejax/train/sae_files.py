@@ -4,7 +4,8 @@ sparsify) as a `LoadedSAE` in the model's own units.
 saejax layout (run_dir/sae/): `sae_weights.safetensors` with the parameters in
 training units, and `sae.json` with the shape, architecture and `input_scale`.
 
-Model units (what `LoadedSAE` and the exports in `train.export` hold): the input scale is folded into the weights,
+Model units (what `LoadedSAE` and the exports in `train.export` hold): the input scale is
+folded into the weights,
 and decoder rows are made unit-norm with their norms moved into the encoder (exact
 for relu and jumprelu; for the TopK family only when all rows share one norm, which
 unit-norm training guarantees, so the top-k choice cannot change).
@@ -29,6 +30,7 @@ from saejax.errors import SaejaxError
 @dataclass
 class LoadedSAE:
     """An SAE in model units: `encode(x)` and `decode(f)` take and give raw activations."""
+
     params: dict
     spec: S.SAESpec
     info: dict
@@ -47,13 +49,28 @@ def to_numpy(params: dict) -> dict:
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in params.items()}
 
 
-def save_sae(path: str, params: dict, spec: S.SAESpec, input_scale: float, cfg, data_meta: dict,
-             hook: str | None) -> None:
-    info = {"format": "saejax", "saejax_version": __version__, "spec": asdict(spec),
-            "input_scale": input_scale, "normalize_decoder": cfg.sae.normalize_decoder,
-            "model": data_meta.get("model"), "hook": hook, "data_path": cfg.data.path,
-            "model_spec": (data_meta.get("extract_config") or {}).get("model"),
-            "context_size": data_meta.get("context_size"), "prepend_bos": data_meta.get("prepend_bos")}
+def save_sae(
+    path: str,
+    params: dict,
+    spec: S.SAESpec,
+    input_scale: float,
+    cfg,
+    data_meta: dict,
+    hook: str | None,
+) -> None:
+    info = {
+        "format": "saejax",
+        "saejax_version": __version__,
+        "spec": asdict(spec),
+        "input_scale": input_scale,
+        "normalize_decoder": cfg.sae.normalize_decoder,
+        "model": data_meta.get("model"),
+        "hook": hook,
+        "data_path": cfg.data.path,
+        "model_spec": (data_meta.get("extract_config") or {}).get("model"),
+        "context_size": data_meta.get("context_size"),
+        "prepend_bos": data_meta.get("prepend_bos"),
+    }
     with io.atomic_dir(path) as tmp:
         save_file(to_numpy(params), os.path.join(tmp, "sae_weights.safetensors"))
         io.write_json(os.path.join(tmp, "sae.json"), info)
@@ -63,8 +80,12 @@ def fold_to_model_units(params: dict, spec: S.SAESpec, input_scale: float) -> tu
     """Parameters that act on raw activations and have unit-norm decoder rows when exact."""
     p = to_numpy(params)
     s = float(input_scale)
-    out = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"].copy(), "W_dec": p["W_dec"] / s,
-           "b_dec": p["b_dec"] / s}
+    out = {
+        "W_enc": p["W_enc"] * s,
+        "b_enc": p["b_enc"].copy(),
+        "W_dec": p["W_dec"] / s,
+        "b_dec": p["b_dec"] / s,
+    }
     if "threshold" in p:
         out["threshold"] = p["threshold"].copy()
     norms = np.linalg.norm(out["W_dec"], axis=1)
@@ -93,8 +114,11 @@ def read_native(sae_dir: str) -> dict:
         raise SaejaxError(f"{sae_dir} holds no trained SAE (no sae.json; has the run finished?)")
     with open(os.path.join(sae_dir, "sae.json")) as f:
         info = json.load(f)
-    return {"params": load_file(os.path.join(sae_dir, "sae_weights.safetensors")),
-            "spec": S.SAESpec(**info["spec"]), "info": info}
+    return {
+        "params": load_file(os.path.join(sae_dir, "sae_weights.safetensors")),
+        "spec": S.SAESpec(**info["spec"]),
+        "info": info,
+    }
 
 
 def load_sae(path: str) -> LoadedSAE:
@@ -119,9 +143,19 @@ def load_sae(path: str) -> LoadedSAE:
         with open(os.path.join(path, "cfg.json")) as f:
             cfg = json.load(f)
         w = load_file(os.path.join(path, "sae.safetensors"))
-        params = {"W_enc": w["encoder.weight"].T, "b_enc": w["encoder.bias"], "W_dec": w["W_dec"],
-                  "b_dec": w["b_dec"]}
-        spec = S.SAESpec("topk", int(cfg.get("d_in", params["W_dec"].shape[1])),
-                         int(params["W_dec"].shape[0]), int(cfg["k"]))
-        return LoadedSAE({k: jnp.asarray(np.ascontiguousarray(v)) for k, v in params.items()}, spec, cfg)
+        params = {
+            "W_enc": w["encoder.weight"].T,
+            "b_enc": w["encoder.bias"],
+            "W_dec": w["W_dec"],
+            "b_dec": w["b_dec"],
+        }
+        spec = S.SAESpec(
+            "topk",
+            int(cfg.get("d_in", params["W_dec"].shape[1])),
+            int(params["W_dec"].shape[0]),
+            int(cfg["k"]),
+        )
+        return LoadedSAE(
+            {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in params.items()}, spec, cfg
+        )
     raise SaejaxError(f"{path} is not a saejax, SAELens or sparsify SAE folder")

@@ -20,8 +20,16 @@ from saejax.train.data import ArraySource, sample_rows, split_rows
 
 def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
     aux_k = cfg.aux_k or max(1, d_in // 2)
-    return S.SAESpec(cfg.architecture, d_in, cfg.d_sae, cfg.k, min(aux_k, cfg.d_sae),
-                     cfg.jumprelu_bandwidth, cfg.dtype, cfg.topk_kernel == "sparse")
+    return S.SAESpec(
+        cfg.architecture,
+        d_in,
+        cfg.d_sae,
+        cfg.k,
+        min(aux_k, cfg.d_sae),
+        cfg.jumprelu_bandwidth,
+        cfg.dtype,
+        cfg.topk_kernel == "sparse",
+    )
 
 
 def resample_enabled(cfg: RunConfig) -> bool:
@@ -36,9 +44,16 @@ def data_slices(cfg: RunConfig) -> int:
 def checkpoint_info(cfg: RunConfig, d_in: int) -> dict:
     """What a checkpoint must agree on with the config that resumes it."""
     s = cfg.sae
-    return {"architecture": s.architecture, "d_in": d_in, "d_sae": s.d_sae, "k": s.k,
-            "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "data_seed": cfg.data.seed,
-            "data_slices": data_slices(cfg)}
+    return {
+        "architecture": s.architecture,
+        "d_in": d_in,
+        "d_sae": s.d_sae,
+        "k": s.k,
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+        "data_seed": cfg.data.seed,
+        "data_slices": data_slices(cfg),
+    }
 
 
 def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple[float, np.ndarray]:
@@ -51,8 +66,11 @@ def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple[float, np.ndar
         mean_norm = float(np.linalg.norm(sample, axis=1).mean())
         scale = math.sqrt(d_in) / mean_norm if mean_norm > 0 else 1.0
     sample = sample * scale
-    b_dec = {"geometric_median": lambda: S.geometric_median(sample[:4096]),
-             "mean": lambda: sample.mean(0), "zeros": lambda: np.zeros(d_in)}[cfg.sae.b_dec_init]()
+    b_dec = {
+        "geometric_median": lambda: S.geometric_median(sample[:4096]),
+        "mean": lambda: sample.mean(0),
+        "zeros": lambda: np.zeros(d_in),
+    }[cfg.sae.b_dec_init]()
     return scale, b_dec
 
 
@@ -63,8 +81,9 @@ def prepare(cfg: RunConfig, source: ArraySource, stats: tuple | None = None):
     scale, b_dec = stats if stats is not None else data_statistics(cfg, source)
     total_steps = cfg.train.tokens // cfg.train.batch_size
     tx = T.make_optimizer(cfg.train, total_steps)
-    params = S.init_params(spec, jax.random.PRNGKey(cfg.train.seed), b_dec,
-                           cfg.sae.jumprelu_init_threshold)
+    params = S.init_params(
+        spec, jax.random.PRNGKey(cfg.train.seed), b_dec, cfg.sae.jumprelu_init_threshold
+    )
     state = T.init_state(params, tx, cfg.train.seed, scale)
     return spec, tx, state, total_steps
 
@@ -78,10 +97,16 @@ def init_distributed(cfg: MeshConfig) -> None:
         return
     if coordinator:
         num = cfg.num_processes or int(os.environ.get("SAEJAX_NUM_PROCESSES", "0"))
-        pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("SAEJAX_PROCESS_ID", "-1"))
+        pid = (
+            cfg.process_id
+            if cfg.process_id >= 0
+            else int(os.environ.get("SAEJAX_PROCESS_ID", "-1"))
+        )
         if num < 1 or pid < 0:
-            raise SaejaxError("multi-process training needs mesh.num_processes and mesh.process_id "
-                              "(or SAEJAX_NUM_PROCESSES / SAEJAX_PROCESS_ID) with the coordinator")
+            raise SaejaxError(
+                "multi-process training needs mesh.num_processes and mesh.process_id "
+                "(or SAEJAX_NUM_PROCESSES / SAEJAX_PROCESS_ID) with the coordinator"
+            )
         # CPU processes talk over gloo; accelerators use their own collectives regardless
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)

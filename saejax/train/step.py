@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from saejax.core import sae as S
 from saejax.config import SAEConfig, TrainConfig
+from saejax.core import sae as S
 
 TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
 DENSITY_EDGES = tuple(float(e) for e in np.linspace(-8.0, 0.0, 17))  # log10 firing frequency
@@ -62,12 +62,18 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 def init_state(params: dict, tx, seed: int, input_scale: float) -> TrainState:
     d_sae = params["W_enc"].shape[1]
     return TrainState(
-        step=jnp.int32(0), params=params, opt_state=tx.init(params),
-        rng=jax.random.PRNGKey(seed), tokens_since_fired=jnp.zeros(d_sae, jnp.int32),
-        fire_count=jnp.zeros(d_sae, jnp.int32), window_tokens=jnp.int32(0),
+        step=jnp.int32(0),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+        tokens_since_fired=jnp.zeros(d_sae, jnp.int32),
+        fire_count=jnp.zeros(d_sae, jnp.int32),
+        window_tokens=jnp.int32(0),
         metric_sums={name: jnp.float32(0.0) for name in METRIC_NAMES} | {"steps": jnp.float32(0.0)},
-        resampled=jnp.int32(0), resampled_total=jnp.int32(0),
-        input_scale=jnp.float32(input_scale))
+        resampled=jnp.int32(0),
+        resampled_total=jnp.int32(0),
+        input_scale=jnp.float32(input_scale),
+    )
 
 
 def remove_parallel_grad(grads: dict, W_dec) -> dict:
@@ -80,7 +86,10 @@ def remove_parallel_grad(grads: dict, W_dec) -> dict:
 def project_params(params: dict, spec: S.SAESpec, normalize_decoder: bool) -> dict:
     if normalize_decoder:
         W = params["W_dec"]
-        params = {**params, "W_dec": W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-8)}
+        params = {
+            **params,
+            "W_dec": W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-8),
+        }
     if spec.architecture == "jumprelu":
         params = {**params, "threshold": jnp.maximum(params["threshold"], 1e-6)}
     return params
@@ -103,7 +112,8 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
         x = batch.astype(jnp.float32) * state.input_scale
         dead = state.tokens_since_fired >= sae_cfg.dead_tokens
         parts, fires, smallest, grads = S.loss_and_grads(
-            state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient)
+            state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient
+        )
         if spec.architecture == "batchtopk":
             grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
         if normalize:
@@ -119,9 +129,14 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
         sums = {k: state.metric_sums[k] + parts[k].astype(jnp.float32) for k in METRIC_NAMES}
         sums["steps"] = state.metric_sums["steps"] + 1.0
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, tokens_since_fired=tsf,
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            tokens_since_fired=tsf,
             fire_count=state.fire_count + fires,
-            window_tokens=state.window_tokens + n, metric_sums=sums)
+            window_tokens=state.window_tokens + n,
+            metric_sums=sums,
+        )
         return new_state, parts
 
     return train_step
@@ -149,19 +164,25 @@ def summarize(state: TrainState, dead_tokens: int) -> tuple[dict, TrainState]:
     out["step"] = state.step
     d_sae = state.fire_count.shape[0]
     reset = state.replace(
-        fire_count=jnp.zeros(d_sae, jnp.int32), window_tokens=jnp.int32(0), resampled=jnp.int32(0),
-        metric_sums=jax.tree_util.tree_map(jnp.zeros_like, state.metric_sums))
+        fire_count=jnp.zeros(d_sae, jnp.int32),
+        window_tokens=jnp.int32(0),
+        resampled=jnp.int32(0),
+        metric_sums=jax.tree_util.tree_map(jnp.zeros_like, state.metric_sums),
+    )
     return out, reset
 
 
 # ---- Anthropic's resampling of dead latents, on device ------------------------------
 def _reset_adam_moments(opt_state, dead):
     """Zero Adam's first and second moments for exactly the dead latents' rows/columns."""
+
     def mask_moments(moments: dict) -> dict:
-        return {**moments,
-                "W_enc": jnp.where(dead[None, :], 0.0, moments["W_enc"]),
-                "b_enc": jnp.where(dead, 0.0, moments["b_enc"]),
-                "W_dec": jnp.where(dead[:, None], 0.0, moments["W_dec"])}
+        return {
+            **moments,
+            "W_enc": jnp.where(dead[None, :], 0.0, moments["W_enc"]),
+            "b_enc": jnp.where(dead, 0.0, moments["b_enc"]),
+            "W_dec": jnp.where(dead[:, None], 0.0, moments["W_dec"]),
+        }
 
     def visit(node):
         if isinstance(node, optax.ScaleByAdamState):
@@ -169,11 +190,14 @@ def _reset_adam_moments(opt_state, dead):
         if isinstance(node, tuple) and not hasattr(node, "_fields"):
             return tuple(visit(n) for n in node)
         return node
+
     return visit(opt_state)
 
 
 @partial(jax.jit, static_argnames=("spec", "dead_tokens", "encoder_scale"), donate_argnums=0)
-def resample(state: TrainState, pool, spec: S.SAESpec, dead_tokens: int, encoder_scale: float = 0.2):
+def resample(
+    state: TrainState, pool, spec: S.SAESpec, dead_tokens: int, encoder_scale: float = 0.2
+):
     """Revive dead latents from inputs sampled with probability proportional to squared loss.
 
     Dead latent i: W_dec[i] = unit(x), W_enc[:, i] = unit(x) * encoder_scale * mean live
@@ -193,18 +217,26 @@ def resample(state: TrainState, pool, spec: S.SAESpec, dead_tokens: int, encoder
     dead = state.tokens_since_fired >= dead_tokens
     enc_norms = jnp.linalg.norm(params["W_enc"], axis=0)
     n_live = jnp.sum(~dead)
-    live_norm = jnp.where(n_live > 0, jnp.sum(jnp.where(dead, 0.0, enc_norms)) / jnp.maximum(n_live, 1), 1.0)
+    live_norm = jnp.where(
+        n_live > 0, jnp.sum(jnp.where(dead, 0.0, enc_norms)) / jnp.maximum(n_live, 1), 1.0
+    )
     new_params = {
         **params,
         "W_dec": jnp.where(dead[:, None], directions, params["W_dec"]),
-        "W_enc": jnp.where(dead[None, :], directions.T * (encoder_scale * live_norm), params["W_enc"]),
+        "W_enc": jnp.where(
+            dead[None, :], directions.T * (encoder_scale * live_norm), params["W_enc"]
+        ),
         "b_enc": jnp.where(dead, 0.0, params["b_enc"]),
     }
     n_dead = jnp.sum(dead, dtype=jnp.int32)
     return state.replace(
-        params=new_params, opt_state=_reset_adam_moments(state.opt_state, dead), rng=rng,
+        params=new_params,
+        opt_state=_reset_adam_moments(state.opt_state, dead),
+        rng=rng,
         tokens_since_fired=jnp.where(dead, 0, state.tokens_since_fired),
-        resampled=state.resampled + n_dead, resampled_total=state.resampled_total + n_dead)
+        resampled=state.resampled + n_dead,
+        resampled_total=state.resampled_total + n_dead,
+    )
 
 
 def resample_steps(cfg: TrainConfig, total_steps: int) -> set[int]:

@@ -33,23 +33,35 @@ from saejax.train.metrics import MetricsLogger
 from saejax.train.setup import checkpoint_info, data_statistics, prepare, resample_enabled
 
 
-def members_of(arch: str, d_saes: list[int], ks: list[int], l1s: list[float]) -> list[tuple[str, dict]]:
+def members_of(
+    arch: str, d_saes: list[int], ks: list[int], l1s: list[float]
+) -> list[tuple[str, dict]]:
     """(member name, config values) for every combination of the sizes with k or λ."""
     if not d_saes:
         raise SaejaxError("--d-sae needs at least one size, e.g. --d-sae 1024,2048,4096")
     if selects_top_k(arch) and ks:
         return [(f"d{d}_k{k}", {"sae.d_sae": d, "sae.k": k}) for d, k in product(d_saes, ks)]
     if has_l1_penalty(arch) and l1s:
-        return [(f"d{d}_l1_{l1:g}", {"sae.d_sae": d, "sae.l1_coefficient": l1})
-                for d, l1 in product(d_saes, l1s)]
+        return [
+            (f"d{d}_l1_{l1:g}", {"sae.d_sae": d, "sae.l1_coefficient": l1})
+            for d, l1 in product(d_saes, l1s)
+        ]
     return [(f"d{d}", {"sae.d_sae": d}) for d in d_saes]
 
 
-def run_sweep(base: RunConfig, grid: list[tuple[str, dict]], out: str, progress: bool = True,
-              max_steps: int | None = None) -> list[dict]:
-    """Train the grid's members in lockstep; `max_steps` stops early (checkpointed), as a test would."""
-    cfgs = [(name, with_values(base, {**values, "run_dir": os.path.join(out, name)}))
-            for name, values in grid]
+def run_sweep(
+    base: RunConfig,
+    grid: list[tuple[str, dict]],
+    out: str,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> list[dict]:
+    """Train the grid's members in lockstep; `max_steps` stops early (checkpointed), as a test
+    would."""
+    cfgs = [
+        (name, with_values(base, {**values, "run_dir": os.path.join(out, name)}))
+        for name, values in grid
+    ]
     if base.mesh.data * base.mesh.model > 1:
         raise SaejaxError("sweeps run on one device for now (mesh: {data: 1, model: 1})")
     source = ArraySource(base.data.path, base.data.hook)
@@ -62,29 +74,56 @@ def run_sweep(base: RunConfig, grid: list[tuple[str, dict]], out: str, progress:
         if not os.path.exists(os.path.join(cfg.run_dir, "config.yaml")):
             io.write_text(os.path.join(cfg.run_dir, "config.yaml"), dump_yaml(cfg))
         cfg.log.progress = False  # one progress bar for the sweep, not one per member
-        members.append(Member(
-            name, cfg, spec, state,
-            summarize=jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0),
-            ckpt=Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.train.keep_checkpoints),
-            info=checkpoint_info(cfg, source.d_in),
-            resample_at=T.resample_steps(cfg.train, total_steps) if resample_enabled(cfg) else set(),
-            step_fn=T.make_train_step(spec, cfg.sae, tx, total_steps)))
+        members.append(
+            Member(
+                name,
+                cfg,
+                spec,
+                state,
+                summarize=jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0),
+                ckpt=Checkpointer(
+                    os.path.join(cfg.run_dir, "checkpoints"), cfg.train.keep_checkpoints
+                ),
+                info=checkpoint_info(cfg, source.d_in),
+                resample_at=T.resample_steps(cfg.train, total_steps)
+                if resample_enabled(cfg)
+                else set(),
+                step_fn=T.make_train_step(spec, cfg.sae, tx, total_steps),
+            )
+        )
     total_steps = base.train.tokens // base.train.batch_size
     start = _restore(members, out)
     for m in members:
         m.logger = MetricsLogger(m.cfg, total_steps, start)
-    loader = Loader(source, base.data, base.train.batch_size, start_batch=start,
-                    transform=jax.device_put)
+    loader = Loader(
+        source, base.data, base.train.batch_size, start_batch=start, transform=jax.device_put
+    )
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=start, unit="step", desc=f"sweep ×{len(members)}",
-               disable=not progress, file=sys.stderr)
+
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        unit="step",
+        desc=f"sweep ×{len(members)}",
+        disable=not progress,
+        file=sys.stderr,
+    )
     step_fns = [m.step_fn for m in members]
-    all_steps = jax.jit(lambda states, batch: tuple(f(s, batch)[0] for f, s in zip(step_fns, states)),
-                        donate_argnums=0)
+    all_steps = jax.jit(
+        lambda states, batch: tuple(f(s, batch)[0] for f, s in zip(step_fns, states)),
+        donate_argnums=0,
+    )
     end_step = total_steps if max_steps is None else min(total_steps, max_steps)
     try:
-        loop = run_loop(members, lambda states, batch: all_steps(tuple(states), batch), loader,
-                        start, end_step, base.train.resample.pool_batches, bar=bar)
+        loop = run_loop(
+            members,
+            lambda states, batch: all_steps(tuple(states), batch),
+            loader,
+            start,
+            end_step,
+            base.train.resample.pool_batches,
+            bar=bar,
+        )
     finally:
         bar.close()
         loader.close()
@@ -92,8 +131,10 @@ def run_sweep(base: RunConfig, grid: list[tuple[str, dict]], out: str, progress:
             m.logger.close()
             m.ckpt.close()
     if loop.stopped:
-        print(f"\nstopped at step {loop.step}/{total_steps}; run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"\nstopped at step {loop.step}/{total_steps}; run the same command to resume",
+            file=sys.stderr,
+        )
         raise KeyboardInterrupt
     batch = loop.last_batch
     if batch is None:  # nothing trained in this call (a finished sweep run again)
@@ -104,16 +145,34 @@ def run_sweep(base: RunConfig, grid: list[tuple[str, dict]], out: str, progress:
     rows = []
     for m in members:
         alone = _tokens_per_s_alone(m.step_fn, m.state, batch)
-        final = finish(m.cfg, m.spec, m.state.params, float(m.state.input_scale), source,
-                       {"steps": loop.step, "tokens_per_s": alone,
-                        "sweep_tokens_per_s": trained * base.train.batch_size / max(loop.seconds, 1e-9)})
-        rows.append({"name": m.name, "run_dir": m.cfg.run_dir, "architecture": m.spec.architecture,
-                     "d_sae": m.spec.d_sae,
-                     "k": m.spec.k if selects_top_k(m.spec.architecture) else None,
-                     "l1": m.cfg.sae.l1_coefficient if has_l1_penalty(m.spec.architecture) else None,
-                     "fvu": final["fvu"], "l0": final["l0"], "dead_fraction": final["dead_fraction"],
-                     "dense_fraction": final["dense_fraction"], "tokens_per_s": alone,
-                     "sweep_wall_s": loop.seconds if trained > 0 else None})
+        final = finish(
+            m.cfg,
+            m.spec,
+            m.state.params,
+            float(m.state.input_scale),
+            source,
+            {
+                "steps": loop.step,
+                "tokens_per_s": alone,
+                "sweep_tokens_per_s": trained * base.train.batch_size / max(loop.seconds, 1e-9),
+            },
+        )
+        rows.append(
+            {
+                "name": m.name,
+                "run_dir": m.cfg.run_dir,
+                "architecture": m.spec.architecture,
+                "d_sae": m.spec.d_sae,
+                "k": m.spec.k if selects_top_k(m.spec.architecture) else None,
+                "l1": m.cfg.sae.l1_coefficient if has_l1_penalty(m.spec.architecture) else None,
+                "fvu": final["fvu"],
+                "l0": final["l0"],
+                "dead_fraction": final["dead_fraction"],
+                "dense_fraction": final["dense_fraction"],
+                "tokens_per_s": alone,
+                "sweep_wall_s": loop.seconds if trained > 0 else None,
+            }
+        )
     return rows
 
 
@@ -123,8 +182,10 @@ def _restore(members: list[Member], out: str) -> int:
     if all(s is None for s in latest):
         return 0
     if any(s is None for s in latest):
-        raise SaejaxError(f"the sweep in {out} has checkpoints for some members only; "
-                          "remove the folder to start again")
+        raise SaejaxError(
+            f"the sweep in {out} has checkpoints for some members only; "
+            "remove the folder to start again"
+        )
     start = min(latest)
     for m in members:
         m.state, _ = m.ckpt.restore(m.state, m.info, step=start)

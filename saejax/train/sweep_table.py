@@ -11,8 +11,21 @@ from io import StringIO
 
 from saejax import io
 
-COLUMNS = ("name", "architecture", "d_sae", "k", "l1", "fvu", "l0", "dead_fraction", "dense_fraction",
-           "ce_loss_recovered", "tokens_per_s", "sweep_wall_s", "run_dir")
+COLUMNS = (
+    "name",
+    "architecture",
+    "d_sae",
+    "k",
+    "l1",
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "dense_fraction",
+    "ce_loss_recovered",
+    "tokens_per_s",
+    "sweep_wall_s",
+    "run_dir",
+)
 
 
 def write_table(rows: list[dict], out: str) -> None:
@@ -26,15 +39,23 @@ def write_table(rows: list[dict], out: str) -> None:
     io.write_text(os.path.join(out, "sweep.csv"), buf.getvalue())
 
     has_ce = any(r.get("ce_loss_recovered") is not None for r in rows)
-    head = ("| d_sae | k / λ | FVU | L0 | dead | " + ("CE loss recovered | " if has_ce else "")
-            + "tokens/s (alone) | run |")
+    head = (
+        "| d_sae | k / λ | FVU | L0 | dead | "
+        + ("CE loss recovered | " if has_ce else "")
+        + "tokens/s (alone) | run |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         knob = r["k"] if r["k"] is not None else (f"λ {r['l1']:g}" if r["l1"] is not None else "")
-        ce = f"{r['ce_loss_recovered']:.4f} | " if has_ce and r.get("ce_loss_recovered") is not None else (
-            "– | " if has_ce else "")
-        lines.append(f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | {r['l0']:.1f} | "
-                     f"{r['dead_fraction']:.1%} | {ce}{r['tokens_per_s']:,.0f} | {r['run_dir']} |")
+        ce = (
+            f"{r['ce_loss_recovered']:.4f} | "
+            if has_ce and r.get("ce_loss_recovered") is not None
+            else ("– | " if has_ce else "")
+        )
+        lines.append(
+            f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | {r['l0']:.1f} | "
+            f"{r['dead_fraction']:.1%} | {ce}{r['tokens_per_s']:,.0f} | {r['run_dir']} |"
+        )
     wall = next((r["sweep_wall_s"] for r in rows if r.get("sweep_wall_s") is not None), None)
     if wall is not None:
         lines += ["", f"All {len(rows)} members trained in lockstep in {wall:,.0f} s of wall time."]
@@ -44,9 +65,11 @@ def write_table(rows: list[dict], out: str) -> None:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    """FVU against L0 (one line per d_sae across k or λ), dead fraction and throughput against d_sae."""
+    """FVU against L0 (one line per d_sae across k or λ), dead fraction and throughput against
+    d_sae."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -60,11 +83,17 @@ def _plot(rows: list[dict], path: str) -> None:
     axes[0].set_ylabel("FVU")
     axes[0].set_title("FVU-L0 frontier per size")
     axes[0].legend(fontsize=7)
-    for ax, key, title in ((axes[1], "dead_fraction", "dead fraction"),
-                           (axes[2], "tokens_per_s", "training tokens/s (step alone)")):
+    for ax, key, title in (
+        (axes[1], "dead_fraction", "dead fraction"),
+        (axes[2], "tokens_per_s", "training tokens/s (step alone)"),
+    ):
         for knob in sorted({(r["k"], r["l1"]) for r in rows}, key=str):
             pts = sorted((r["d_sae"], r[key]) for r in rows if (r["k"], r["l1"]) == knob)
-            label = f"k {knob[0]}" if knob[0] is not None else (f"λ {knob[1]:g}" if knob[1] is not None else None)
+            label = (
+                f"k {knob[0]}"
+                if knob[0] is not None
+                else (f"λ {knob[1]:g}" if knob[1] is not None else None)
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_sae")

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import build_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -17,9 +16,24 @@ torch = pytest.importorskip("torch")
 # state-dict names of (norm feeding the MLP, MLP input projection, output projection);
 # "T" marks nn.Linear weights stored [out, in]
 LAYOUT = {
-    "gpt2": ("transformer.h.{l}.ln_2", "transformer.h.{l}.mlp.c_fc", "transformer.h.{l}.mlp.c_proj", ""),
-    "gpt_neo": ("transformer.h.{l}.ln_2", "transformer.h.{l}.mlp.c_fc", "transformer.h.{l}.mlp.c_proj", "T"),
-    "gptj": ("transformer.h.{l}.ln_1", "transformer.h.{l}.mlp.fc_in", "transformer.h.{l}.mlp.fc_out", "T"),
+    "gpt2": (
+        "transformer.h.{l}.ln_2",
+        "transformer.h.{l}.mlp.c_fc",
+        "transformer.h.{l}.mlp.c_proj",
+        "",
+    ),
+    "gpt_neo": (
+        "transformer.h.{l}.ln_2",
+        "transformer.h.{l}.mlp.c_fc",
+        "transformer.h.{l}.mlp.c_proj",
+        "T",
+    ),
+    "gptj": (
+        "transformer.h.{l}.ln_1",
+        "transformer.h.{l}.mlp.fc_in",
+        "transformer.h.{l}.mlp.fc_out",
+        "T",
+    ),
 }
 
 
@@ -42,7 +56,10 @@ def plain_statistics(directory, arch):
     """Per layer: list of p_j, list of ‖w_out_j‖, list of cos(w_in_j, w_out_j), by loops."""
     from transformers import AutoModelForCausalLM
 
-    sd = {k: v.double().numpy() for k, v in AutoModelForCausalLM.from_pretrained(directory).state_dict().items()}
+    sd = {
+        k: v.double().numpy()
+        for k, v in AutoModelForCausalLM.from_pretrained(directory).state_dict().items()
+    }
     ln_name, in_name, out_name, stored = LAYOUT[arch]
     layers = []
     l = 0
@@ -67,7 +84,9 @@ def plain_statistics(directory, arch):
             ps.append(in_norm * bias)
             out_norms.append(out_norm)
             coss.append(sum(c * r for c, r in zip(col, row)) / (in_norm * out_norm))
-        layers.append({"p": ps, "w_out_norm": out_norms, "cos": coss, "w_in": col_matrix(w_in, lnw)})
+        layers.append(
+            {"p": ps, "w_out_norm": out_norms, "cos": coss, "w_in": col_matrix(w_in, lnw)}
+        )
         l += 1
     return layers
 
@@ -90,19 +109,23 @@ def plain_median(values):
 
 def run_cli(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "saejax", *args], capture_output=True, text=True,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "saejax", *args], capture_output=True, text=True, env=env
+    )
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gptj"])
 def test_weight_statistic_matches_plain_loops(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
     from analysis.weight_stats import weight_statistics
     from analysis.weights import process_weights
     from extract.analysis_io import mlp_weights
-    from transformers import AutoModelForCausalLM
 
     directory = randomised_model(tmp_path, arch)
-    stats = weight_statistics(process_weights(mlp_weights(AutoModelForCausalLM.from_pretrained(directory))))
+    stats = weight_statistics(
+        process_weights(mlp_weights(AutoModelForCausalLM.from_pretrained(directory)))
+    )
     reference = plain_statistics(directory, arch)
     assert stats["p"].shape == (len(reference), len(reference[0]["p"]))
     for l, layer in enumerate(reference):
@@ -146,8 +169,10 @@ def test_dpo_change_selects_the_most_changed_neurons(tmp_path):
     medians = {"base": [], "tuned": []}
     abs_medians = {"base": [], "tuned": []}
     for l, (lb, lt) in enumerate(zip(ref_base, ref_tuned)):
-        change = [sum(abs(a - b) for a, b in zip(lt["w_in"][j], lb["w_in"][j]))
-                  for j in range(len(lb["w_in"]))]
+        change = [
+            sum(abs(a - b) for a, b in zip(lt["w_in"][j], lb["w_in"][j]))
+            for j in range(len(lb["w_in"]))
+        ]
         order = sorted(range(len(change)), key=lambda j: (-change[j], j))[:100]
         assert report["selected_neurons"][l] == order
         for name, layer in (("base", lb), ("tuned", lt)):
@@ -194,9 +219,12 @@ def test_last_token_activations_are_the_mlp_input_projection(tiny_gpt2):
     for i, prompt in enumerate(prompts):
         ids = [tok.bos_token_id] + tok(prompt)["input_ids"]
         seen = {}
-        handles = [b.mlp.c_fc.register_forward_hook(
-            lambda m, a, o, l=l: seen.__setitem__(l, o[0, -1].detach().numpy()))
-            for l, b in enumerate(loaded.model.transformer.h)]
+        handles = [
+            b.mlp.c_fc.register_forward_hook(
+                lambda m, a, o, l=l: seen.__setitem__(l, o[0, -1].detach().numpy())
+            )
+            for l, b in enumerate(loaded.model.transformer.h)
+        ]
         with torch.no_grad():
             loaded.model(torch.tensor([ids]))
         for h in handles:
@@ -208,13 +236,23 @@ def test_last_token_activations_are_the_mlp_input_projection(tiny_gpt2):
 @pytest.mark.slow
 def test_decorrelation_command_on_the_builtin_model(tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(["The cat sat on the mat.", "def parse(text):",
-                                  "Return the absolute value of a number.",
-                                  "", "Paris is the capital of France.",
-                                  "Raise ValueError if the list is empty."]) + "\n")
+    prompts.write_text(
+        "\n".join(
+            [
+                "The cat sat on the mat.",
+                "def parse(text):",
+                "Return the absolute value of a number.",
+                "",
+                "Paris is the capital of France.",
+                "Raise ValueError if the list is empty.",
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "decor"
-    result = run_cli("analyze", "decorrelation", "builtin", "--prompts", str(prompts),
-                     "--out", str(out))
+    result = run_cli(
+        "analyze", "decorrelation", "builtin", "--prompts", str(prompts), "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "decorrelation.json").read_text())
     model = report["models"]["SmolLM2-135M-Instruct"]
@@ -232,8 +270,14 @@ def test_bad_inputs(tmp_path, tiny_llama):
     cases = [
         (("analyze", "dpo-change", gpt2, neo), "does not have the architecture of base"),
         (("analyze", "weights", gpt2, tiny_llama), "has no MLP input bias"),
-        (("analyze", "decorrelation", gpt2, "--prompts", str(tmp_path / "empty.txt")), "has no prompts"),
-        (("analyze", "decorrelation", gpt2, "--prompts", str(tmp_path / "missing.txt")), "not found"),
+        (
+            ("analyze", "decorrelation", gpt2, "--prompts", str(tmp_path / "empty.txt")),
+            "has no prompts",
+        ),
+        (
+            ("analyze", "decorrelation", gpt2, "--prompts", str(tmp_path / "missing.txt")),
+            "not found",
+        ),
         (("analyze", "weights", str(tmp_path / "nowhere")), "is not a model directory"),
     ]
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -247,9 +291,14 @@ def test_bad_inputs(tmp_path, tiny_llama):
 
 
 def test_analysis_needs_only_numpy():
-    code = ("import sys, analysis.weights, analysis.weight_stats, analysis.dpo_change, "
-            "analysis.decorrelation, analysis.output, analysis.plots; "
-            "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))")
-    mods = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                              text=True).stdout.strip().split(","))
+    code = (
+        "import sys, analysis.weights, analysis.weight_stats, analysis.dpo_change, "
+        "analysis.decorrelation, analysis.output, analysis.plots; "
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    mods = set(
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .split(",")
+    )
     assert not mods & {"torch", "jax", "transformers", "matplotlib", "flax"}

@@ -17,27 +17,32 @@ from saejax.core import pallas_kernels as K
 def assert_same_top_k(got, ref):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(ref[1]))
     # bit for bit: NaN payloads and the sign of zero included
-    np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), np.asarray(ref[0]).view(np.int32))
+    np.testing.assert_array_equal(
+        np.asarray(got[0]).view(np.int32), np.asarray(ref[0]).view(np.int32)
+    )
 
 
-@pytest.mark.parametrize("rows,width,k,block_cols", [
-    (7, 1000, 16, 128),   # width not a multiple of the block, rows not a multiple of 8
-    (5, 17, 17, 8),       # k = N, over several blocks
-    (4, 300, 1, 64),      # k = 1
-    (3, 700, 288, 128),   # k larger than a block: each block sorted whole
-    (9, 64, 5, 512),      # one block wider than the row
-])
+@pytest.mark.parametrize(
+    "rows,width,k,block_cols",
+    [
+        (7, 1000, 16, 128),  # width not a multiple of the block, rows not a multiple of 8
+        (5, 17, 17, 8),  # k = N, over several blocks
+        (4, 300, 1, 64),  # k = 1
+        (3, 700, 288, 128),  # k larger than a block: each block sorted whole
+        (9, 64, 5, 512),  # one block wider than the row
+    ],
+)
 def test_top_k_equals_lax_top_k_bit_for_bit(rows, width, k, block_cols):
     rng = np.random.default_rng(width + k)
     x = rng.normal(size=(rows, width)).astype(np.float32)
-    x[0, 5:40] = 2.5                        # ties: the lower index first, across blocks
-    x[1, :] = -np.inf                       # a row of -inf, one finite entry
+    x[0, 5:40] = 2.5  # ties: the lower index first, across blocks
+    x[1, :] = -np.inf  # a row of -inf, one finite entry
     x[1, width // 2] = 0.0
-    x[2, ::3] = x[2, 1]                     # many ties in one row
+    x[2, ::3] = x[2, 1]  # many ties in one row
     x[3 % rows, : min(width, 12)] = 0.0
-    x[3 % rows, 1:min(width, 12):2] = -0.0  # signed zeros: +0 ranks above -0, as in lax.top_k
+    x[3 % rows, 1 : min(width, 12) : 2] = -0.0  # signed zeros: +0 ranks above -0, as in lax.top_k
     if rows > 4:
-        x[4, :] = -np.inf                   # all -inf: indices 0..k-1
+        x[4, :] = -np.inf  # all -inf: indices 0..k-1
     run = jax.jit(lambda a: K.top_k(a, k, block_cols=block_cols))
     assert_same_top_k(run(x), jax.lax.top_k(x, k))
     bias = rng.normal(size=width).astype(np.float32)
@@ -62,8 +67,8 @@ def test_top_k_rejects_bad_k_and_blocks():
 def _case(rows=37, k=8, n=300, d=48, seed=0):
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(rows, k)).astype(np.int32)
-    idx[:, 0] = 7                           # one latent chosen by every row
-    idx[0, 3] = idx[0, 1]                   # a latent repeated within a row
+    idx[:, 0] = 7  # one latent chosen by every row
+    idx[0, 3] = idx[0, 1]  # a latent repeated within a row
     weights = rng.normal(size=(rows, k)).astype(np.float32)
     data = rng.normal(size=(rows, d)).astype(np.float32)
     table = rng.normal(size=(n, d)).astype(np.float32)
@@ -74,19 +79,26 @@ def _case(rows=37, k=8, n=300, d=48, seed=0):
 def test_gather_rows_and_row_dots(d, block_cols):
     weights, idx, g, table = _case(d=d)
     got = jax.jit(lambda w, i, t: K.gather_rows(w, i, t, block_rows=8, block_cols=block_cols))(
-        weights, idx, table)
+        weights, idx, table
+    )
     assert got.shape == (37, d) and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), np.einsum("bk,bkd->bd", weights, table[idx]),
-                               rtol=1e-5, atol=1e-5)
-    dots = jax.jit(lambda a, i, t: K.row_dots(a, i, t, block_rows=8, chunk=block_cols))(g, idx, table)
+    np.testing.assert_allclose(
+        np.asarray(got), np.einsum("bk,bkd->bd", weights, table[idx]), rtol=1e-5, atol=1e-5
+    )
+    dots = jax.jit(lambda a, i, t: K.row_dots(a, i, t, block_rows=8, chunk=block_cols))(
+        g, idx, table
+    )
     assert dots.shape == (37, 8) and dots.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(dots), np.einsum("bd,bkd->bk", g, table[idx]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(dots), np.einsum("bd,bkd->bk", g, table[idx]), rtol=1e-5, atol=1e-5
+    )
 
 
 def _scatter_reference(weights, idx, data, n):
     ref = np.zeros((n, data.shape[1]), np.float32)
-    np.add.at(ref, idx.reshape(-1), (weights[:, :, None] * data[:, None, :]).reshape(-1, data.shape[1]))
+    np.add.at(
+        ref, idx.reshape(-1), (weights[:, :, None] * data[:, None, :]).reshape(-1, data.shape[1])
+    )
     ref_sum = np.zeros(n, np.float32)
     np.add.at(ref_sum, idx.reshape(-1), weights.reshape(-1))
     return ref, ref_sum
@@ -114,8 +126,10 @@ def test_scatter_rows_sums_repeated_latents_and_zeroes_the_rest(n, d):
 def test_scatter_rows_does_not_depend_on_the_block_sizes():
     """Each output element is summed by one program in the sorted entries' order."""
     weights, idx, data, _ = _case(rows=64, k=16, n=200, d=64, seed=3)
-    results = [K.scatter_rows(weights, idx, data, 200, block_latents=bn, block_cols=bd)
-               for bn, bd in ((32, 128), (8, 16), (256, 32))]
+    results = [
+        K.scatter_rows(weights, idx, data, 200, block_latents=bn, block_cols=bd)
+        for bn, bd in ((32, 128), (8, 16), (256, 32))
+    ]
     for out, wsum in results[1:]:
         np.testing.assert_array_equal(np.asarray(out), np.asarray(results[0][0]))
         np.testing.assert_array_equal(np.asarray(wsum), np.asarray(results[0][1]))
@@ -126,8 +140,12 @@ def test_out_of_range_indices_follow_xla():
     weights, idx, data, table = _case(n=300)
     idx[3, 2], idx[4, 5] = 300, -1
     clamped = np.clip(idx, 0, 299)
-    np.testing.assert_allclose(np.asarray(K.gather_rows(weights, idx, table)),
-                               np.einsum("bk,bkd->bd", weights, table[clamped]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(K.gather_rows(weights, idx, table)),
+        np.einsum("bk,bkd->bd", weights, table[clamped]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     out, wsum = K.scatter_rows(weights, idx, data, 300)
     keep = (idx >= 0) & (idx < 300)
     ref, ref_sum = _scatter_reference(np.where(keep, weights, 0), np.where(keep, idx, 0), data, 300)
@@ -139,16 +157,22 @@ def test_available_and_drop_in_signatures():
     import importlib.util
     import inspect
 
-    cpu_kernels = importlib.import_module(next(
-        m for m in ("saejax.core.cpu_kernels", "saejax.cpu_kernels") if importlib.util.find_spec(m)))
+    cpu_kernels = importlib.import_module(
+        next(
+            m
+            for m in ("saejax.core.cpu_kernels", "saejax.cpu_kernels")
+            if importlib.util.find_spec(m)
+        )
+    )
     assert K.available("cpu")
     assert not K.available("tpu")
     for name in ("top_k", "gather_rows", "row_dots", "scatter_rows"):
         ours = list(inspect.signature(getattr(K, name)).parameters.values())
         theirs = list(inspect.signature(getattr(cpu_kernels, name)).parameters.values())
-        assert [(p.name, p.default) for p in ours[:len(theirs)]] == \
-            [(p.name, p.default) for p in theirs], name
-        assert all(p.kind is p.KEYWORD_ONLY for p in ours[len(theirs):]), name
+        assert [(p.name, p.default) for p in ours[: len(theirs)]] == [
+            (p.name, p.default) for p in theirs
+        ], name
+        assert all(p.kind is p.KEYWORD_ONLY for p in ours[len(theirs) :]), name
 
 
 MESH_CHECK = textwrap.dedent("""
@@ -201,8 +225,8 @@ MESH_CHECK = textwrap.dedent("""
         np.testing.assert_array_equal(idx[:, m * k:(m + 1) * k], ref_i)
         acts, sel = np.maximum(np.asarray(ref_v), 0), np.asarray(ref_i)
         t = table[cols]
-        np.testing.assert_allclose(decoded[:, m * D:(m + 1) * D], np.einsum("bk,bkd->bd", acts, t[sel]),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(decoded[:, m * D:(m + 1) * D],
+                                   np.einsum("bk,bkd->bd", acts, t[sel]), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dots[:, m * k:(m + 1) * k], np.einsum("bd,bkd->bk", g, t[sel]),
                                    rtol=1e-5, atol=1e-5)
         ref = np.zeros((half, D), np.float32)
@@ -222,11 +246,16 @@ def test_kernels_under_shard_map_on_fake_devices():
     replicated over "data" next to rows split over it. Interpret mode runs only with
     check_vma=False (see pallas_kernels._call); with check_vma=True it says so."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", MESH_CHECK], capture_output=True, text=True,
-                            env=env, timeout=600)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_CHECK], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh ok" in result.stdout
 
@@ -237,8 +266,10 @@ def test_drop_in_for_the_cpu_kernels_in_the_training_loss(monkeypatch):
     import dataclasses
     import importlib.util
 
-    sae = next((m for m in ("saejax.core.sae", "saejax.sae")
-                if importlib.util.find_spec(m) is not None), None)
+    sae = next(
+        (m for m in ("saejax.core.sae", "saejax.sae") if importlib.util.find_spec(m) is not None),
+        None,
+    )
     S = importlib.import_module(sae)
     for name in ("top_k", "gather_rows", "row_dots", "scatter_rows"):
         monkeypatch.setattr(S.cpu_kernels, name, getattr(K, name))
@@ -248,10 +279,12 @@ def test_drop_in_for_the_cpu_kernels_in_the_training_loss(monkeypatch):
     dense = dataclasses.replace(sparse, sparse_topk=False)
     rng = np.random.default_rng(0)
     params = S.init_params(sparse, jax.random.PRNGKey(0))
-    params = {**params,
-              "W_enc": params["W_enc"] + jnp.asarray(rng.normal(0, 0.05, (16, 96)), jnp.float32),
-              "b_enc": jnp.asarray(rng.normal(0, 0.1, 96), jnp.float32),
-              "b_dec": jnp.asarray(rng.normal(0, 0.1, 16), jnp.float32)}
+    params = {
+        **params,
+        "W_enc": params["W_enc"] + jnp.asarray(rng.normal(0, 0.05, (16, 96)), jnp.float32),
+        "b_enc": jnp.asarray(rng.normal(0, 0.1, 96), jnp.float32),
+        "b_dec": jnp.asarray(rng.normal(0, 0.1, 16), jnp.float32),
+    }
     x = jnp.asarray(rng.normal(size=(24, 16)), jnp.float32)
     dead = jnp.zeros(96, bool).at[jnp.arange(7) * 13].set(True)
     fn = jax.jit(S.loss_and_grads, static_argnums=2)

@@ -6,18 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import small_config, superposition_data
 
 from saejax.core import sae as S
-from helpers import small_config, superposition_data
 
 
 def random_params(spec, seed=0):
     rng = np.random.default_rng(seed)
     params = S.init_params(spec, jax.random.PRNGKey(seed))
-    return {**params,
-            "W_enc": params["W_enc"] + jnp.asarray(rng.normal(0, 0.05, params["W_enc"].shape), jnp.float32),
-            "b_enc": jnp.asarray(rng.normal(0, 0.1, spec.d_sae), jnp.float32),
-            "b_dec": jnp.asarray(rng.normal(0, 0.1, spec.d_in), jnp.float32)}
+    return {
+        **params,
+        "W_enc": params["W_enc"]
+        + jnp.asarray(rng.normal(0, 0.05, params["W_enc"].shape), jnp.float32),
+        "b_enc": jnp.asarray(rng.normal(0, 0.1, spec.d_sae), jnp.float32),
+        "b_dec": jnp.asarray(rng.normal(0, 0.1, spec.d_in), jnp.float32),
+    }
 
 
 def loss_and_grads(spec, params, x, dead):
@@ -30,6 +33,7 @@ def loss_and_grads(spec, params, x, dead):
 def kernels(request, monkeypatch):
     """Both implementations of the sparse kernels: the C++ CPU kernels and XLA's primitives."""
     from saejax.core import cpu_kernels
+
     if request.param == "cpp" and not cpu_kernels.enabled():
         pytest.skip("C++ CPU kernels unavailable")
     if request.param == "xla":
@@ -78,9 +82,15 @@ def test_training_with_sparse_kernels_matches_dense(tmp_path):
     np.save(path, data)
     finals = {}
     for kernel in ("sparse", "dense"):
-        cfg = small_config(str(path), str(tmp_path / kernel), f"sae.topk_kernel={kernel}",
-                           "train.tokens=4096", "sae.dead_tokens=512")
+        cfg = small_config(
+            str(path),
+            str(tmp_path / kernel),
+            f"sae.topk_kernel={kernel}",
+            "train.tokens=4096",
+            "sae.dead_tokens=512",
+        )
         finals[kernel] = train(cfg).state.params
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        np.testing.assert_allclose(finals["sparse"][name], finals["dense"][name],
-                                   rtol=1e-3, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            finals["sparse"][name], finals["dense"][name], rtol=1e-3, atol=1e-5, err_msg=name
+        )

@@ -16,14 +16,26 @@ from saejax.store import ActivationStore, read_meta  # noqa: E402
 
 
 def _extract(model_dir, corpus, out, **kw):
-    cfg = ExtractConfig(out=str(out), model=model_dir, corpus=corpus,
-                        **{"hooks": ["blocks.1.hook_resid_post"], "tokens": 3000, "context": 32,
-                           "batch_size": 4, "dtype": "float32", "chunk_mib": 0.02, **kw})
+    cfg = ExtractConfig(
+        out=str(out),
+        model=model_dir,
+        corpus=corpus,
+        **{
+            "hooks": ["blocks.1.hook_resid_post"],
+            "tokens": 3000,
+            "context": 32,
+            "batch_size": 4,
+            "dtype": "float32",
+            "chunk_mib": 0.02,
+            **kw,
+        },
+    )
     return run_extract(cfg, progress=False)
 
 
 def _hidden_states(model_dir, ids):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         return model(torch.as_tensor(ids)[None], output_hidden_states=True).hidden_states
@@ -47,8 +59,9 @@ def test_rows_equal_transformers_hidden_states(fixture, request, corpus_file, tm
         np.testing.assert_array_equal(store.tokens()[rows], ids[positions])
         for hook, layer in zip(hooks, (0, 2, 3)):  # resid_pre L = hs[L]; resid_post L = hs[L+1]
             expected = hidden[layer][0, positions].numpy()
-            np.testing.assert_allclose(store.read(rows[0], rows[-1] + 1, hook), expected,
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                store.read(rows[0], rows[-1] + 1, hook), expected, rtol=1e-5, atol=1e-5
+            )
 
 
 def test_bfloat16_store_within_dtype_tolerance(tiny_llama, corpus_file, tmp_path):
@@ -65,8 +78,10 @@ def test_truncated_forward_runs_no_later_layer(tiny_llama):
 
     model = load_model(tiny_llama).model
     fired = []
-    handles = [b.register_forward_hook(lambda *a, i=i: fired.append(i))
-               for i, b in enumerate(find_blocks(model))]
+    handles = [
+        b.register_forward_hook(lambda *a, i=i: fired.append(i))
+        for i, b in enumerate(find_blocks(model))
+    ]
     with Capture(model, parse_hooks("blocks.1.hook_mlp_out,blocks.0.mlp.hook_pre")) as cap:
         out = cap.run(torch.zeros(2, 8, dtype=torch.long))
     for h in handles:
@@ -78,7 +93,10 @@ def test_truncated_forward_runs_no_later_layer(tiny_llama):
 def _arrays(path):
     store = ActivationStore.open(str(path))
     return {h: store.read(0, len(store), h) for h in store.hooks} | {
-        "tokens": store.tokens(), "doc": store.doc(), "n": len(store)}
+        "tokens": store.tokens(),
+        "doc": store.doc(),
+        "n": len(store),
+    }
 
 
 def _assert_same_store(a, b):
@@ -93,11 +111,23 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_llama, corpus_file, 
     def interrupt(chunks):
         if chunks == 3:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        run_extract(ExtractConfig(out=str(tmp_path / "part"), model=tiny_llama, corpus=corpus_file,
-                                  hooks=["blocks.1.hook_resid_post"], tokens=3000, context=32,
-                                  batch_size=4, dtype="float32", chunk_mib=0.02),
-                    progress=False, on_chunk=interrupt)
+        run_extract(
+            ExtractConfig(
+                out=str(tmp_path / "part"),
+                model=tiny_llama,
+                corpus=corpus_file,
+                hooks=["blocks.1.hook_resid_post"],
+                tokens=3000,
+                context=32,
+                batch_size=4,
+                dtype="float32",
+                chunk_mib=0.02,
+            ),
+            progress=False,
+            on_chunk=interrupt,
+        )
     partial = read_meta(str(tmp_path / "part"))
     assert 0 < partial["n_tokens"] < 3000 and not partial["complete"]
     _extract(tiny_llama, corpus_file, tmp_path / "part")
@@ -105,12 +135,36 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_llama, corpus_file, 
 
 
 def test_kill_9_then_resume_equals_uninterrupted(tiny_gpt2, corpus_file, tmp_path):
-    args = [sys.executable, "-m", "saejax", "extract", "--model", tiny_gpt2, "--corpus",
-            corpus_file, "--hooks", "blocks.1.hook_resid_post", "--tokens", "3000", "--context",
-            "32", "--batch-size", "4", "--dtype", "float32", "--chunk-mib", "0.02", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "saejax",
+        "extract",
+        "--model",
+        tiny_gpt2,
+        "--corpus",
+        corpus_file,
+        "--hooks",
+        "blocks.1.hook_resid_post",
+        "--tokens",
+        "3000",
+        "--context",
+        "32",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "float32",
+        "--chunk-mib",
+        "0.02",
+        "--quiet",
+    ]
     env = {**os.environ, "SAEJAX_TEST_CHUNK_DELAY_S": "0.3"}
-    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args + ["--out", str(tmp_path / "killed")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         meta = read_meta(str(tmp_path / "killed")) if (tmp_path / "killed").exists() else None

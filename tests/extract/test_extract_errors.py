@@ -17,9 +17,22 @@ def run_cli(capsys, *args):
 
 @pytest.fixture
 def base(tiny_llama, corpus_file):
-    return ["extract", "--model", tiny_llama, "--corpus", corpus_file, "--tokens", "300",
-            "--hooks", "blocks.1.hook_resid_post",
-            "--context", "32", "--dtype", "float32", "--quiet"]
+    return [
+        "extract",
+        "--model",
+        tiny_llama,
+        "--corpus",
+        corpus_file,
+        "--tokens",
+        "300",
+        "--hooks",
+        "blocks.1.hook_resid_post",
+        "--context",
+        "32",
+        "--dtype",
+        "float32",
+        "--quiet",
+    ]
 
 
 def assert_one_line_error(code, err, *phrases):
@@ -30,15 +43,21 @@ def assert_one_line_error(code, err, *phrases):
         assert phrase in err, err
 
 
-@pytest.mark.parametrize("args, phrases", [
-    (["--model", "no-such-org/no-such-model"], ["cannot load model", "no-such-org/no-such-model"]),
-    (["--hooks", "blocks.9.hook_resid_post"], ["layer 9 is out of range", "0..3"]),
-    (["--hooks", "blocks.1.hook_resid_middle"], ["unknown hook name"]),
-    (["--corpus", "missing/corpus.txt"], ["corpus file not found"]),
-    (["--context", "4096"], ["longer than the model allows", "128"]),
-    (["--dtype", "float8"], ["unknown dtype 'float8'"]),
-    (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
-])
+@pytest.mark.parametrize(
+    "args, phrases",
+    [
+        (
+            ["--model", "no-such-org/no-such-model"],
+            ["cannot load model", "no-such-org/no-such-model"],
+        ),
+        (["--hooks", "blocks.9.hook_resid_post"], ["layer 9 is out of range", "0..3"]),
+        (["--hooks", "blocks.1.hook_resid_middle"], ["unknown hook name"]),
+        (["--corpus", "missing/corpus.txt"], ["corpus file not found"]),
+        (["--context", "4096"], ["longer than the model allows", "128"]),
+        (["--dtype", "float8"], ["unknown dtype 'float8'"]),
+        (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(capsys, base, tmp_path, args, phrases):
     out = tmp_path / "store"
     code, err = run_cli(capsys, *base, *args, "--out", str(out))
@@ -59,8 +78,12 @@ def test_existing_store_with_another_configuration(capsys, base, tmp_path):
     out = str(tmp_path / "store")
     assert run_cli(capsys, *base, "--out", out)[0] == 0
     before = open(os.path.join(out, "meta.json")).read()
-    for change in (["--hooks", "blocks.2.hook_resid_post"], ["--context", "64"],
-                   ["--dtype", "bfloat16"], ["--model", os.path.dirname(out)]):
+    for change in (
+        ["--hooks", "blocks.2.hook_resid_post"],
+        ["--context", "64"],
+        ["--dtype", "bfloat16"],
+        ["--model", os.path.dirname(out)],
+    ):
         code, err = run_cli(capsys, *base, *change, "--out", out)
         if "--model" in change:
             assert_one_line_error(code, err, "cannot load model")

@@ -19,9 +19,17 @@ from saejax.errors import SaejaxError  # noqa: E402
 
 N_LAYERS, VOCAB = 3, 64
 KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_pre")
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=N_LAYERS,
-             num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-             pad_token_id=0)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 LLAMA_LIKE = dict(SMALL, num_key_value_heads=2)
 
 
@@ -29,14 +37,36 @@ def _configs():
     t = transformers
     special = dict(bos_token_id=1, eos_token_id=2)
     return {
-        "gpt2": t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=N_LAYERS, n_head=4,
-                             n_positions=64, n_inner=48, **special),
-        "gpt_neo": t.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=N_LAYERS,
-                                  num_heads=4, intermediate_size=48, window_size=4,
-                                  attention_types=[[["global", "local", "global"], 1]],
-                                  max_position_embeddings=64, **special),
-        "gptj": t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=N_LAYERS, n_head=4,
-                             n_positions=64, rotary_dim=4, n_inner=48, **special),
+        "gpt2": t.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=N_LAYERS,
+            n_head=4,
+            n_positions=64,
+            n_inner=48,
+            **special,
+        ),
+        "gpt_neo": t.GPTNeoConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_layers=N_LAYERS,
+            num_heads=4,
+            intermediate_size=48,
+            window_size=4,
+            attention_types=[[["global", "local", "global"], 1]],
+            max_position_embeddings=64,
+            **special,
+        ),
+        "gptj": t.GPTJConfig(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=N_LAYERS,
+            n_head=4,
+            n_positions=64,
+            rotary_dim=4,
+            n_inner=48,
+            **special,
+        ),
         "gpt_neox_parallel": t.GPTNeoXConfig(**SMALL, use_parallel_residual=True),
         "gpt_neox_sequential": t.GPTNeoXConfig(**SMALL, use_parallel_residual=False),
         "llama": t.LlamaConfig(**LLAMA_LIKE),
@@ -45,26 +75,58 @@ def _configs():
         "gemma": t.GemmaConfig(**LLAMA_LIKE, head_dim=8),
         "gemma2": t.Gemma2Config(**LLAMA_LIKE, head_dim=8, sliding_window=4),
         "phi3": t.Phi3Config(**LLAMA_LIKE),
-        "opt": t.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48,
-                           num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                           word_embed_proj_dim=32, max_position_embeddings=64,
-                           do_layer_norm_before=True, enable_bias=True, pad_token_id=0),
-        "opt_post_norm": t.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48,
-                                     num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                                     word_embed_proj_dim=32, max_position_embeddings=64,
-                                     do_layer_norm_before=False, pad_token_id=0),
-        "falcon_parallel": t.FalconConfig(vocab_size=VOCAB, hidden_size=32,
-                                          num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                                          parallel_attn=True, bias=True, **special),
-        "falcon_new_architecture": t.FalconConfig(vocab_size=VOCAB, hidden_size=32,
-                                                  num_hidden_layers=N_LAYERS,
-                                                  num_attention_heads=4, num_kv_heads=2,
-                                                  new_decoder_architecture=True, bias=True,
-                                                  **special),
-        "falcon_sequential": t.FalconConfig(vocab_size=VOCAB, hidden_size=32,
-                                            num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                                            parallel_attn=False, bias=True, alibi=True,
-                                            **special),
+        "opt": t.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            do_layer_norm_before=True,
+            enable_bias=True,
+            pad_token_id=0,
+        ),
+        "opt_post_norm": t.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            do_layer_norm_before=False,
+            pad_token_id=0,
+        ),
+        "falcon_parallel": t.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            parallel_attn=True,
+            bias=True,
+            **special,
+        ),
+        "falcon_new_architecture": t.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            bias=True,
+            **special,
+        ),
+        "falcon_sequential": t.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            parallel_attn=False,
+            bias=True,
+            alibi=True,
+            **special,
+        ),
     }
 
 
@@ -77,28 +139,52 @@ REF = {
     "gpt2": dict(blocks="transformer.h", attn="attn", mlp="mlp", mid="ln_2", up="mlp.c_fc"),
     "gpt_neo": dict(blocks="transformer.h", attn="attn", mlp="mlp", mid="ln_2", up="mlp.c_fc"),
     "gptj": dict(blocks="transformer.h", attn="attn", mlp="mlp", mid=None, up="mlp.fc_in"),
-    "gpt_neox_parallel": dict(blocks="gpt_neox.layers", attn="attention", mlp="mlp", mid=None,
-                              up="mlp.dense_h_to_4h"),
-    "gpt_neox_sequential": dict(blocks="gpt_neox.layers", attn="attention", mlp="mlp",
-                                mid="post_attention_layernorm", up="mlp.dense_h_to_4h"),
+    "gpt_neox_parallel": dict(
+        blocks="gpt_neox.layers", attn="attention", mlp="mlp", mid=None, up="mlp.dense_h_to_4h"
+    ),
+    "gpt_neox_sequential": dict(
+        blocks="gpt_neox.layers",
+        attn="attention",
+        mlp="mlp",
+        mid="post_attention_layernorm",
+        up="mlp.dense_h_to_4h",
+    ),
     "llama": dict(blocks="model.layers", **_LLAMA_REF),
     "mistral": dict(blocks="model.layers", **_LLAMA_REF),
     "qwen2": dict(blocks="model.layers", **_LLAMA_REF),
     "gemma": dict(blocks="model.layers", **_LLAMA_REF),
-    "gemma2": dict(blocks="model.layers", attn="post_attention_layernorm",
-                   mlp="post_feedforward_layernorm", mid="pre_feedforward_layernorm",
-                   up="mlp.gate_proj"),
+    "gemma2": dict(
+        blocks="model.layers",
+        attn="post_attention_layernorm",
+        mlp="post_feedforward_layernorm",
+        mid="pre_feedforward_layernorm",
+        up="mlp.gate_proj",
+    ),
     "phi3": dict(blocks="model.layers", **dict(_LLAMA_REF, up="mlp.gate_up_proj"), gate_rows=48),
-    "opt": dict(blocks="model.decoder.layers", attn="self_attn", mlp="fc2",
-                mid="final_layer_norm", up="fc1"),
-    "opt_post_norm": dict(blocks="model.decoder.layers", attn="self_attn", mlp="fc2", mid=None,
-                          up="fc1", post_norms=("self_attn_layer_norm", "final_layer_norm")),
-    "falcon_parallel": dict(blocks="transformer.h", attn="self_attention", mlp="mlp", mid=None,
-                            up="mlp.dense_h_to_4h"),
-    "falcon_new_architecture": dict(blocks="transformer.h", attn="self_attention", mlp="mlp",
-                                    mid=None, up="mlp.dense_h_to_4h"),
-    "falcon_sequential": dict(blocks="transformer.h", attn="self_attention", mlp="mlp",
-                              mid="post_attention_layernorm", up="mlp.dense_h_to_4h"),
+    "opt": dict(
+        blocks="model.decoder.layers", attn="self_attn", mlp="fc2", mid="final_layer_norm", up="fc1"
+    ),
+    "opt_post_norm": dict(
+        blocks="model.decoder.layers",
+        attn="self_attn",
+        mlp="fc2",
+        mid=None,
+        up="fc1",
+        post_norms=("self_attn_layer_norm", "final_layer_norm"),
+    ),
+    "falcon_parallel": dict(
+        blocks="transformer.h", attn="self_attention", mlp="mlp", mid=None, up="mlp.dense_h_to_4h"
+    ),
+    "falcon_new_architecture": dict(
+        blocks="transformer.h", attn="self_attention", mlp="mlp", mid=None, up="mlp.dense_h_to_4h"
+    ),
+    "falcon_sequential": dict(
+        blocks="transformer.h",
+        attn="self_attention",
+        mlp="mlp",
+        mid="post_attention_layernorm",
+        up="mlp.dense_h_to_4h",
+    ),
 }
 FAMILIES = list(REF)
 
@@ -109,12 +195,13 @@ def _get(root, path):
     return root
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(family):
     """A tiny random `family` model whose every norm weight and bias and every bias is random."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_configs()[family],
-                                                          attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(
+        _configs()[family], attn_implementation="eager"
+    ).eval()
     gen = torch.Generator().manual_seed(1)
     norms = 0
     with torch.no_grad():
@@ -147,22 +234,37 @@ def _reference(model, ref, ids):
 
     def keep(key, fn):
         return lambda module, args, out: seen.__setitem__(key, fn(args, out).detach().clone())
+
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     for layer, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(
-            lambda m, args, kwargs, layer=layer: seen.__setitem__(
-                ("in", layer), (args[0] if args else kwargs["hidden_states"]).clone()),
-            with_kwargs=True))
+        handles.append(
+            block.register_forward_pre_hook(
+                lambda m, args, kwargs, layer=layer: seen.__setitem__(
+                    ("in", layer), (args[0] if args else kwargs["hidden_states"]).clone()
+                ),
+                with_kwargs=True,
+            )
+        )
         handles.append(block.register_forward_hook(keep(("out", layer), lambda a, o: first(o))))
-        handles.append(_get(block, ref["attn"]).register_forward_hook(
-            keep(("attn", layer), lambda a, o: first(o))))
-        handles.append(_get(block, ref["mlp"]).register_forward_hook(
-            keep(("mlp", layer), lambda a, o: first(o))))
-        handles.append(_get(block, ref["up"]).register_forward_hook(
-            keep(("up_in", layer), lambda a, o: a[0])))
+        handles.append(
+            _get(block, ref["attn"]).register_forward_hook(
+                keep(("attn", layer), lambda a, o: first(o))
+            )
+        )
+        handles.append(
+            _get(block, ref["mlp"]).register_forward_hook(
+                keep(("mlp", layer), lambda a, o: first(o))
+            )
+        )
+        handles.append(
+            _get(block, ref["up"]).register_forward_hook(keep(("up_in", layer), lambda a, o: a[0]))
+        )
         if ref["mid"]:
-            handles.append(_get(block, ref["mid"]).register_forward_hook(
-                keep(("mid", layer), lambda a, o: a[0])))
+            handles.append(
+                _get(block, ref["mid"]).register_forward_hook(
+                    keep(("mid", layer), lambda a, o: a[0])
+                )
+            )
     try:
         with torch.no_grad():
             out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
@@ -176,7 +278,7 @@ def _reference(model, ref, ids):
         pre = seen[("up_in", layer)] @ w
         if up.bias is not None:
             pre = pre + up.bias
-        seen[("pre", layer)] = pre[..., :ref.get("gate_rows", pre.shape[-1])]
+        seen[("pre", layer)] = pre[..., : ref.get("gate_rows", pre.shape[-1])]
     return seen, out.hidden_states, out.logits
 
 
@@ -213,8 +315,11 @@ def test_every_hook_equals_the_plain_reference(family):
                 expected = ln2(ln1(pre + g["hook_attn_out"]) + g["hook_mlp_out"])
             _close(g["hook_resid_post"], expected, f"{family} L{layer} post-norm block")
             continue
-        _close(g["hook_attn_out"] + g["hook_mlp_out"], post - pre,
-               f"{family} L{layer} attn_out + mlp_out vs resid_post - resid_pre")
+        _close(
+            g["hook_attn_out"] + g["hook_mlp_out"],
+            post - pre,
+            f"{family} L{layer} attn_out + mlp_out vs resid_post - resid_pre",
+        )
         if ref["mid"]:  # sequential: the MLP's norm reads resid_pre + attn_out
             _close(g["hook_attn_out"], seen[("mid", layer)] - pre, f"{family} L{layer} attn_out")
             _close(g["hook_mlp_out"], post - seen[("mid", layer)], f"{family} L{layer} mlp_out")
@@ -231,14 +336,19 @@ def _edited_logits(model, ref, layer, kind, ids, edit):
     registered here (OPT's flattened rows unflattened, Phi-3's gate rows only)."""
     block = _get(model, ref["blocks"])[layer]
     if kind == "hook_resid_pre":
+
         def edit_input(m, args, kwargs):
             if args:
                 return (edit(args[0]), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
         handle = block.register_forward_pre_hook(edit_input, with_kwargs=True)
     else:
-        path = {"hook_attn_out": ref["attn"], "hook_mlp_out": ref["mlp"],
-                "mlp.hook_pre": ref["up"]}.get(kind)
+        path = {
+            "hook_attn_out": ref["attn"],
+            "hook_mlp_out": ref["mlp"],
+            "mlp.hook_pre": ref["up"],
+        }.get(kind)
         module = block if path is None else _get(block, path)
         rows = ref.get("gate_rows") if kind == "mlp.hook_pre" else None
 
@@ -250,6 +360,7 @@ def _edited_logits(model, ref, layer, kind, ids, edit):
             else:
                 new = edit(_rows(t, ids)).reshape(t.shape)
             return (new, *out[1:]) if isinstance(out, tuple) else new
+
         handle = module.register_forward_hook(edit_output)
     try:
         with torch.no_grad():
@@ -288,9 +399,12 @@ def test_an_unknown_family_is_refused_in_one_line():
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     for kind in KINDS:
         point = parse_hooks(f"blocks.0.{kind}")[0]
-        for call in (lambda: validate_hooks([point], model), lambda: hook_width(point, model),
-                     lambda: Capture(model, [point]).__enter__(),
-                     lambda: Splice(model, point, torch.zeros_like).__enter__()):
+        for call in (
+            lambda: validate_hooks([point], model),
+            lambda: hook_width(point, model),
+            lambda: Capture(model, [point]).__enter__(),
+            lambda: Splice(model, point, torch.zeros_like).__enter__(),
+        ):
             with pytest.raises(SaejaxError) as err:
                 call()
             message = str(err.value)

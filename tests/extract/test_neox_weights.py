@@ -18,10 +18,17 @@ from extract.analysis_io import mlp_weights  # noqa: E402
 
 def random_neox(parallel: bool):
     """A tiny GPT-NeoX with every weight, bias and LayerNorm parameter random."""
-    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
-                                        num_hidden_layers=3, num_attention_heads=4,
-                                        max_position_embeddings=32, bos_token_id=1,
-                                        eos_token_id=2, use_parallel_residual=parallel)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_parallel_residual=parallel,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     gen = torch.Generator().manual_seed(1)
@@ -71,14 +78,19 @@ def test_folded_weights_reproduce_the_mlp_pre_activations(parallel):
 
     def block_input(m, args, kwargs, l):
         seen[("in", l)] = (args[0] if args else kwargs["hidden_states"]).clone()
+
     for layer, block in enumerate(model.gpt_neox.layers):
         handles += [
             block.register_forward_pre_hook(
-                lambda m, args, kwargs, l=layer: block_input(m, args, kwargs, l), with_kwargs=True),
+                lambda m, args, kwargs, l=layer: block_input(m, args, kwargs, l), with_kwargs=True
+            ),
             block.attention.register_forward_hook(
-                lambda m, a, out, l=layer: seen.__setitem__(("attn", l), out[0].clone())),
+                lambda m, a, out, l=layer: seen.__setitem__(("attn", l), out[0].clone())
+            ),
             block.mlp.dense_h_to_4h.register_forward_hook(
-                lambda m, a, out, l=layer: seen.__setitem__(("pre", l), out.clone()))]
+                lambda m, a, out, l=layer: seen.__setitem__(("pre", l), out.clone())
+            ),
+        ]
     ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
@@ -90,7 +102,9 @@ def test_folded_weights_reproduce_the_mlp_pre_activations(parallel):
         if not parallel:
             x = x + seen[("attn", layer)].double()
         normalised = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
-            x.var(-1, unbiased=False, keepdim=True) + eps)
+            x.var(-1, unbiased=False, keepdim=True) + eps
+        )
         predicted = normalised.numpy() @ processed.w_in[layer] + processed.b_in[layer]
-        np.testing.assert_allclose(predicted, seen[("pre", layer)].double().numpy(),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            predicted, seen[("pre", layer)].double().numpy(), rtol=1e-4, atol=1e-4
+        )

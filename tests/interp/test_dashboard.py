@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("torch")
 
 from extract.extractor import ExtractConfig, run_extract  # noqa: E402
-from saejax.core import sae as S  # noqa: E402
 from saejax.cli import main  # noqa: E402
 from saejax.config import load_config  # noqa: E402
-from saejax.train.sae_files import save_sae  # noqa: E402
+from saejax.core import sae as S  # noqa: E402
 from saejax.store import ActivationStore  # noqa: E402
+from saejax.train.sae_files import save_sae  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -29,26 +29,52 @@ def chromium() -> str:
 
 
 def browser(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                           "--window-size=1200,900", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1200,900",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
 def dashboard(trained_gpt2, corpus_file, tmp_path_factory):
     base = tmp_path_factory.mktemp("dash")
     store_path = str(base / "store")
-    run_extract(ExtractConfig(out=store_path, model=trained_gpt2, corpus=corpus_file, hooks=[HOOK],
-                              tokens=3000, context=32, batch_size=4, dtype="float32"), progress=False)
+    run_extract(
+        ExtractConfig(
+            out=store_path,
+            model=trained_gpt2,
+            corpus=corpus_file,
+            hooks=[HOOK],
+            tokens=3000,
+            context=32,
+            batch_size=4,
+            dtype="float32",
+        ),
+        progress=False,
+    )
     store = ActivationStore.open(store_path)
     d = store.d_in
     rng = np.random.default_rng(0)
     W_dec = rng.normal(size=(64, d)).astype(np.float32)
     W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    params = {"W_enc": W_dec.T.copy(), "b_enc": np.full(64, -0.5, np.float32), "W_dec": W_dec,
-              "b_dec": np.zeros(d, np.float32)}
-    cfg = load_config(None, [f"data.path={store_path}", "sae.architecture=relu", "sae.d_sae=64"],
-                      check=False)
+    params = {
+        "W_enc": W_dec.T.copy(),
+        "b_enc": np.full(64, -0.5, np.float32),
+        "W_dec": W_dec,
+        "b_dec": np.zeros(d, np.float32),
+    }
+    cfg = load_config(
+        None, [f"data.path={store_path}", "sae.architecture=relu", "sae.d_sae=64"], check=False
+    )
     run = base / "run"
     save_sae(str(run / "sae"), params, S.SAESpec("relu", d, 64), 1.0, cfg, store.meta, HOOK)
     return str(run), store_path
@@ -57,8 +83,18 @@ def dashboard(trained_gpt2, corpus_file, tmp_path_factory):
 def test_dashboard_renders_list_and_latent_pages(dashboard, capsys):
     run, store_path = dashboard
     # an unreachable explanation endpoint: one warning, and the dashboard is still written
-    code = main(["dashboard", run, "--store", store_path, "--pages", "8",
-                 "--llm-url", "http://127.0.0.1:9/v1"])
+    code = main(
+        [
+            "dashboard",
+            run,
+            "--store",
+            store_path,
+            "--pages",
+            "8",
+            "--llm-url",
+            "http://127.0.0.1:9/v1",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0 and "endpoint is unreachable" in captured.err
     index = os.path.join(run, "dashboard", "index.html")
@@ -76,7 +112,9 @@ def test_dashboard_renders_list_and_latent_pages(dashboard, capsys):
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
-    orange = (pixels[:, 0] > 200) & (pixels[:, 1] > 100) & (pixels[:, 1] < 200) & (pixels[:, 2] < 120)
+    orange = (
+        (pixels[:, 0] > 200) & (pixels[:, 1] > 100) & (pixels[:, 1] < 200) & (pixels[:, 2] < 120)
+    )
     blue = (pixels[:, 2] > 180) & (pixels[:, 0] < 120)  # the histogram bars
     assert orange.sum() > 200, "no highlighted tokens rendered"
     assert blue.sum() > 200, "no histogram rendered"
@@ -93,7 +131,9 @@ def test_llm_explanations_from_an_openai_compatible_endpoint(dashboard, tmp_path
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             prompts.append((self.path, body["messages"][0]["content"]))
-            reply = {"choices": [{"message": {"content": "Residual test title\nIt fires on tests."}}]}
+            reply = {
+                "choices": [{"message": {"content": "Residual test title\nIt fires on tests."}}]
+            }
             data = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -109,9 +149,25 @@ def test_llm_explanations_from_an_openai_compatible_endpoint(dashboard, tmp_path
     run, store_path = dashboard
     out = tmp_path / "dash"
     try:
-        assert main(["dashboard", run, "--store", store_path, "--pages", "2", "--out", str(out),
-                     "--llm-url", f"http://127.0.0.1:{server.server_port}/v1",
-                     "--split-with", run]) == 0  # against itself: each latent's nearest is itself
+        assert (
+            main(
+                [
+                    "dashboard",
+                    run,
+                    "--store",
+                    store_path,
+                    "--pages",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--llm-url",
+                    f"http://127.0.0.1:{server.server_port}/v1",
+                    "--split-with",
+                    run,
+                ]
+            )
+            == 0
+        )  # against itself: each latent's nearest is itself
     finally:
         server.shutdown()
     assert len(prompts) == 2 and prompts[0][0] == "/v1/chat/completions"

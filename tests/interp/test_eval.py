@@ -8,11 +8,11 @@ import pytest
 pytest.importorskip("torch")
 
 from extract.extractor import ExtractConfig, run_extract  # noqa: E402
-from saejax.core import sae as S  # noqa: E402
 from saejax.cli import main  # noqa: E402
 from saejax.config import load_config  # noqa: E402
-from saejax.train.sae_files import save_sae  # noqa: E402
+from saejax.core import sae as S  # noqa: E402
 from saejax.store import ActivationStore  # noqa: E402
+from saejax.train.sae_files import save_sae  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -21,27 +21,46 @@ HOOK = "blocks.1.hook_resid_post"
 def gpt2_store(trained_gpt2, corpus_file, tmp_path_factory):
     model_dir = trained_gpt2
     out = tmp_path_factory.mktemp("lm_eval") / "store"
-    run_extract(ExtractConfig(out=str(out), model=model_dir, corpus=corpus_file, hooks=[HOOK],
-                              tokens=3000, context=32, batch_size=4, dtype="float32"),
-                progress=False)
+    run_extract(
+        ExtractConfig(
+            out=str(out),
+            model=model_dir,
+            corpus=corpus_file,
+            hooks=[HOOK],
+            tokens=3000,
+            context=32,
+            batch_size=4,
+            dtype="float32",
+        ),
+        progress=False,
+    )
     return str(out)
 
 
 def write_sae(run_dir, store_path, W_enc, W_dec):
     d_in, d_sae = W_enc.shape
     spec = S.SAESpec("relu", d_in, d_sae)
-    cfg = load_config(None, [f"data.path={store_path}", "sae.architecture=relu",
-                             f"sae.d_sae={d_sae}"], check=False)
-    params = {"W_enc": W_enc, "b_enc": np.zeros(d_sae, np.float32), "W_dec": W_dec,
-              "b_dec": np.zeros(d_in, np.float32)}
+    cfg = load_config(
+        None,
+        [f"data.path={store_path}", "sae.architecture=relu", f"sae.d_sae={d_sae}"],
+        check=False,
+    )
+    params = {
+        "W_enc": W_enc,
+        "b_enc": np.zeros(d_sae, np.float32),
+        "W_dec": W_dec,
+        "b_dec": np.zeros(d_in, np.float32),
+    }
     store = ActivationStore.open(store_path)
     save_sae(str(run_dir / "sae"), params, spec, 1.0, cfg, store.meta, HOOK)
     return str(run_dir)
 
 
 def evaluate(capsys, run, store):
-    assert main(["eval", run, "--store", store, "--sequences", "8", "--batch-size", "4",
-                 "--json"]) == 0
+    assert (
+        main(["eval", run, "--store", store, "--sequences", "8", "--batch-size", "4", "--json"])
+        == 0
+    )
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -49,8 +68,12 @@ def test_perfect_reconstruction_recovers_all_of_the_loss(capsys, gpt2_store, tmp
     d = ActivationStore.open(gpt2_store).d_in
     eye = np.eye(d, dtype=np.float32)
     # relu(x) - relu(-x) = x: an SAE that reconstructs exactly
-    run = write_sae(tmp_path / "perfect", gpt2_store, np.concatenate([eye, -eye], 1),
-                    np.concatenate([eye, -eye], 0))
+    run = write_sae(
+        tmp_path / "perfect",
+        gpt2_store,
+        np.concatenate([eye, -eye], 1),
+        np.concatenate([eye, -eye], 0),
+    )
     out = evaluate(capsys, run, gpt2_store)
     lm = out["lm"]
     assert lm["ce_zero"] > lm["ce_clean"] + 0.01  # ablating the residual stream hurts
@@ -64,8 +87,12 @@ def test_perfect_reconstruction_recovers_all_of_the_loss(capsys, gpt2_store, tmp
 def test_zero_reconstruction_recovers_nothing_and_noise_is_in_between(capsys, gpt2_store, tmp_path):
     d = ActivationStore.open(gpt2_store).d_in
     eye = np.eye(d, dtype=np.float32)
-    zero = write_sae(tmp_path / "zero", gpt2_store, np.concatenate([eye, -eye], 1),
-                     np.zeros((2 * d, d), np.float32))
+    zero = write_sae(
+        tmp_path / "zero",
+        gpt2_store,
+        np.concatenate([eye, -eye], 1),
+        np.zeros((2 * d, d), np.float32),
+    )
     lm = evaluate(capsys, zero, gpt2_store)["lm"]
     assert lm["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
     assert lm["kl_spliced"] == pytest.approx(lm["kl_zero"], rel=1e-4)
@@ -81,8 +108,9 @@ def test_zero_reconstruction_recovers_nothing_and_noise_is_in_between(capsys, gp
 def test_run_without_its_store(capsys, gpt2_store, tmp_path):
     d = ActivationStore.open(gpt2_store).d_in
     eye = np.eye(d, dtype=np.float32)
-    run = write_sae(tmp_path / "r", gpt2_store, np.concatenate([eye, -eye], 1),
-                    np.concatenate([eye, -eye], 0))
+    run = write_sae(
+        tmp_path / "r", gpt2_store, np.concatenate([eye, -eye], 1), np.concatenate([eye, -eye], 0)
+    )
     code = main(["eval", run, "--store", str(tmp_path / "gone")])
     err = capsys.readouterr().err
     assert code == 2 and "is missing" in err and len(err.strip().splitlines()) == 1

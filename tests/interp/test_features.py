@@ -1,12 +1,12 @@
 """Top-activating examples: one streaming pass equals a brute-force ranking of every row."""
 
 import numpy as np
+from helpers import make_store
 
-from saejax.core import sae as S
 from saejax.config import load_config
+from saejax.core import sae as S
 from saejax.interp.features import quantile_examples, scan_examples
 from saejax.train.sae_files import load_sae, save_sae
-from helpers import make_store
 
 
 def test_streaming_pass_equals_brute_force(tmp_path):
@@ -14,10 +14,12 @@ def test_streaming_pass_equals_brute_force(tmp_path):
     rows = rng.normal(size=(1000, 8)).astype(np.float32)
     store = make_store(str(tmp_path / "store"), rows)
     spec = S.SAESpec("relu", 8, 24)
-    params = {"W_enc": rng.normal(size=(8, 24)).astype(np.float32),
-              "b_enc": rng.normal(-1.0, 0.5, 24).astype(np.float32),
-              "W_dec": rng.normal(size=(24, 8)).astype(np.float32),
-              "b_dec": np.zeros(8, np.float32)}
+    params = {
+        "W_enc": rng.normal(size=(8, 24)).astype(np.float32),
+        "b_enc": rng.normal(-1.0, 0.5, 24).astype(np.float32),
+        "W_dec": rng.normal(size=(24, 8)).astype(np.float32),
+        "b_dec": np.zeros(8, np.float32),
+    }
     params["W_dec"] /= np.linalg.norm(params["W_dec"], axis=1, keepdims=True)
     cfg = load_config(None, ["data.path=x", "sae.architecture=relu", "sae.d_sae=24"], check=False)
     save_sae(str(tmp_path / "sae"), params, spec, 1.0, cfg, store.meta, "h")
@@ -36,7 +38,9 @@ def test_streaming_pass_equals_brute_force(tmp_path):
         assert kept.sum() == min(16, (f[:, latent] > 0).sum())
         sample_rows = result["sample_rows"][latent][kept]
         assert len(set(sample_rows.tolist())) == len(sample_rows)  # without replacement
-        np.testing.assert_allclose(result["sample_vals"][latent][kept], f[sample_rows, latent], rtol=1e-5)
+        np.testing.assert_allclose(
+            result["sample_vals"][latent][kept], f[sample_rows, latent], rtol=1e-5
+        )
         quantiles = quantile_examples(result, latent)
         assert [v for v, _ in quantiles] == sorted(v for v, _ in quantiles)
 
@@ -45,8 +49,12 @@ def test_features_command_rejects_a_latent_out_of_range(tmp_path, capsys):
     from saejax.cli import main
 
     spec = S.SAESpec("relu", 4, 8)
-    params = {"W_enc": np.ones((4, 8), np.float32), "b_enc": np.zeros(8, np.float32),
-              "W_dec": np.ones((8, 4), np.float32) / 2, "b_dec": np.zeros(4, np.float32)}
+    params = {
+        "W_enc": np.ones((4, 8), np.float32),
+        "b_enc": np.zeros(8, np.float32),
+        "W_dec": np.ones((8, 4), np.float32) / 2,
+        "b_dec": np.zeros(4, np.float32),
+    }
     cfg = load_config(None, ["data.path=x", "sae.architecture=relu", "sae.d_sae=8"], check=False)
     save_sae(str(tmp_path / "run" / "sae"), params, spec, 1.0, cfg, {}, "h")
     assert main(["features", str(tmp_path / "run"), "--show", "8"]) == 2

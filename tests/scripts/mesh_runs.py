@@ -18,11 +18,24 @@ from saejax.train.run import load_run_config, train  # noqa: E402
 
 
 def overrides(arch):
-    common = ["train.tokens=16384", "train.batch_size=256", "train.log_every=8",
-              "train.checkpoint_every=16", "sae.d_sae=256", "train.lr=1e-2", "train.grad_clip=0", "train.lr_warmup_steps=0"]
+    common = [
+        "train.tokens=16384",
+        "train.batch_size=256",
+        "train.log_every=8",
+        "train.checkpoint_every=16",
+        "sae.d_sae=256",
+        "train.lr=1e-2",
+        "train.grad_clip=0",
+        "train.lr_warmup_steps=0",
+    ]
     if arch == "relu":
-        return common + ["sae.architecture=relu", "sae.l1_coefficient=20.0", "sae.l1_warmup_steps=4",
-                         "train.resample.steps=[40]", "sae.dead_tokens=256"]
+        return common + [
+            "sae.architecture=relu",
+            "sae.l1_coefficient=20.0",
+            "sae.l1_warmup_steps=4",
+            "train.resample.steps=[40]",
+            "sae.dead_tokens=256",
+        ]
     return common + [f"sae.architecture={arch}", "sae.k=4", "sae.dead_tokens=1024"]
 
 
@@ -44,11 +57,13 @@ def main():
         params = {k: np.asarray(v) for k, v in result.state.params.items()}
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
-        np.savez(os.path.join(out, f"{name}.npz"), **params,
-                 loss=np.array([r["loss"] for r in records]),
-                 resampled=np.array([r.get("resampled", 0) for r in records]),
-                 shards=np.array(len(result.state.params["W_enc"].sharding.device_set)))
-
+        np.savez(
+            os.path.join(out, f"{name}.npz"),
+            **params,
+            loss=np.array([r["loss"] for r in records]),
+            resampled=np.array([r.get("resampled", 0) for r in records]),
+            shards=np.array(len(result.state.params["W_enc"].sharding.device_set)),
+        )
 
 
 def measured_bytes(data_path, out, meshes):
@@ -63,18 +78,28 @@ def measured_bytes(data_path, out, meshes):
     report = {}
     for mesh_text in meshes:
         data_n, model_n = mesh_text.split(",")
-        cfg = small_config(data_path, os.path.join(out, "unused"), *overrides("topk"),
-                           f"mesh.data={data_n}", f"mesh.model={model_n}")
+        cfg = small_config(
+            data_path,
+            os.path.join(out, "unused"),
+            *overrides("topk"),
+            f"mesh.data={data_n}",
+            f"mesh.model={model_n}",
+        )
         source = ArraySource(cfg.data.path, None)
         _, _, state, _ = prepare(cfg, source)
         state = SH.place(state, SH.state_shardings(state, mesh_for(cfg.mesh)))
 
         def on_one_device(tree):
-            return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree_util.tree_leaves(tree))
+            return sum(
+                leaf.addressable_shards[0].data.nbytes for leaf in jax.tree_util.tree_leaves(tree)
+            )
+
         est = estimate(cfg, source.d_in)["bytes_per_device"]
-        report[mesh_text] = {"parameters": [on_one_device(state.params), est["parameters"]],
-                             "optimizer": [on_one_device(state.opt_state), est["optimizer"]],
-                             "shards": len(state.params["W_enc"].sharding.device_set)}
+        report[mesh_text] = {
+            "parameters": [on_one_device(state.params), est["parameters"]],
+            "optimizer": [on_one_device(state.opt_state), est["optimizer"]],
+            "shards": len(state.params["W_enc"].sharding.device_set),
+        }
     print(json.dumps(report))
 
 

@@ -24,13 +24,25 @@ def main():
     def logged_read(self, start, stop):
         reads.append([int(start), int(stop)])
         return original(self, start, stop)
+
     D.ArraySource.read_async = logged_read
-    sets = ["train.tokens=8192", "train.batch_size=256", "sae.d_sae=64", "train.lr=1e-2",
-            "train.lr_warmup_steps=0", "data.slices=2", "data.block_rows=256",
-            "data.shuffle_blocks=2", f"mesh.data={nproc}"]
+    sets = [
+        "train.tokens=8192",
+        "train.batch_size=256",
+        "sae.d_sae=64",
+        "train.lr=1e-2",
+        "train.lr_warmup_steps=0",
+        "data.slices=2",
+        "data.block_rows=256",
+        "data.shuffle_blocks=2",
+        f"mesh.data={nproc}",
+    ]
     if int(nproc) > 1:
-        sets += [f"mesh.coordinator=localhost:{port}", f"mesh.num_processes={nproc}",
-                 f"mesh.process_id={pid}"]
+        sets += [
+            f"mesh.coordinator=localhost:{port}",
+            f"mesh.num_processes={nproc}",
+            f"mesh.process_id={pid}",
+        ]
     train(small_config(data, run_dir, *sets))
     with open(read_log, "w") as f:
         json.dump(reads, f)

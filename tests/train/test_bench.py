@@ -7,13 +7,33 @@ import sys
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "saejax", *args], capture_output=True, text=True,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    return subprocess.run(
+        [sys.executable, "-m", "saejax", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
 
 
 def test_bench_json_line():
-    result = run_cli("bench", "--d-in", "32", "--d-sae", "64,128", "--batch", "256", "--k", "4",
-                     "--arch", "relu,topk", "--steps", "2", "--loop-rounds", "2", "--json")
+    result = run_cli(
+        "bench",
+        "--d-in",
+        "32",
+        "--d-sae",
+        "64,128",
+        "--batch",
+        "256",
+        "--k",
+        "4",
+        "--arch",
+        "relu,topk",
+        "--steps",
+        "2",
+        "--loop-rounds",
+        "2",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -30,10 +50,12 @@ def test_bench_json_line():
 
 
 def test_bench_bad_options():
-    for args, message in [(("--arch", "gated"), "unknown --arch"),
-                          (("--d-sae", "12x"), "comma list"),
-                          (("--dtype", "float64"), "unknown --dtype"),
-                          (("--k", "500", "--d-sae", "64"), "--k 500"),
-                          (("--loop-rounds", "0"), "must be positive")]:
+    for args, message in [
+        (("--arch", "gated"), "unknown --arch"),
+        (("--d-sae", "12x"), "comma list"),
+        (("--dtype", "float64"), "unknown --dtype"),
+        (("--k", "500", "--d-sae", "64"), "--k 500"),
+        (("--loop-rounds", "0"), "must be positive"),
+    ]:
         result = run_cli("bench", *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -6,12 +6,12 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import small_config, superposition_data
-from saejax.core import sae as S
+
 from saejax.cli import main
-from saejax.train.sae_files import load_sae, read_native
+from saejax.core import sae as S
 from saejax.train.run import train
+from saejax.train.sae_files import load_sae, read_native
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,28 @@ def _training_units_forward(run_dir, x):
     return np.asarray(f), np.asarray(x_hat) / scale
 
 
-@pytest.mark.parametrize("arch, fmt", [("topk", "saelens"), ("relu", "saelens"),
-                                       ("jumprelu", "saelens"), ("batchtopk", "saelens"),
-                                       ("topk", "sparsify")])
+@pytest.mark.parametrize(
+    "arch, fmt",
+    [
+        ("topk", "saelens"),
+        ("relu", "saelens"),
+        ("jumprelu", "saelens"),
+        ("batchtopk", "saelens"),
+        ("topk", "sparsify"),
+    ],
+)
 def test_export_round_trip(rows, tmp_path, capsys, arch, fmt):
     path, x = rows
     run = str(tmp_path / "run")
-    train(small_config(path, run, f"sae.architecture={arch}", "train.tokens=4096",
-                       "sae.jumprelu_init_threshold=0.05"))
+    train(
+        small_config(
+            path,
+            run,
+            f"sae.architecture={arch}",
+            "train.tokens=4096",
+            "sae.jumprelu_init_threshold=0.05",
+        )
+    )
     out = str(tmp_path / fmt)
     assert main(["export", run, "--format", fmt, "--out", out]) == 0
     loaded = load_sae(out)
@@ -57,12 +71,23 @@ def test_export_round_trip(rows, tmp_path, capsys, arch, fmt):
         assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
         assert cfg["d_in"] == 32 and cfg["d_sae"] == 64
         assert (cfg.get("k") == 4) == (arch == "topk")
-        assert cfg["architecture"] == {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu",
-                                       "batchtopk": "jumprelu"}[arch]
+        assert (
+            cfg["architecture"]
+            == {
+                "topk": "topk",
+                "relu": "standard",
+                "jumprelu": "jumprelu",
+                "batchtopk": "jumprelu",
+            }[arch]
+        )
     # The native run folder loads too, with identical behaviour.
     native = load_sae(run)
-    np.testing.assert_allclose(np.asarray(native.reconstruct(x[:500])), x_hat_export, rtol=1e-4,
-                               atol=1e-3 * np.abs(x).max())
+    np.testing.assert_allclose(
+        np.asarray(native.reconstruct(x[:500])),
+        x_hat_export,
+        rtol=1e-4,
+        atol=1e-3 * np.abs(x).max(),
+    )
 
 
 def test_sparsify_refuses_non_topk(rows, tmp_path, capsys):

@@ -6,8 +6,8 @@ real loop (`train`) from a .npy file.
 
 import numpy as np
 import pytest
-
 from helpers import mean_max_cosine, small_config, superposition_data
+
 from saejax.train.run import train
 
 
@@ -21,11 +21,23 @@ def superposition(tmp_path_factory):
 
 def test_topk_recovers_features(superposition, tmp_path):
     path, directions = superposition
-    cfg = small_config(path, str(tmp_path / "topk"), "sae.architecture=topk", "sae.d_sae=1024",
-                       "sae.k=5", "train.tokens=819200", "train.batch_size=1024", "train.lr=0.004",
-                       "train.lr_schedule=linear", "train.lr_warmup_steps=10", "sae.dead_tokens=20000",
-                       "train.log_every=100", "train.checkpoint_every=100000",
-                       "data.block_rows=8192", "data.shuffle_blocks=8")
+    cfg = small_config(
+        path,
+        str(tmp_path / "topk"),
+        "sae.architecture=topk",
+        "sae.d_sae=1024",
+        "sae.k=5",
+        "train.tokens=819200",
+        "train.batch_size=1024",
+        "train.lr=0.004",
+        "train.lr_schedule=linear",
+        "train.lr_warmup_steps=10",
+        "sae.dead_tokens=20000",
+        "train.log_every=100",
+        "train.checkpoint_every=100000",
+        "data.block_rows=8192",
+        "data.shuffle_blocks=8",
+    )
     result = train(cfg)
     assert mean_max_cosine(directions, result.state.params["W_dec"]) >= 0.95
     assert 4.5 <= result.final_metrics["l0"] <= 5  # TopK, then ReLU: at most k fire
@@ -33,13 +45,26 @@ def test_topk_recovers_features(superposition, tmp_path):
 
 def test_relu_with_resampling_recovers_features(superposition, tmp_path):
     path, directions = superposition
-    cfg = small_config(path, str(tmp_path / "relu"), "sae.architecture=relu", "sae.d_sae=1024",
-                       "sae.l1_coefficient=2.5", "sae.l1_warmup_steps=100", "train.tokens=1536000",
-                       "train.batch_size=1024", "train.lr=0.002", "train.lr_schedule=linear",
-                       "train.lr_warmup_steps=10", "sae.dead_tokens=20000",
-                       "train.resample.every_steps=200", "train.resample.stop_after_fraction=0.6",
-                       "train.log_every=100", "train.checkpoint_every=100000",
-                       "data.block_rows=8192", "data.shuffle_blocks=8")
+    cfg = small_config(
+        path,
+        str(tmp_path / "relu"),
+        "sae.architecture=relu",
+        "sae.d_sae=1024",
+        "sae.l1_coefficient=2.5",
+        "sae.l1_warmup_steps=100",
+        "train.tokens=1536000",
+        "train.batch_size=1024",
+        "train.lr=0.002",
+        "train.lr_schedule=linear",
+        "train.lr_warmup_steps=10",
+        "sae.dead_tokens=20000",
+        "train.resample.every_steps=200",
+        "train.resample.stop_after_fraction=0.6",
+        "train.log_every=100",
+        "train.checkpoint_every=100000",
+        "data.block_rows=8192",
+        "data.shuffle_blocks=8",
+    )
     result = train(cfg)
     assert int(result.state.resampled_total) > 0, "the schedule must have revived latents"
     assert mean_max_cosine(directions, result.state.params["W_dec"]) >= 0.9

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from saejax.config import DataConfig
-from saejax.train.data import ArraySource, BatchPlan, Loader, split_rows
 from saejax.errors import SaejaxError
+from saejax.train.data import ArraySource, BatchPlan, Loader, split_rows
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,16 @@ def reference_batches(plan: BatchPlan, n_batches: int) -> list[np.ndarray]:
     stream, epoch = [], 0
     while len(stream) < n_batches * plan.batch_size:
         for g, blocks in enumerate(plan.groups(epoch)):
-            ids = np.concatenate([plan.row_offset + np.arange(b * plan.block_rows, (b + 1) * plan.block_rows)
-                                  for b in blocks])
+            ids = np.concatenate(
+                [
+                    plan.row_offset + np.arange(b * plan.block_rows, (b + 1) * plan.block_rows)
+                    for b in blocks
+                ]
+            )
             stream.extend(ids[plan.row_permutation(epoch, g, len(ids))])
         epoch += 1
     stream = np.asarray(stream)
-    return [stream[i * plan.batch_size:(i + 1) * plan.batch_size] for i in range(n_batches)]
+    return [stream[i * plan.batch_size : (i + 1) * plan.batch_size] for i in range(n_batches)]
 
 
 def take(loader: Loader, n: int) -> list[np.ndarray]:
@@ -38,21 +42,30 @@ def take(loader: Loader, n: int) -> list[np.ndarray]:
         loader.close()
 
 
-@pytest.mark.parametrize("batch,block_rows,shuffle_blocks,threads", [
-    (256, 200, 3, 1),   # batches run across groups
-    (256, 100, 1, 3),   # a group smaller than a batch: a batch spans three groups
-    (250, 2600, 16, 2),  # one block holds all the training rows
-])
+@pytest.mark.parametrize(
+    "batch,block_rows,shuffle_blocks,threads",
+    [
+        (256, 200, 3, 1),  # batches run across groups
+        (256, 100, 1, 3),  # a group smaller than a batch: a batch spans three groups
+        (250, 2600, 16, 2),  # one block holds all the training rows
+    ],
+)
 def test_batches_follow_the_plan(rows_path, batch, block_rows, shuffle_blocks, threads):
-    cfg = DataConfig(path=rows_path, validation_tokens=300, block_rows=block_rows,
-                     shuffle_blocks=shuffle_blocks, seed=5, loader_threads=threads)
+    cfg = DataConfig(
+        path=rows_path,
+        validation_tokens=300,
+        block_rows=block_rows,
+        shuffle_blocks=shuffle_blocks,
+        seed=5,
+        loader_threads=threads,
+    )
     source = ArraySource(rows_path)
     got = take(Loader(source, cfg, batch), 40)  # several epochs
     plan = BatchPlan(split_rows(3000, 300).train_rows, batch, block_rows, shuffle_blocks, 5)
     expected = reference_batches(plan, 40)
     for b, (g, e) in enumerate(zip(got, expected)):
         np.testing.assert_array_equal(g, e, err_msg=f"batch {b}")
-    first_epoch = np.concatenate(got)[:plan.epoch_rows]
+    first_epoch = np.concatenate(got)[: plan.epoch_rows]
     assert len(set(first_epoch.tolist())) == plan.epoch_rows  # each row once per epoch
     assert first_epoch.max() < 2700  # the held-out rows are never trained on
 

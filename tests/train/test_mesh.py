@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import superposition_data
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
@@ -17,10 +16,25 @@ def run_meshes(tmp_path, arch, *runs, raw=False):
     if not data.exists():
         rows, _ = superposition_data(16384, d=32, m=128, p=0.03)
         np.save(data, rows)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "mesh_runs.py"), str(data),
-                             str(tmp_path), arch, *runs], capture_output=True, text=True, env=env)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(SCRIPTS, "mesh_runs.py"),
+            str(data),
+            str(tmp_path),
+            arch,
+            *runs,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     if raw:
         return result.stdout
@@ -29,11 +43,13 @@ def run_meshes(tmp_path, arch, *runs, raw=False):
 
 def assert_same_run(got, ref, what, last_windows=None, atol=2e-5):
     n = last_windows or len(ref["loss"])
-    np.testing.assert_allclose(got["loss"][-n:], ref["loss"][-n:], rtol=2e-4,
-                               err_msg=f"{what}: losses")
+    np.testing.assert_allclose(
+        got["loss"][-n:], ref["loss"][-n:], rtol=2e-4, err_msg=f"{what}: losses"
+    )
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        np.testing.assert_allclose(got[name], ref[name], rtol=2e-3, atol=atol,
-                                   err_msg=f"{what}: {name}")
+        np.testing.assert_allclose(
+            got[name], ref[name], rtol=2e-3, atol=atol, err_msg=f"{what}: {name}"
+        )
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
@@ -49,14 +65,16 @@ def test_meshes_match_one_device(tmp_path, arch):
         # BatchTopK's single cutoff over the whole batch turns summation-order differences
         # into an occasional different choice near the cutoff: the losses stay equal, the
         # weights within 1e-2
-        assert_same_run(out[name], ref, f"{arch} on mesh {mesh}",
-                        atol=1e-2 if arch == "batchtopk" else 2e-5)
+        assert_same_run(
+            out[name], ref, f"{arch} on mesh {mesh}", atol=1e-2 if arch == "batchtopk" else 2e-5
+        )
 
 
 def test_checkpoint_moves_between_meshes(tmp_path):
     """Written on (4, 2), restored on (2, 4) and on 1 device: the same run as never stopped."""
-    out = run_meshes(tmp_path, "relu", "full:1,1", "a:4,2:20", "a:2,4:resume",
-                     "b:4,2:20", "b:1,1:resume")
+    out = run_meshes(
+        tmp_path, "relu", "full:1,1", "a:4,2:20", "a:2,4:resume", "b:4,2:20", "b:1,1:resume"
+    )
     # the stopped runs log one extra window at the stop (step 20); the windows after it align
     assert_same_run(out["a"], out["full"], "(4,2) -> (2,4)", last_windows=5)
     assert_same_run(out["b"], out["full"], "(4,2) -> 1 device", last_windows=5)

@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-from safetensors.numpy import load_file
-
 from helpers import superposition_data
+from safetensors.numpy import load_file
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
@@ -24,10 +23,25 @@ def launch(data, run_dir, logs, n):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "multiprocess_run.py"), data,
-                               run_dir, logs[i], str(i), str(n), str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(SCRIPTS, "multiprocess_run.py"),
+                data,
+                run_dir,
+                logs[i],
+                str(i),
+                str(n),
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

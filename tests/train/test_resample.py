@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from saejax.config import SAEConfig, TrainConfig
 from saejax.core import sae as S
 from saejax.train import step as T
-from saejax.config import SAEConfig, TrainConfig
 from saejax.train.setup import spec_from_config
 
 
@@ -24,16 +24,22 @@ def _setup(arch="relu", d_in=16, d_sae=32):
 
 
 def _adam(opt_state):
-    return next(s for s in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
-        if isinstance(s, optax.ScaleByAdamState))
+    return next(
+        s
+        for s in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState)
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    )
 
 
 def test_forced_dead_latents_are_revived_as_specified():
     cfg, spec, state, x = _setup()
     dead = np.zeros(spec.d_sae, bool)
     dead[[2, 5, 30]] = True
-    state = state.replace(tokens_since_fired=jnp.where(jnp.asarray(dead), 10**6, 0).astype(jnp.int32))
+    state = state.replace(
+        tokens_since_fired=jnp.where(jnp.asarray(dead), 10**6, 0).astype(jnp.int32)
+    )
     before = jax.tree_util.tree_map(np.asarray, state)
     after = T.resample(state, x, spec, cfg.dead_tokens, 0.2)
     p0, p1 = before.params, jax.tree_util.tree_map(np.asarray, after.params)
@@ -48,8 +54,12 @@ def test_forced_dead_latents_are_revived_as_specified():
         np.testing.assert_allclose(p1["W_enc"][:, i], row * 0.2 * live_norm, rtol=1e-5, atol=1e-6)
         assert p1["b_enc"][i] == 0
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):  # live latents untouched
-        axis_live = {"W_enc": (slice(None), ~dead), "b_enc": (~dead,), "W_dec": (~dead,),
-                     "b_dec": (slice(None),)}[name]
+        axis_live = {
+            "W_enc": (slice(None), ~dead),
+            "b_enc": (~dead,),
+            "W_dec": (~dead,),
+            "b_dec": (slice(None),),
+        }[name]
         np.testing.assert_array_equal(p1[name][axis_live], p0[name][axis_live])
 
     adam0, adam1 = _adam(before.opt_state), _adam(after.opt_state)
@@ -74,7 +84,10 @@ def test_step_and_resampler_make_no_device_to_host_transfer():
     state, _ = step(state, x)  # compile outside the guard
     resample = T.resample
     state = resample(state, x, spec, cfg.dead_tokens, 0.2)
-    with jax.transfer_guard_device_to_host("disallow"), jax.transfer_guard_host_to_device("disallow"):
+    with (
+        jax.transfer_guard_device_to_host("disallow"),
+        jax.transfer_guard_host_to_device("disallow"),
+    ):
         for _ in range(3):
             state, metrics = step(state, x)
         state = resample(state, x, spec, cfg.dead_tokens, 0.2)

@@ -1,6 +1,6 @@
-"""A stopped run (also by kill -9 between checkpoints) resumes to where an uninterrupted run ends."""
+"""A stopped run (also by kill -9 between checkpoints) resumes to where an uninterrupted run
+ends."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 import yaml
-
 from helpers import small_config, superposition_data
+
 from saejax.config import dump_yaml
 from saejax.train.run import load_run_config, train
 
@@ -47,8 +47,9 @@ def test_stop_and_resume_equals_uninterrupted(rows_path, tmp_path, arch):
 
 
 def test_kill_9_between_checkpoints_then_resume(rows_path, tmp_path):
-    cfg = small_config(rows_path, str(tmp_path / "killed"), "train.tokens=65536",
-                       "train.checkpoint_every=20")
+    cfg = small_config(
+        rows_path, str(tmp_path / "killed"), "train.tokens=65536", "train.checkpoint_every=20"
+    )
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(dump_yaml(cfg))
     cmd = [sys.executable, "-m", "saejax", "train", str(cfg_path)]
@@ -64,22 +65,34 @@ def test_kill_9_between_checkpoints_then_resume(rows_path, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    resumed = subprocess.run([sys.executable, "-m", "saejax", "train", "--resume",
-                              str(tmp_path / "killed")], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "saejax", "train", "--resume", str(tmp_path / "killed")],
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
-    full = train(small_config(rows_path, str(tmp_path / "full"), "train.tokens=65536",
-                              "train.checkpoint_every=20"))
+    full = train(
+        small_config(
+            rows_path, str(tmp_path / "full"), "train.tokens=65536", "train.checkpoint_every=20"
+        )
+    )
     from saejax.train.sae_files import read_native
+
     killed_params = read_native(str(tmp_path / "killed"))["params"]
     _assert_same(_params(full.state), killed_params)
 
 
 def test_sigterm_checkpoints_and_exits(rows_path, tmp_path):
-    cfg = small_config(rows_path, str(tmp_path / "term"), "train.tokens=2000000",
-                       "train.checkpoint_every=100000")
+    cfg = small_config(
+        rows_path, str(tmp_path / "term"), "train.tokens=2000000", "train.checkpoint_every=100000"
+    )
     (tmp_path / "cfg.yaml").write_text(dump_yaml(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "saejax", "train", str(tmp_path / "cfg.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saejax", "train", str(tmp_path / "cfg.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
@@ -97,7 +110,9 @@ def test_sigterm_checkpoints_and_exits(rows_path, tmp_path):
 def test_resume_before_the_first_checkpoint_starts_over(rows_path, tmp_path):
     cfg = small_config(rows_path, str(tmp_path / "early"), "train.checkpoint_every=1000")
     (tmp_path / "early").mkdir()
-    (tmp_path / "early" / "config.yaml").write_text(dump_yaml(cfg))  # as a run killed at step 5 leaves it
+    (tmp_path / "early" / "config.yaml").write_text(
+        dump_yaml(cfg)
+    )  # as a run killed at step 5 leaves it
     resumed = train(load_run_config(str(tmp_path / "early")), resume=True)
     full = train(small_config(rows_path, str(tmp_path / "full"), "train.checkpoint_every=1000"))
     _assert_same(_params(full.state), _params(resumed.state))

@@ -3,15 +3,23 @@
 import json
 
 import numpy as np
-
 from helpers import superposition_data
+
 from saejax.cli import main
 from saejax.config import load_config
 from saejax.train.run import train
 
-SETS = ["train.tokens=16384", "train.batch_size=256", "sae.k=4", "data.validation_tokens=2048",
-        "train.log_every=16", "train.checkpoint_every=32", "log.progress=false",
-        "data.block_rows=1024", "data.shuffle_blocks=4"]
+SETS = [
+    "train.tokens=16384",
+    "train.batch_size=256",
+    "sae.k=4",
+    "data.validation_tokens=2048",
+    "train.log_every=16",
+    "train.checkpoint_every=32",
+    "log.progress=false",
+    "data.block_rows=1024",
+    "data.shuffle_blocks=4",
+]
 
 
 def test_lockstep_members_equal_separate_runs(tmp_path):
@@ -19,14 +27,22 @@ def test_lockstep_members_equal_separate_runs(tmp_path):
     data = tmp_path / "acts.npy"
     np.save(data, rows)
     sets = [f"data.path={data}", *SETS]
-    args = ["sweep", *sum((["--set", s] for s in sets), []), "--d-sae", "64,128", "--out",
-            str(tmp_path / "sweep"), "--quiet"]
+    args = [
+        "sweep",
+        *sum((["--set", s] for s in sets), []),
+        "--d-sae",
+        "64,128",
+        "--out",
+        str(tmp_path / "sweep"),
+        "--quiet",
+    ]
     assert main(args) == 0
     table = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["members"]
     assert [m["d_sae"] for m in table] == [64, 128]
     md = (tmp_path / "sweep" / "sweep.md").read_text()
     assert md.count("| 128 | 4 |") == 1 and "trained in lockstep in" in md
     import csv
+
     with open(tmp_path / "sweep" / "sweep.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert [int(r["d_sae"]) for r in csv_rows] == [64, 128]
@@ -36,10 +52,16 @@ def test_lockstep_members_equal_separate_runs(tmp_path):
 
     separate = train(load_config(None, [*sets, "sae.d_sae=128", f"run_dir={tmp_path / 'alone'}"]))
     from safetensors.numpy import load_file
+
     lockstep = load_file(str(tmp_path / "sweep" / "d128" / "sae" / "sae_weights.safetensors"))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        np.testing.assert_allclose(lockstep[name], np.asarray(separate.state.params[name]),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            lockstep[name],
+            np.asarray(separate.state.params[name]),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=name,
+        )
     assert table[1]["fvu"] == separate.final_metrics["fvu"]
 
 
@@ -58,9 +80,12 @@ def test_stopped_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = run_sweep(base, grid, str(tmp_path / "stopped"), progress=False)
     whole = run_sweep(base, grid, str(tmp_path / "whole"), progress=False)
     from safetensors.numpy import load_file
+
     for name in ("d64", "d128"):
         a = load_file(str(tmp_path / "stopped" / name / "sae" / "sae_weights.safetensors"))
         b = load_file(str(tmp_path / "whole" / name / "sae" / "sae_weights.safetensors"))
         for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}")
+            np.testing.assert_allclose(
+                a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}"
+            )
     assert [r["fvu"] for r in resumed] == [r["fvu"] for r in whole]

@@ -1,13 +1,10 @@
 """Every bad training input: one clear line on stderr and exit status 2."""
 
-import os
-
 import numpy as np
 import pytest
+from helpers import make_store, superposition_data
 
-from helpers import superposition_data
 from saejax.cli import main
-from helpers import make_store
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +22,17 @@ def run_train(capsys, *args):
 
 
 def base(rows_path, run_dir):
-    return [f"--set=data.path={rows_path}", f"--set=run_dir={run_dir}", "--set=sae.d_sae=32",
-            "--set=sae.k=4", "--set=train.tokens=2048", "--set=train.batch_size=256",
-            "--set=data.validation_tokens=512", "--set=log.progress=false",
-            "--set=data.block_rows=512"]
+    return [
+        f"--set=data.path={rows_path}",
+        f"--set=run_dir={run_dir}",
+        "--set=sae.d_sae=32",
+        "--set=sae.k=4",
+        "--set=train.tokens=2048",
+        "--set=train.batch_size=256",
+        "--set=data.validation_tokens=512",
+        "--set=log.progress=false",
+        "--set=data.block_rows=512",
+    ]
 
 
 def check(code, err, phrase):
@@ -61,7 +65,9 @@ def test_nan_or_inf_is_reported_with_its_row(capsys, tmp_path, bad):
     rows[1234, 3] = bad
     path = tmp_path / "bad.npy"
     np.save(path, rows)
-    code, err = run_train(capsys, *base(str(path), tmp_path / "r"), "--set=data.validation_tokens=0")
+    code, err = run_train(
+        capsys, *base(str(path), tmp_path / "r"), "--set=data.validation_tokens=0"
+    )
     check(code, err, "row 1234")
     assert "NaN or Inf" in err
 
@@ -121,5 +127,10 @@ def test_existing_run_is_not_overwritten(capsys, rows_path, tmp_path):
 def test_mesh_needs_the_devices_it_names(capsys, rows_path, tmp_path):
     code, err = run_train(capsys, *base(rows_path, tmp_path / "r"), "--set=mesh.data=2")
     check(code, err, "needs 2 devices but 1 are visible")
-    code, err = run_train(capsys, *base(rows_path, tmp_path / "r2"), "--set=mesh.model=3", "--set=train.batch_size=384")
+    code, err = run_train(
+        capsys,
+        *base(rows_path, tmp_path / "r2"),
+        "--set=mesh.model=3",
+        "--set=train.batch_size=384",
+    )
     check(code, err, "not divisible by mesh.model 3")
