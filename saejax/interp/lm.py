@@ -46,6 +46,19 @@ def load_cached(name: str, revision: str | None = None, dtype: str = "float32"):
     return _CACHE[key]
 
 
+def model_at_hook(sae, override: str | None = None):
+    """(loaded model, hook point): the SAE's language model, with the SAE's hook checked on it."""
+    from extract.hooks import parse_hooks, validate_hooks
+
+    hook = hook_of(sae.info)
+    if not hook:
+        raise SaejaxError("the SAE does not record which hook it was trained on")
+    loaded = load_cached(*model_for(sae.info, override=override))
+    point = parse_hooks(hook)[0]
+    validate_hooks([point], loaded.model)
+    return loaded, point
+
+
 def hook_of(sae_info: dict) -> str | None:
     """The hook point an SAE was trained on (saejax's record or SAELens's metadata)."""
     return sae_info.get("hook") or (sae_info.get("metadata") or {}).get("hook_name")

@@ -97,8 +97,7 @@ def search(
 ) -> dict:
     """Rank the SAE's latents on the prompts and print both rankings with their examples;
     returns the scores."""
-    from extract.hooks import parse_hooks, validate_hooks
-    from saejax.interp.lm import hook_of, load_cached, model_for
+    from saejax.interp.lm import model_at_hook
     from saejax.train.sae_files import load_sae
 
     positive = [p for p in positive if p.strip()]
@@ -106,12 +105,7 @@ def search(
     if not positive:
         raise SaejaxError("give at least one non-empty --positive prompt")
     sae = load_sae(run)
-    hook = hook_of(sae.info)
-    if not hook:
-        raise SaejaxError("the SAE does not record its hook")
-    loaded = load_cached(*model_for(sae.info, override=model))
-    point = parse_hooks(hook)[0]
-    validate_hooks([point], loaded.model)
+    loaded, point = model_at_hook(sae, model)
     pos = token_latents(loaded, sae, point, positive)
     neg = token_latents(loaded, sae, point, negative) if negative else None
     scores = rank_latents(pos, neg, percentile)

@@ -80,8 +80,7 @@ def steer(
     model: str | None = None,
 ) -> list[dict]:
     """For each prompt, the greedy continuation without and with the intervention."""
-    from extract.hooks import parse_hooks, validate_hooks
-    from saejax.interp.lm import hook_of, load_cached, model_for
+    from saejax.interp.lm import model_at_hook
     from saejax.train.sae_files import load_sae
 
     if (boost is None) == (clamp is None):
@@ -91,12 +90,7 @@ def steer(
         raise SaejaxError("--prompt is empty")
     sae = load_sae(run)
     decoder_direction(sae, latent)  # range check before loading the model
-    hook = hook_of(sae.info)
-    if not hook:
-        raise SaejaxError("the SAE does not record its hook")
-    loaded = load_cached(*model_for(sae.info, override=model))
-    point = parse_hooks(hook)[0]
-    validate_hooks([point], loaded.model)
+    loaded, point = model_at_hook(sae, model)
     fn = intervention(sae, latent, boost, clamp)
     results = []
     for prompt in prompts:
