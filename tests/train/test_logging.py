@@ -95,7 +95,6 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(tmp_path):
 
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
