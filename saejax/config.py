@@ -209,12 +209,24 @@ def _exact(value) -> decimal.Decimal | None:
         try:
             return decimal.Decimal(value.strip())
         except decimal.InvalidOperation:
+            pass
+        try:
+            number = yaml.safe_load(value)  # YAML's own spellings: .inf, -.inf, .nan
+        except yaml.YAMLError:
             return None
+        return _exact(number) if isinstance(number, float) else None
     return None
 
 
 def _shown(number: decimal.Decimal) -> str:
     return format(number.normalize(), "f") if number.is_finite() else str(number).lower()
+
+
+def _yaml_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _coerce(value, annotation, key: str):
@@ -228,6 +240,8 @@ def _coerce(value, annotation, key: str):
         return _coerce(value, inner, key)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in choices:
             raise SaejaxError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
         return value
@@ -237,6 +251,8 @@ def _coerce(value, annotation, key: str):
         (inner,) = typing.get_args(annotation)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
+        if isinstance(value, str) and isinstance(_yaml_value(value), bool):
+            value = _yaml_value(value)  # --set log.wandb=true arrives as text
         if not isinstance(value, bool):
             raise SaejaxError(f"{key} expects true or false, got {value!r}")
         return value
@@ -278,9 +294,9 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
 
 
 def parse_override(text: str) -> dict:
-    """'train.lr=3e-4' -> {'train': {'lr': '3e-4'}}: a YAML scalar, except that numbers keep
-    their text, so the setting's own type decides (`run_dir=2024` stays a string, `1e6` is a
-    whole number for an int setting)."""
+    """'train.lr=3e-4' -> {'train': {'lr': '3e-4'}}: a YAML value, except that numbers and
+    booleans keep their text, so the setting's own type decides (`run_dir=2024` stays a
+    string, `mesh.distributed=off` a choice, `1e6` a whole number for an int setting)."""
     if "=" not in text:
         raise SaejaxError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
@@ -288,7 +304,7 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (bool, int, float)):
         value = raw.strip()
     nested: dict = value
     for part in reversed(key.strip().split(".")):
