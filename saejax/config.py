@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import decimal
 import math
+import numbers
 import os
 import types
 import typing
@@ -203,8 +204,10 @@ def _exact(value) -> decimal.Decimal | None:
     """A number given as int, float or text (`1e6`, `1_000_000`), exactly; None if not one."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return decimal.Decimal(repr(value)) if isinstance(value, float) else decimal.Decimal(value)
+    if isinstance(value, numbers.Integral):
+        return decimal.Decimal(int(value))
+    if isinstance(value, numbers.Real):  # float, NumPy scalars from programs (`with_values`)
+        return decimal.Decimal(repr(float(value)))
     if isinstance(value, str):
         try:
             return decimal.Decimal(value.strip())

@@ -136,6 +136,8 @@ class MetricsLogger:
             self.tensorboard = summary_writer(
                 os.path.join(cfg.run_dir, "tensorboard"),
                 purge_step=start_step + 1 if start_step else None,
+                # a new file per session, in order, even when two start in the same second
+                filename_suffix=f".from_step_{start_step:012d}",
             )
             text = yaml.safe_dump(config, sort_keys=False)
             self.tensorboard.add_text(

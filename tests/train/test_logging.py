@@ -7,6 +7,7 @@ evaluation, as the training loop would.
 import glob
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -124,8 +125,13 @@ def test_wandb_offline_keeps_one_run_across_a_resume(tmp_path, wandb_offline):
 
     sessions = sorted(glob.glob(str(run / "wandb" / "offline-run-*")))
     assert len(sessions) == 2 and all(s.endswith(f"-{run_id}") for s in sessions)
-    with open(glob.glob(os.path.join(sessions[1], "*.wandb"))[0], "rb") as f:
-        logged = f.read()  # wandb's own record of the session, as `wandb sync` will send it
+    logged = b""  # wandb's own record of the session, as `wandb sync` will send it
+    for _ in range(100):  # its writer may still be flushing after finish() returned
+        with open(glob.glob(os.path.join(sessions[1], "*.wandb"))[0], "rb") as f:
+            logged = f.read()
+        if b"val/fvu" in logged:
+            break
+        time.sleep(0.1)
     assert b"val/fvu" in logged and b"train/loss" in logged and b"d_in" in logged
 
 
@@ -137,3 +143,22 @@ def test_wandb_without_credentials_says_how_before_writing(tmp_path, monkeypatch
     with pytest.raises(SaejaxError, match="wandb login.*WANDB_MODE=offline"):
         MetricsLogger(config(run, "log.wandb=true"), 30, 0)
     assert os.listdir(run) == []
+
+
+def test_a_resumed_run_replaces_what_tensorboard_got_after_the_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tmp_path, "log.tensorboard=true")
+    first = MetricsLogger(cfg, 40, 0)
+    for step in (10, 20, 30):  # then killed: the last checkpoint was at step 20
+        first.log(step, fetched(step))
+    first.close()
+    resumed = MetricsLogger(cfg, 40, 20)
+    for step in (30, 40):
+        resumed.log(step, fetched(step) | {"loss": np.float32(-step)})
+    resumed.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(10, pytest.approx(0.1)), (20, pytest.approx(0.05)), (30, -30), (40, -40)]
