@@ -267,6 +267,8 @@ def _coerce(value, annotation, key: str):
             raise SaejaxError(f"{key} must be a finite number, got {_shown(number)}")
         if annotation is float:
             return float(number)
+        if number.adjusted() > 18:  # 1e999999 would take forever to write out as an int
+            raise SaejaxError(f"{key} is too large, got {value}")
         if number != number.to_integral_value():
             raise SaejaxError(f"{key} must be a whole number, got {_shown(number)}")
         return int(number)

@@ -155,6 +155,7 @@ def test_each_value_is_read_as_its_setting_s_type(tmp_path):
         ("train.tokens=1.5005e3", "train.tokens must be a whole number, got 1500.5"),
         ("train.tokens=1,000,000", "train.tokens expects int, got '1,000,000'"),
         ("sae.d_sae=big", "sae.d_sae expects int, got 'big'"),
+        ("train.tokens=1e999999999", "train.tokens is too large, got 1e999999999"),
         ("train.lr=fast", "train.lr expects float, got 'fast'"),
         ("log.wandb=maybe", "log.wandb expects true or false, got 'maybe'"),
         ("train.lr_schedule=step", "train.lr_schedule must be one of constant, cosine, linear"),
