@@ -4,6 +4,7 @@ Bad inputs go through `saejax train ... --dry-run`, so a mistake that slipped th
 print an estimate and exit 0 instead of the one line and exit status 2 expected here.
 """
 
+import argparse
 import dataclasses
 import pathlib
 import typing
@@ -230,3 +231,12 @@ def test_a_run_directory_given_as_the_config_points_at_resume(capsys, tmp_path):
     (tmp_path / "config.yaml").write_text("run_dir: x\n")
     err = one_line_error(capsys, str(tmp_path))
     assert f"saejax train --resume {tmp_path}" in err
+
+
+def test_whole_number_options_take_the_same_forms():
+    from saejax.cli.command import whole_number
+
+    assert whole_number("2.5e5") == whole_number("250_000") == 250_000
+    for bad in ("1500.5", "1,000", "ten", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number"):
+            whole_number(bad)
