@@ -1,144 +1,282 @@
 """Run configuration: typed dataclasses, loaded from YAML, overridden with `--set a.b=v`.
 
-Unknown keys and ill-typed values are errors (one line each), never silently ignored.
+Every setting is declared once, with its type, default and a one-line doc; `saejax config`
+prints them all (`reference_yaml`, `reference_markdown`), so the reference cannot drift from
+the code. Unknown keys, ill-typed values and out-of-range numbers are errors (one line each),
+never silently ignored.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
+import math
+import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import yaml
 
+from saejax.core.architectures import ARCHITECTURES
 from saejax.errors import SaejaxError
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+Architecture = Literal[ARCHITECTURES]  # the one list, kept in core/architectures.py
+BDecInit = Literal["geometric_median", "mean", "zeros"]
+Dtype = Literal["float32", "bfloat16"]
+TopkKernel = Literal["sparse", "dense"]
+LrSchedule = Literal["constant", "cosine", "linear"]
+Distributed = Literal["off", "auto"]
+
+
+def setting(default=dataclasses.MISSING, doc: str = "", default_factory=dataclasses.MISSING):
+    """A dataclass field with its one-line doc, read back by the reference (`saejax config`)."""
+    return field(default=default, default_factory=default_factory, metadata={"doc": doc})
+
+
+def section(cls, doc: str):
+    """A nested section of the config (a dataclass field built fresh for each instance)."""
+    return field(default_factory=cls, metadata={"doc": doc})
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # an activation store, or a .npy file [n, d_in]
-    hook: str | None = None  # which hook of a multi-hook store
-    seed: int = 0  # shuffling seed: the same seed gives the same batches
-    validation_tokens: int = 8192  # held out from the end of the data, never trained on
-    block_rows: int = 8192  # rows per contiguous read
-    shuffle_blocks: int = 16  # blocks mixed together in the shuffle buffer
-    prefetch: int = 4  # batches prepared ahead of the step
-    loader_threads: int = 0  # threads gathering batch rows; 0: half the cores, at most 8
-    # The training rows are cut into this many contiguous, disjoint slices and every batch
-    # takes batch_size/slices rows from each; in a multi-process run each process reads only
-    # its own slices. 0 means one slice per process. Part of what defines the data order.
-    slices: int = 0
+    """Where the activations come from and how batches are drawn from them."""
+
+    path: str = setting("", "an activation store directory, or a .npy file [n, d_in]")
+    hook: str | None = setting(None, "which hook of a multi-hook store (null: its only hook)")
+    seed: int = setting(0, "shuffling seed: the same seed gives the same batches")
+    validation_tokens: int = setting(
+        8192,
+        "rows held out from the end of the data for the final evaluation, never trained on "
+        "(at most a fifth of the rows: fewer are held out from a small data set)",
+    )
+    block_rows: int = setting(8192, "rows per contiguous read")
+    shuffle_blocks: int = setting(16, "blocks mixed together in the shuffle buffer")
+    prefetch: int = setting(4, "batches prepared ahead of the step")
+    loader_threads: int = setting(0, "threads gathering batch rows; 0: half the cores, at most 8")
+    slices: int = setting(
+        0,
+        "contiguous, disjoint slices of the training rows; every batch takes batch_size/slices "
+        "rows from each and a process reads only its own (0: one per process); part of the "
+        "data order",
+    )
 
 
 @dataclass
 class ResampleConfig:
     """Anthropic's dead-latent resampling (Towards Monosemanticity)."""
 
-    enabled: bool | None = None  # default: on for relu, off for the others (they use AuxK)
-    every_steps: int = 2500  # resample at these multiples of steps ...
-    steps: list[int] = field(default_factory=list)  # ... or exactly at these steps
-    stop_after_fraction: float = 0.8  # no resampling in the last 20% of training
-    pool_batches: int = 4  # batches whose inputs are candidates for revival
-    encoder_scale: float = 0.2  # revived encoder norm = this x mean live encoder norm
+    enabled: bool | None = setting(
+        None, "resample dead latents (null: on for relu, off for the others, which use AuxK)"
+    )
+    every_steps: int = setting(2500, "resample at these multiples of steps ...")
+    steps: list[int] = setting(
+        doc="... or exactly at these steps (overrides every_steps)", default_factory=list
+    )
+    stop_after_fraction: float = setting(
+        0.8, "no resampling after this fraction of training, in (0, 1]"
+    )
+    pool_batches: int = setting(4, "recent batches whose inputs are candidates for revival")
+    encoder_scale: float = setting(0.2, "revived encoder norm = this x the mean live encoder norm")
 
 
 @dataclass
 class SAEConfig:
-    architecture: str = "topk"
-    d_in: int = 0  # 0: taken from the data
-    d_sae: int = 4096
-    k: int = 32  # topk, batchtopk
-    l1_coefficient: float = 5.0  # relu: weight of the decoder-norm-weighted L1 penalty
-    l1_warmup_steps: int = 1000  # relu: linear warm-up of the L1 weight
-    l0_coefficient: float = 1e-3  # jumprelu: weight of the L0 penalty
-    jumprelu_bandwidth: float = 1e-3  # jumprelu: width of the straight-through rectangle
-    jumprelu_init_threshold: float = 1e-3
-    aux_k: int = 0  # topk/batchtopk AuxK latents; 0 means d_in // 2
-    aux_coefficient: float = 1 / 32
-    dead_tokens: int = 1_000_000  # a latent that has not fired for this many tokens is dead
-    normalize_decoder: bool = True  # unit-norm decoder rows, parallel gradient removed
-    b_dec_init: str = "geometric_median"  # geometric_median | mean | zeros
-    scale_inputs: bool = True  # scale inputs to mean norm sqrt(d_in); folded back on export
-    dtype: str = "float32"  # compute dtype (float32 | bfloat16); master weights stay float32
-    topk_kernel: str = "sparse"  # topk: sparse (gather/scatter on the k selected) | dense
+    """The sparse autoencoder: architecture, size, sparsity penalty, numerics."""
+
+    architecture: Architecture = setting("topk", "the SAE's activation and sparsity rule")
+    d_in: int = setting(0, "input width; 0: taken from the data")
+    d_sae: int = setting(4096, "number of latents (dictionary size)")
+    k: int = setting(32, "topk, batchtopk: latents kept per row (on average for batchtopk)")
+    l1_coefficient: float = setting(5.0, "relu: weight of the decoder-norm-weighted L1 penalty")
+    l1_warmup_steps: int = setting(1000, "relu: steps of linear warm-up of the L1 weight")
+    l0_coefficient: float = setting(1e-3, "jumprelu: weight of the L0 penalty")
+    jumprelu_bandwidth: float = setting(1e-3, "jumprelu: width of the straight-through rectangle")
+    jumprelu_init_threshold: float = setting(1e-3, "jumprelu: initial threshold of every latent")
+    aux_k: int = setting(0, "topk, batchtopk: dead latents used by the AuxK loss; 0: d_in // 2")
+    aux_coefficient: float = setting(1 / 32, "topk, batchtopk: weight of the AuxK loss")
+    dead_tokens: int = setting(
+        1_000_000, "a latent that has not fired for this many tokens counts as dead"
+    )
+    normalize_decoder: bool = setting(
+        True, "unit-norm decoder rows, with the parallel gradient removed"
+    )
+    b_dec_init: BDecInit = setting("geometric_median", "initial decoder bias, from a sample")
+    scale_inputs: bool = setting(
+        True, "scale inputs to mean norm sqrt(d_in); folded back into the saved SAE"
+    )
+    dtype: Dtype = setting("float32", "compute dtype of the matmuls; master weights stay float32")
+    topk_kernel: TopkKernel = setting(
+        "sparse", "topk: sparse (gather/scatter on the k selected) or dense matmuls"
+    )
 
 
 @dataclass
 class TrainConfig:
-    tokens: int = 2_000_000
-    batch_size: int = 4096
-    lr: float = 4e-4
-    lr_warmup_steps: int = 100
-    lr_schedule: str = "constant"  # constant | cosine | linear (decay to 0 at the end)
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    """How long and how fast to train, and how often to log and checkpoint."""
+
+    tokens: int = setting(2_000_000, "training rows to consume (steps = tokens // batch_size)")
+    batch_size: int = setting(4096, "rows per step, over all devices")
+    lr: float = setting(4e-4, "peak Adam learning rate")
+    lr_warmup_steps: int = setting(100, "steps of linear learning-rate warm-up")
+    lr_schedule: LrSchedule = setting(
+        "constant", "after warm-up: constant, or cosine / linear decay to 0 at the end"
+    )
+    adam_b1: float = setting(0.9, "Adam beta1, in [0, 1)")
+    adam_b2: float = setting(0.999, "Adam beta2, in [0, 1)")
+    grad_clip: float = setting(1.0, "global gradient-norm clipping; 0 turns it off")
+    seed: int = setting(0, "parameter initialisation seed")
+    log_every: int = setting(50, "steps between metric fetches (metrics.jsonl, loggers)")
+    checkpoint_every: int = setting(500, "steps between checkpoints")
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk (the newest ones)")
+    resample: ResampleConfig = section(ResampleConfig, "dead-latent resampling")
 
 
 @dataclass
 class MeshConfig:
-    data: int = 1  # devices the batch is split over
-    model: int = 1  # devices the latents are split over
-    distributed: str = "off"  # off | auto (jax.distributed.initialize() finds the cluster)
-    coordinator: str = ""  # host:port of process 0, for an explicit multi-process launch
-    num_processes: int = 0
-    process_id: int = -1
+    """How the devices are used: data and model parallelism, multi-process launch."""
+
+    data: int = setting(1, "devices the batch is split over")
+    model: int = setting(1, "devices the latents are split over")
+    distributed: Distributed = setting(
+        "off", "auto: jax.distributed.initialize() finds the cluster"
+    )
+    coordinator: str = setting("", "host:port of process 0, for an explicit multi-process launch")
+    num_processes: int = setting(0, "processes of an explicit multi-process launch")
+    process_id: int = setting(-1, "this process's index in an explicit multi-process launch")
 
 
 @dataclass
 class LogConfig:
-    wandb: bool = False
-    wandb_project: str = "saejax"
-    tensorboard: bool = False
-    progress: bool = True
+    """Where the metrics go besides RUN/metrics.jsonl."""
+
+    wandb: bool = setting(
+        False, "log to Weights & Biases (pip install 'saejax[wandb]'; wandb login first)"
+    )
+    wandb_project: str = setting("saejax", "the wandb project")
+    tensorboard: bool = setting(
+        False, "write TensorBoard events to RUN/tensorboard (pip install 'saejax[tensorboard]')"
+    )
+    progress: bool = setting(True, "show the progress bar")
 
 
 @dataclass
 class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    run_dir: str = "runs/latest"
+    """A training run."""
+
+    data: DataConfig = section(DataConfig, "the data")
+    sae: SAEConfig = section(SAEConfig, "the SAE")
+    train: TrainConfig = section(TrainConfig, "the optimisation")
+    mesh: MeshConfig = section(MeshConfig, "the devices")
+    log: LogConfig = section(LogConfig, "the metric loggers")
+    run_dir: str = setting("runs/latest", "the run directory (config, metrics, checkpoints, SAE)")
 
 
-def _type_ok(value, annotation) -> tuple[bool, object]:
-    """Check (and mildly coerce) `value` against a dataclass field annotation."""
+# ---- reading values: one line for every value that does not fit its setting -----------
+
+
+def type_name(annotation) -> str:
+    """`int`, `list of int`, `bool or null`: how a setting's type reads in messages and docs."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "str"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"list of {type_name(typing.get_args(annotation)[0])}"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def choices_of(annotation) -> tuple:
+    """The allowed values of an enum-like (Literal) setting; () for the others."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    return ()
+
+
+def _exact(value) -> decimal.Decimal | None:
+    """A number given as int, float or text (`1e6`, `1_000_000`), exactly; None if not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return decimal.Decimal(int(value))
+    if isinstance(value, numbers.Real):  # float, NumPy scalars from programs (`with_values`)
+        return decimal.Decimal(repr(float(value)))
+    if isinstance(value, str):
+        try:
+            return decimal.Decimal(value.strip())
+        except decimal.InvalidOperation:
+            pass
+        try:
+            number = yaml.safe_load(value)  # YAML's own spellings: .inf, -.inf, .nan
+        except yaml.YAMLError:
+            return None
+        return _exact(number) if isinstance(number, float) else None
+    return None
+
+
+def _shown(number: decimal.Decimal) -> str:
+    return format(number.normalize(), "f") if number.is_finite() else str(number).lower()
+
+
+def _yaml_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(value, annotation, key: str):
+    """`value` as the setting's type, or a SaejaxError naming the key, the type and the value."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            ok, coerced = _type_ok(value, arg)
-            if ok:
-                return True, coerced
-        return False, value
-    if annotation is type(None):
-        return value is None, value
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]  # our unions are `X | None`
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
+        if value not in choices:
+            raise SaejaxError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
     if origin is list:
-        (inner,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            return False, value
-        items = [_type_ok(v, inner) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
+            raise SaejaxError(f"{key} expects {type_name(annotation)}, got {value!r}")
+        (inner,) = typing.get_args(annotation)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        if isinstance(value, str) and isinstance(_yaml_value(value), bool):
+            value = _yaml_value(value)  # --set log.wandb=true arrives as text
+        if not isinstance(value, bool):
+            raise SaejaxError(f"{key} expects true or false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        number = _exact(value)
+        if number is None:
+            raise SaejaxError(f"{key} expects {annotation.__name__}, got {value!r}")
+        if not number.is_finite():
+            raise SaejaxError(f"{key} must be a finite number, got {_shown(number)}")
+        if annotation is float:
+            return float(number)
+        if number.adjusted() > 18:  # 1e999999 would take forever to write out as an int
+            raise SaejaxError(f"{key} is too large, got {value}")
+        if number != number.to_integral_value():
+            raise SaejaxError(f"{key} must be a whole number, got {_shown(number)}")
+        return int(number)
     if annotation is str:
-        return isinstance(value, str), value
-    return True, value
+        if not isinstance(value, str):
+            raise SaejaxError(f"{key} expects str, got {value!r}")
+        return value
+    return value
 
 
 def _apply(obj, values: dict, prefix: str = "") -> None:
@@ -148,7 +286,8 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
         dotted = f"{prefix}{key}"
         if key not in names:
             raise SaejaxError(
-                f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))})"
+                f"unknown config key '{dotted}' (known here: {', '.join(sorted(names))}; "
+                "`saejax config` lists every key)"
             )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -156,14 +295,13 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
                 raise SaejaxError(f"config key '{dotted}' is a section; give it a mapping")
             _apply(current, value, dotted + ".")
             continue
-        ok, coerced = _type_ok(value, hints[key])
-        if not ok:
-            raise SaejaxError(f"config key '{dotted}' expects {hints[key]}, got {value!r}")
-        setattr(obj, key, coerced)
+        setattr(obj, key, _coerce(value, hints[key], dotted))
 
 
 def parse_override(text: str) -> dict:
-    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (values parsed as YAML scalars)."""
+    """'train.lr=3e-4' -> {'train': {'lr': '3e-4'}}: a YAML value, except that numbers and
+    booleans keep their text, so the setting's own type decides (`run_dir=2024` stays a
+    string, `mesh.distributed=off` a choice, `1e6` a whole number for an int setting)."""
     if "=" not in text:
         raise SaejaxError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
@@ -171,82 +309,259 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and raw.strip() and raw.strip()[0].isdigit():
-        try:
-            value = float(raw)  # YAML reads 3e-4 as a string
-        except ValueError:
-            pass
+    if isinstance(value, (bool, int, float)):
+        value = raw.strip()
     nested: dict = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
     return nested
 
 
+# ---- the reference of every setting, generated from the dataclasses above --------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # dotted, e.g. "train.lr"
+    type: str  # e.g. "int", "list of int", "bool or null"
+    default: object
+    choices: tuple
+    doc: str
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def settings(cls=RunConfig, prefix: str = "") -> list[Setting]:
+    """Every leaf setting of `cls`, in declaration order, with its type, default and doc."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += settings(hint, f"{prefix}{f.name}.")
+        else:
+            key = f"{prefix}{f.name}"
+            out.append(
+                Setting(key, type_name(hint), _default(f), choices_of(hint), f.metadata["doc"])
+            )
+    return out
+
+
+def yaml_scalar(value) -> str:
+    """`value` as YAML flow text that reads back as the same value and type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text:  # YAML 1.1 reads 1e-06 as a string
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_scalar(v) for v in value) + "]"
+    text = str(value)
+    plain = (
+        text and yaml.safe_load(text) == text and not any(c in text for c in ":#{}[],&*!|>'\"%@`")
+    )
+    return text if plain else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(s: Setting) -> str:
+    kind = f"one of {', '.join(s.choices)}" if s.choices else s.type
+    return f"{s.doc} ({kind})"
+
+
+def reference_yaml() -> str:
+    """Every setting as commented YAML: a config a user can save, trim and edit."""
+    lines = [
+        "# Every setting of a saejax run: its meaning, type and default (`saejax config`).",
+        "# Save it, keep the keys you change, and run `saejax train CONFIG`; `--set key=value`",
+        "# overrides any key. Whole numbers may be written 1e6 or 1_000_000.",
+    ]
+    _yaml_section(RunConfig, "", 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_section(cls, prefix: str, indent: int, lines: list[str]) -> None:
+    pad = " " * indent
+    hints = typing.get_type_hints(cls)
+    by_key = {s.key: s for s in settings(cls, prefix)}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += ["", f"{pad}# {hint.__doc__.strip()}", f"{pad}{f.name}:"]
+            _yaml_section(hint, f"{prefix}{f.name}.", indent + 2, lines)
+        else:
+            s = by_key[f"{prefix}{f.name}"]
+            lines += [f"{pad}# {_comment(s)}", f"{pad}{f.name}: {yaml_scalar(s.default)}"]
+
+
+def reference_markdown() -> str:
+    """Every setting as a Markdown table (the README's configuration section)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in settings():
+        kind = ", ".join(f"`{c}`" for c in s.choices) if s.choices else s.type
+        doc = s.doc.replace("|", "\\|")
+        rows.append(f"| `{s.key}` | {kind} | `{yaml_scalar(s.default)}` | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+# ---- checks on the values together ----------------------------------------------------
+
+
+def _get(cfg: RunConfig, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+AT_LEAST_ONE = (
+    "data.validation_tokens",
+    "data.block_rows",
+    "data.shuffle_blocks",
+    "data.prefetch",
+    "sae.d_sae",
+    "sae.dead_tokens",
+    "train.tokens",
+    "train.batch_size",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.resample.every_steps",
+    "train.resample.pool_batches",
+    "mesh.data",
+    "mesh.model",
+)
+AT_LEAST_ZERO = (
+    "data.loader_threads",
+    "data.slices",
+    "sae.d_in",
+    "sae.l1_warmup_steps",
+    "sae.aux_k",
+    "sae.l1_coefficient",
+    "sae.l0_coefficient",
+    "sae.aux_coefficient",
+    "sae.jumprelu_init_threshold",
+    "train.lr_warmup_steps",
+    "train.grad_clip",
+    "mesh.num_processes",
+)
+POSITIVE = ("train.lr", "sae.jumprelu_bandwidth", "train.resample.encoder_scale")
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    for s in settings():
+        value = _get(cfg, s.key)
+        if s.type == "float" and not math.isfinite(value):
+            raise SaejaxError(f"{s.key} must be a finite number, got {value}")
+    for key in AT_LEAST_ONE:
+        if _get(cfg, key) < 1:
+            raise SaejaxError(f"{key} must be at least 1, got {_get(cfg, key)}")
+    for key in AT_LEAST_ZERO:
+        if _get(cfg, key) < 0:
+            raise SaejaxError(f"{key} must be 0 or more, got {_get(cfg, key)}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise SaejaxError(f"{key} must be positive, got {_get(cfg, key)}")
+    for key in ("train.adam_b1", "train.adam_b2"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise SaejaxError(f"{key} must be in [0, 1), got {_get(cfg, key)}")
+    fraction = cfg.train.resample.stop_after_fraction
+    if not 0 < fraction <= 1:
+        raise SaejaxError(f"train.resample.stop_after_fraction must be in (0, 1], got {fraction}")
+    if any(step < 1 for step in cfg.train.resample.steps):
+        raise SaejaxError(
+            f"train.resample.steps must all be at least 1, got {cfg.train.resample.steps}"
+        )
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    """Enum-like settings, for configs built in code (loaded ones are checked on reading)."""
+    for s in settings():
+        value = _get(cfg, s.key)
+        if s.choices and value not in s.choices:
+            raise SaejaxError(f"{s.key} must be one of {', '.join(s.choices)}, got {value!r}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     s, t = cfg.sae, cfg.train
-    if s.architecture not in ARCHITECTURES:
-        raise SaejaxError(
-            f"unknown sae.architecture '{s.architecture}'; choose {', '.join(ARCHITECTURES)}"
-        )
-    if s.d_sae <= 0:
-        raise SaejaxError(f"sae.d_sae must be positive, got {s.d_sae}")
-    if s.topk_kernel not in ("sparse", "dense"):
-        raise SaejaxError(f"unknown sae.topk_kernel '{s.topk_kernel}'; choose sparse or dense")
+    _check_choices(cfg)
+    _check_numbers(cfg)
     if s.architecture in ("topk", "batchtopk") and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
-    if s.b_dec_init not in ("geometric_median", "mean", "zeros"):
+    if cfg.data.slices and t.batch_size % cfg.data.slices:
         raise SaejaxError(
-            f"sae.b_dec_init must be geometric_median, mean or zeros, got {s.b_dec_init!r}"
+            f"data.slices {cfg.data.slices} must divide train.batch_size {t.batch_size}"
         )
-    if s.dtype not in ("float32", "bfloat16"):
-        raise SaejaxError(f"sae.dtype must be float32 or bfloat16, got {s.dtype!r}")
-    if t.lr_schedule not in ("constant", "cosine", "linear"):
+    if t.batch_size % (cfg.mesh.data * cfg.mesh.model):
         raise SaejaxError(
-            f"train.lr_schedule must be constant, cosine or linear, got {t.lr_schedule!r}"
-        )
-    for name in ("tokens", "batch_size", "log_every", "checkpoint_every"):
-        if getattr(t, name) <= 0:
-            raise SaejaxError(f"train.{name} must be positive, got {getattr(t, name)}")
-    if t.lr <= 0:
-        raise SaejaxError(f"train.lr must be positive, got {t.lr}")
-    if cfg.mesh.data <= 0 or cfg.mesh.model <= 0:
-        raise SaejaxError(f"mesh sizes must be positive, got {cfg.mesh}")
-    if cfg.mesh.distributed not in ("off", "auto"):
-        raise SaejaxError(f"unknown mesh.distributed '{cfg.mesh.distributed}'; choose off or auto")
-    if cfg.data.slices < 0 or (cfg.data.slices and cfg.train.batch_size % cfg.data.slices):
-        raise SaejaxError(
-            f"data.slices {cfg.data.slices} must divide train.batch_size {cfg.train.batch_size}"
-        )
-    if cfg.train.batch_size % (cfg.mesh.data * cfg.mesh.model):
-        raise SaejaxError(
-            f"train.batch_size {cfg.train.batch_size} is not divisible by the "
+            f"train.batch_size {t.batch_size} is not divisible by the "
             f"{cfg.mesh.data * cfg.mesh.model} devices of the mesh (input rows are "
             "split over all of them)"
         )
-    if cfg.sae.d_sae % cfg.mesh.model:
-        raise SaejaxError(
-            f"sae.d_sae {cfg.sae.d_sae} is not divisible by mesh.model {cfg.mesh.model}"
-        )
+    if s.d_sae % cfg.mesh.model:
+        raise SaejaxError(f"sae.d_sae {s.d_sae} is not divisible by mesh.model {cfg.mesh.model}")
     if not cfg.data.path:
         raise SaejaxError("data.path is not set (a store directory or a .npy file)")
     return cfg
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def is_data_path(path: str) -> bool:
+    """A directory (an activation store) or a .npy file: data, never a YAML config."""
+    if os.path.isdir(path) or path.endswith(".npy"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(NPY_MAGIC)) == NPY_MAGIC
+    except OSError:
+        return False
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise SaejaxError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise SaejaxError(
+            f"config {path} is not a text file; a YAML config is expected (data goes in "
+            f"`--set data.path={path}`)"
+        ) from None
+    except yaml.YAMLError as e:
+        raise SaejaxError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise SaejaxError(f"config {path} must be a mapping at the top level")
+    return values
+
+
 def load_config(path: str | None, overrides: list[str] = (), check: bool = True) -> RunConfig:
+    """Defaults, then the YAML file at `path`, then each `--set key=value`.
+
+    A data path given where the config belongs (`saejax train acts.npy`) is read as
+    `data.path` with the default settings; a run directory is pointed at `--resume`.
+    """
     cfg = RunConfig()
-    if path:
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise SaejaxError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise SaejaxError(
-                f"config {path} is not valid YAML: {str(e).splitlines()[0]}"
-            ) from None
-        if not isinstance(values, dict):
-            raise SaejaxError(f"config {path} must be a mapping at the top level")
-        _apply(cfg, values)
+    if path and os.path.exists(os.path.join(path, "config.yaml")):
+        raise SaejaxError(
+            f"{path} is a run directory; continue it with `saejax train --resume {path}`"
+        )
+    if path and is_data_path(path):
+        cfg.data.path = path
+    elif path:
+        _apply(cfg, _read_yaml(path))
     for text in overrides:
         _apply(cfg, parse_override(text))
     return validate(cfg) if check else cfg

@@ -11,12 +11,19 @@ import argparse
 import os
 import sys
 
-from saejax.cli import analyze, data, interp, training
+from saejax.cli import analyze, data, interp, settings, training
 from saejax.cli.command import Command
 from saejax.errors import SaejaxError
 
 _BY_NAME = {
-    c.name: c for c in (*data.COMMANDS, *training.COMMANDS, *interp.COMMANDS, *analyze.COMMANDS)
+    c.name: c
+    for c in (
+        *data.COMMANDS,
+        *training.COMMANDS,
+        *interp.COMMANDS,
+        *analyze.COMMANDS,
+        *settings.COMMANDS,
+    )
 }
 REGISTRY: tuple[Command, ...] = tuple(
     _BY_NAME[name]
@@ -26,6 +33,7 @@ REGISTRY: tuple[Command, ...] = tuple(
         "demo",
         "analyze",
         "train",
+        "config",
         "export",
         "bench",
         "eval",
@@ -38,15 +46,31 @@ REGISTRY: tuple[Command, ...] = tuple(
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in `--help`, except the defaults that say nothing
+    (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line, like every other error."""
+    """argparse that reports a bad command line in one line, like every other error, and
+    shows defaults in `--help`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise SaejaxError(f"{message} (see `{self.prog} --help`)")
 
 
 def _add(sub, command: Command) -> None:
-    parser = sub.add_parser(command.name, help=command.help)
+    parser = sub.add_parser(command.name, help=command.help, description=command.help)
     command.arguments(parser)
     if command.subcommands:
         nested = parser.add_subparsers(

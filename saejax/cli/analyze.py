@@ -7,10 +7,12 @@ from saejax.cli.command import Command
 
 def _common(p) -> None:
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own code"
+    )
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--no-plot", action="store_true", help="write the numbers only, no figure")
 
 
 def _options(args):
@@ -32,9 +34,9 @@ def _weights(args) -> int:
 
 
 def _dpo_arguments(p) -> None:
-    p.add_argument("base")
-    p.add_argument("tuned")
-    p.add_argument("--top", type=int, default=100, help="neurons per layer (default 100)")
+    p.add_argument("base", help="the base model")
+    p.add_argument("tuned", help="the fine-tuned model")
+    p.add_argument("--top", type=int, default=100, help="neurons per layer")
     _common(p)
 
 
@@ -46,7 +48,7 @@ def _dpo(args) -> int:
 
 
 def _decorrelation_arguments(p) -> None:
-    p.add_argument("models", nargs="+")
+    p.add_argument("models", nargs="+", help="model names, directories or .gguf files")
     p.add_argument(
         "--prompts",
         required=True,

@@ -8,6 +8,7 @@ they run, so `saejax --help` and `saejax store info` start without JAX or torch.
 from __future__ import annotations
 
 import argparse
+import decimal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,13 @@ def csv_list(text: str) -> list[str]:
 
 
 def whole_number(text: str) -> int:
+    """`250000`, `250_000` or `2.5e5` (as in the config's whole-number settings)."""
     try:
-        return int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        number = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        number = None
+    if number is None or not number.is_finite() or number != number.to_integral_value():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'")
+    if number.adjusted() > 18:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}' (too large)")
+    return int(number)

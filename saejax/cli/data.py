@@ -14,8 +14,10 @@ def _extract_arguments(p) -> None:
         default="builtin",
         help="Hugging Face name, local directory, .gguf file, or 'builtin' (SmolLM2-135M)",
     )
-    p.add_argument("--revision", default=None)
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own code"
+    )
     p.add_argument(
         "--hooks",
         type=csv_list,
@@ -27,13 +29,18 @@ def _extract_arguments(p) -> None:
         default="builtin",
         help="'builtin', .txt/.jsonl/.parquet files or directory, or a HF dataset name",
     )
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
+    p.add_argument("--text-column", default="text", help="column holding the text")
     p.add_argument("--tokens", type=whole_number, default=250_000, help="rows to extract")
     p.add_argument("--context", type=whole_number, default=128, help="context length")
     p.add_argument("--batch-size", type=whole_number, default=16, help="contexts per forward pass")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    p.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
+    p.add_argument(
+        "--no-prepend-bos",
+        dest="prepend_bos",
+        action="store_false",
+        help="do not start each context with the BOS token",
+    )
     p.add_argument("--keep-bos", action="store_true", help="keep BOS rows (dropped by default)")
     p.add_argument("--chunk-mib", type=float, default=4.0, help="store chunk size per hook")
     p.add_argument("--out", required=True, help="store directory (or gs:// / s3:// prefix)")
@@ -72,7 +79,7 @@ def _extract(args) -> int:
 
 
 def _info_arguments(p) -> None:
-    p.add_argument("path")
+    p.add_argument("path", help="store directory")
     p.add_argument("--no-check", action="store_true", help="skip reading every row")
 
 

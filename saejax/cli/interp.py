@@ -159,7 +159,7 @@ def _dashboard_arguments(p) -> None:
         default=None,
         help="OpenAI-compatible endpoint for explanations (key in $OPENAI_API_KEY)",
     )
-    p.add_argument("--llm-model", default="gpt-4o-mini")
+    p.add_argument("--llm-model", default="gpt-4o-mini", help="model asked for explanations")
     p.add_argument(
         "--split-with",
         default=None,

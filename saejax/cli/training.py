@@ -10,14 +10,20 @@ from saejax.errors import SaejaxError
 
 
 def _train_arguments(p) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (omit with --resume); a .npy file or store directory here is read "
+        "as data.path with the default settings",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set sae.d_sae=8192 (repeatable)",
+        help="override a config key, e.g. --set sae.d_sae=8192 (repeatable); `saejax config` "
+        "lists every key with its type, default and meaning",
     )
     p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -69,8 +75,10 @@ def _train(args) -> int:
 
 def _export_arguments(p) -> None:
     p.add_argument("run", help="run directory (or its sae/ folder)")
-    p.add_argument("--format", choices=["saelens", "sparsify"], default="saelens")
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--format", choices=["saelens", "sparsify"], default="saelens", help="export layout"
+    )
+    p.add_argument("--out", required=True, help="folder to write")
 
 
 def _export(args) -> int:
@@ -86,10 +94,17 @@ def _sweep_arguments(p) -> None:
     p.add_argument("--d-sae", required=True, help="comma list, e.g. 1024,2048,4096")
     p.add_argument("--k", default="", help="comma list (topk/batchtopk)")
     p.add_argument("--l1", default="", help="comma list of λ (relu)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every member (repeatable; `saejax config` lists them)",
+    )
     p.add_argument("--out", required=True, help="folder of the member runs and the table")
     p.add_argument("--ce", action="store_true", help="also CE loss recovered per member")
-    p.add_argument("--ce-sequences", type=int, default=16)
+    p.add_argument("--ce-sequences", type=int, default=16, help="held-out sequences for --ce")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -125,15 +140,15 @@ def _sweep(args) -> int:
 
 
 def _bench_arguments(p) -> None:
-    p.add_argument("--d-in", type=int, default=576)
+    p.add_argument("--d-in", type=int, default=576, help="input width")
     p.add_argument("--d-sae", default="4608,18432", help="comma list")
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096, help="rows per step")
+    p.add_argument("--k", type=int, default=32, help="latents kept per row (topk, batchtopk)")
     p.add_argument(
         "--arch", default="relu,topk", help="comma list of relu, topk, batchtopk, jumprelu"
     )
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--topk-kernel", default="sparse", help="sparse (default) or dense")
+    p.add_argument("--topk-kernel", default="sparse", help="sparse or dense")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument(
         "--store",
