@@ -66,7 +66,7 @@ def test_nan_or_inf_is_reported_with_its_row(capsys, tmp_path, bad):
     path = tmp_path / "bad.npy"
     np.save(path, rows)
     code, err = run_train(
-        capsys, *base(str(path), tmp_path / "r"), "--set=data.validation_tokens=0"
+        capsys, *base(str(path), tmp_path / "r"), "--set=data.validation_tokens=1"
     )
     check(code, err, "row 1234")
     assert "NaN or Inf" in err
