@@ -92,7 +92,11 @@ def _store_info(args) -> int:
         return 0
     report = store.check(verify=args.verify)
     for hook, norm in report.mean_norm.items():
-        print(f"checked      {hook}: {report.n_tokens:,} rows read, mean norm {norm:.4g}")
+        unread = [c for c in report.bad_chunks if c.array == f"acts/{hook}"]
+        if unread:
+            print(f"checked      {hook}: {len(unread)} chunk(s) could not be read")
+        else:
+            print(f"checked      {hook}: {report.n_tokens:,} rows read, mean norm {norm:.4g}")
     if not report.checksummed:
         print("note         this store's chunks carry no checksums (made by an older saejax)")
     for chunk in report.bad_chunks:
