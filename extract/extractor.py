@@ -164,6 +164,77 @@ class _ChunkCommitter:
             self.advance(block=True)
 
 
+def _damaged_chunks(path: str, meta: dict | None) -> set[int]:
+    """Chunk numbers of an existing store where some array's chunk is missing or damaged
+    (reads every chunk once: far cheaper than the model passes that made them)."""
+    if not meta or not meta.get("n_tokens"):
+        return set()
+    return st.ActivationStore.open(path).bad_chunk_indices()
+
+
+def _repair(cfg, meta, bad, contexts, capture, arrays, tokens_arr, doc_arr, drop_rows) -> None:
+    """Re-extract exactly the rows of the chunks in `bad` and write them back.
+
+    Contexts are deterministic and a context's rows start at index × rows_per_ctx, so the
+    rows are found again; batches are formed as an uninterrupted run forms them (contexts
+    b·batch_size onward), so the model sees the same batches and the rows come back bit for bit.
+    """
+    import torch
+
+    c, n = int(meta["chunk_rows"]), int(meta["n_tokens"])
+    rpc, bs = drop_rows["rows_per_ctx"], cfg.batch_size
+    spans = {i: (i * c, min((i + 1) * c, n)) for i in sorted(bad) if i * c < n}
+    dtype = st.DTYPES[cfg.dtype]
+    out = {
+        i: (
+            {h: np.zeros((hi - lo, arrays[h].shape[1]), dtype) for h in cfg.hooks},
+            np.zeros(hi - lo, np.int32),
+            np.zeros((hi - lo, 2), np.int32),
+        )
+        for i, (lo, hi) in spans.items()
+    }
+    wanted = {j for lo, hi in spans.values() for j in range(lo // rpc, (hi - 1) // rpc + 1)}
+    wanted_batches = {j // bs for j in wanted}
+
+    def run(batch) -> None:
+        ids = torch.as_tensor(np.stack([ctx.ids for ctx in batch]))
+        with torch.inference_mode():
+            captured = capture.run(ids)
+        for k, ctx in enumerate(batch):
+            pos = stored_positions(ctx, drop_rows["drop_bos"])
+            rows = ctx.index * rpc + np.arange(len(pos))
+            for i, (lo, hi) in spans.items():
+                sel = (rows >= lo) & (rows < hi)
+                if not sel.any():
+                    continue
+                at, p = rows[sel] - lo, pos[sel]
+                acts, toks, doc = out[i]
+                for h in cfg.hooks:
+                    acts[h][at] = captured[h][k, p].float().numpy().astype(dtype)
+                toks[at] = ctx.ids[p].astype(np.int32)
+                doc[at] = np.stack([np.full(len(p), ctx.index, np.int32), p.astype(np.int32)], 1)
+
+    batch = []
+    last = max(wanted_batches)
+    for ctx in contexts:
+        if batch and ctx.index // bs != batch[0].index // bs:
+            if batch[0].index // bs in wanted_batches:
+                run(batch)
+            batch = []
+            if ctx.index // bs > last:
+                break
+        batch.append(ctx)
+    if batch and batch[0].index // bs in wanted_batches:
+        run(batch)
+    futures = []
+    for i, (lo, hi) in spans.items():
+        acts, toks, doc = out[i]
+        futures += [arrays[h][lo:hi].write(acts[h]).commit for h in cfg.hooks]
+        futures += [tokens_arr[lo:hi].write(toks).commit, doc_arr[lo:hi].write(doc).commit]
+    for f in futures:
+        f.result()
+
+
 def run_extract(
     cfg: ExtractConfig,
     progress: bool = True,
@@ -178,8 +249,10 @@ def run_extract(
 
     _validate_cheap(cfg)
     done = st.read_meta(cfg.out)
+    bad = _damaged_chunks(cfg.out, done)
     if (
         done
+        and not bad
         and done.get("complete")
         and _same_request(done.get("extract_config"), cfg)
         and (done["n_tokens"] >= cfg.tokens or done.get("corpus_exhausted"))
@@ -208,13 +281,16 @@ def run_extract(
     )
     identity = _identity(cfg, loaded, hook_d_in, chunk_rows, corpus.description)
 
-    contexts = pack_contexts(
-        token_stream(corpus.documents(), tok),
-        cfg.context,
-        cfg.prepend_bos,
-        tok.bos_token_id,
-        pad_id,
-    )
+    def new_contexts():
+        return pack_contexts(
+            token_stream(corpus.documents(), tok),
+            cfg.context,
+            cfg.prepend_bos,
+            tok.bos_token_id,
+            pad_id,
+        )
+
+    contexts = new_contexts()
     first = next(contexts, None)
     if first is None:
         raise SaejaxError(f"corpus '{cfg.corpus}' contains no text to extract")
@@ -224,12 +300,14 @@ def run_extract(
     if existing is not None:
         _check_compatible(cfg.out, existing, identity)
         meta = existing
-        if meta["n_tokens"] >= cfg.tokens or (
+        finished = meta["n_tokens"] >= cfg.tokens or (
             meta.get("complete") and meta.get("corpus_exhausted")
-        ):
+        )
+        if finished and not bad:
             return meta
-        meta["target_tokens"] = cfg.tokens
-        meta["complete"] = False
+        if not finished:
+            meta["target_tokens"] = cfg.tokens
+            meta["complete"] = False
     else:
         try:
             os.makedirs(cfg.out, exist_ok=True) if not st.is_remote(cfg.out) else None
@@ -255,6 +333,18 @@ def run_extract(
         arrays, tokens_arr, doc_arr = st.create_arrays(cfg.out, identity, capacity)
     except ValueError as e:
         raise SaejaxError(f"cannot create the arrays of store {cfg.out}: {e}") from None
+    drop_rows = {"drop_bos": drop_bos, "rows_per_ctx": rows_per_ctx}
+    if bad:
+        if progress:
+            print(
+                f"repairing {len(bad)} missing or damaged chunk(s) of {cfg.out}: "
+                "re-extracting their rows",
+                file=sys.stderr,
+            )
+        with Capture(model, points) as capture:
+            _repair(cfg, meta, bad, new_contexts(), capture, arrays, tokens_arr, doc_arr, drop_rows)
+        if existing is not None and finished:
+            return meta
 
     start_row = int(meta["n_tokens"])
     start_ctx, skip_rows = divmod(start_row, rows_per_ctx)

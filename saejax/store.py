@@ -16,9 +16,11 @@ This module needs NumPy and TensorStore only (no JAX, no torch).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -80,14 +82,23 @@ def write_meta(path: str, meta: dict) -> None:
     write_text(os.path.join(path, "meta.json"), text, fsync=True)
 
 
-def _array_spec(path: str, name: str) -> dict:
-    return {"driver": "zarr3", "kvstore": _join(kvstore_spec(path), name)}
+def _array_spec(path: str, name: str, write: bool = False) -> dict:
+    """Readers never see a missing chunk as zeros (the arrays' fill value); writers store
+    every chunk, even one equal to the fill value, so a missing chunk always means damage."""
+    spec = {"driver": "zarr3", "kvstore": _join(kvstore_spec(path), name)}
+    if write:
+        spec["store_data_equal_to_fill_value"] = True
+    else:
+        spec["fill_missing_data_reads"] = False
+    return spec
 
 
 def create_array(path: str, name: str, shape: list[int], chunk_shape: list[int], dtype: str):
     """Create one zarr3 array of the store, or reopen it and grow it to at least `shape`."""
     try:
-        existing = ts.open(_array_spec(path, name), open=True, read=True, write=True).result()
+        existing = ts.open(
+            _array_spec(path, name, write=True), open=True, read=True, write=True
+        ).result()
     except ValueError:
         existing = None
     if existing is not None:
@@ -99,14 +110,15 @@ def create_array(path: str, name: str, shape: list[int], chunk_shape: list[int],
         if existing.shape[0] < shape[0]:
             existing = existing.resize(exclusive_max=shape, expand_only=True).result()
         return existing
-    spec = _array_spec(path, name)
+    spec = _array_spec(path, name, write=True)
     spec["metadata"] = {
         "shape": shape,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
         "chunk_key_encoding": {"name": "default"},
         "data_type": dtype,
         "fill_value": 0,
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        # crc32c: every chunk carries its checksum, so a damaged chunk fails to read
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
     }
     return ts.open(spec, create=True, open=True).result()
 
@@ -148,7 +160,7 @@ def create_arrays(path: str, meta: dict, capacity: int):
 
 def open_array(path: str, name: str, write: bool = False):
     try:
-        return ts.open(_array_spec(path, name), read=True, write=write).result()
+        return ts.open(_array_spec(path, name, write), read=True, write=write).result()
     except ValueError as e:
         raise SaejaxError(f"store {path}: array '{name}' is missing or unreadable ({e})") from None
 
@@ -195,10 +207,71 @@ class IntegrityReport:
     n_tokens: int
     mean_norm: dict[str, float]
     bad_rows: dict[str, list[int]]  # first few non-finite rows per hook
+    bad_chunks: list  # BadChunk: missing or damaged chunks
+    checksummed: bool = True  # chunks carry crc32c checksums
 
     @property
     def ok(self) -> bool:
-        return not any(self.bad_rows.values())
+        return not any(self.bad_rows.values()) and not self.bad_chunks
+
+
+def _failure_reason(text: str) -> str:
+    if "is missing" in text:
+        return "the chunk is missing"
+    if "Digest mismatch" in text or "Not enough data" in text or "DATA_LOSS" in text:
+        return "the chunk is damaged (wrong length or checksum)"
+    return "it cannot be read"
+
+
+def read_failure(path: str, name: str, start: int, stop: int, chunk_rows: int, error) -> str:
+    """One line saying which store, array and rows could not be read, and why."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    m = re.search(r"chunk \{(\d+)", text)
+    if m:
+        i = int(m.group(1))
+        start, stop = i * chunk_rows, (i + 1) * chunk_rows
+        what = f"chunk {i} (rows {start}..{stop - 1})"
+    else:
+        what = f"rows [{start}, {stop})"
+    reason = _failure_reason(text)
+    return (
+        f"store {path}: {name} {what}: {reason} ({text}); run the same `saejax extract` "
+        "again to repair it"
+    )
+
+
+class StoreRead:
+    """A pending TensorStore read whose failure is one SaejaxError line, never a zero-filled
+    array or a TensorStore traceback."""
+
+    def __init__(self, future, store: ActivationStore, name: str, start: int, stop: int):
+        self.future, self.store, self.name, self.start, self.stop = future, store, name, start, stop
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> np.ndarray:
+        try:
+            return self.future.result()
+        except ValueError as e:
+            s = self.store
+            raise SaejaxError(
+                read_failure(s.path, self.name, self.start, self.stop, s.chunk_rows, e)
+            ) from None
+
+
+@dataclass
+class BadChunk:
+    array: str  # "acts/<hook>", "tokens" or "doc"
+    index: int  # chunk number along rows
+    start: int  # first row
+    stop: int  # one past the last row
+    reason: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.array} chunk {self.index} (rows {self.start}..{self.stop - 1}): {self.reason}"
+        )
 
 
 class ActivationStore:
@@ -281,23 +354,28 @@ class ActivationStore:
 
     def read(self, start: int, stop: int, hook: str | None = None) -> np.ndarray:
         """Rows [start, stop) in the stored dtype."""
-        self._check_range(start, stop)
-        return self.acts_array(hook)[start:stop].read().result()
+        return self.read_async(start, stop, hook).result()
 
-    def read_async(self, start: int, stop: int, hook: str | None = None):
-        """A TensorStore future for rows [start, stop): lets loaders overlap reads."""
+    def read_async(self, start: int, stop: int, hook: str | None = None) -> StoreRead:
+        """A pending read of rows [start, stop) (`.result()` gives them): lets loaders
+        overlap reads."""
         self._check_range(start, stop)
-        return self.acts_array(hook)[start:stop].read()
+        hook = self.default_hook(hook)
+        name = hook_array_name(hook)
+        return StoreRead(self.acts_array(hook)[start:stop].read(), self, name, start, stop)
 
     def take(self, rows, hook: str | None = None) -> np.ndarray:
         """The given rows (any order), in the stored dtype."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise SaejaxError(f"row indices outside the store's {len(self)} rows")
+        hook = self.default_hook(hook)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         out = np.empty((rows.size, self.d_in_of(hook)), dtype=DTYPES[self.dtype])
-        out[order] = self.acts_array(hook)[sorted_rows].read().result()
+        first, last = (int(sorted_rows[0]), int(sorted_rows[-1]) + 1) if rows.size else (0, 0)
+        future = self.acts_array(hook)[sorted_rows].read()
+        out[order] = StoreRead(future, self, hook_array_name(hook), first, last).result()
         return out
 
     def iter_chunks(
@@ -324,7 +402,7 @@ class ActivationStore:
         self._check_range(start, stop)
         if self._tokens is None:
             self._tokens = open_array(self.path, "tokens")
-        return self._tokens[start:stop].read().result()
+        return StoreRead(self._tokens[start:stop].read(), self, "tokens", start, stop).result()
 
     def doc(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(sequence index, position in the context) of rows [start, stop)."""
@@ -332,7 +410,7 @@ class ActivationStore:
         self._check_range(start, stop)
         if self._doc is None:
             self._doc = open_array(self.path, "doc")
-        return self._doc[start:stop].read().result()
+        return StoreRead(self._doc[start:stop].read(), self, "doc", start, stop).result()
 
     def context(self, row: int, before: int = 16, after: int = 4) -> tuple[np.ndarray, int]:
         """Token ids around `row` within its own sequence, and the row's index in them.
@@ -358,12 +436,43 @@ class ActivationStore:
         return ids
 
     # ---- checks --------------------------------------------------------------
-    def check(self, chunk_rows: int | None = None, max_bad: int = 10) -> IntegrityReport:
-        """Read every counted row: all present and finite; recompute mean norms."""
-        mean_norm, bad_rows = {}, {}
+    def chunks(
+        self, name: str, window: int = 8
+    ) -> Iterator[tuple[int, np.ndarray | None, BadChunk | None]]:
+        """(first row, rows or None, BadChunk or None) for each stored chunk of array `name`
+        that holds counted rows, read `window` chunks ahead; a chunk that is missing or
+        fails its checksum is reported, not raised."""
+        arr = open_array(self.path, name)
+        if arr.shape[0] < len(self):
+            raise SaejaxError(
+                f"store {self.path}: {name} has {arr.shape[0]} rows but meta.json counts "
+                f"{len(self)}; the store is corrupt"
+            )
+        c, n = int(arr.chunk_layout.read_chunk.shape[0]), len(self)
+        bounds = [(i, i * c, min((i + 1) * c, n)) for i in range(math.ceil(n / c))]
+        pending = collections.deque()
+        for j in range(len(bounds) + window):
+            if j < len(bounds):
+                i, lo, hi = bounds[j]
+                pending.append((i, lo, hi, arr[lo:hi].read()))
+            if len(pending) > window or (j >= len(bounds) and pending):
+                i, lo, hi, future = pending.popleft()
+                try:
+                    yield lo, future.result(), None
+                except ValueError as e:
+                    yield lo, None, BadChunk(name, i, lo, hi, _failure_reason(str(e)))
+
+    def check(self, max_bad: int = 10, verify: bool = False) -> IntegrityReport:
+        """Read every counted row of every hook and the tokens: all chunks present and
+        intact, all values finite, tokens in the vocabulary; recompute mean norms.
+        `verify` also reads the doc array, so every chunk of the store is checked."""
+        mean_norm, bad_rows, bad_chunks = {}, {}, []
         for hook in self.hooks:
             total, bad = 0.0, []
-            for first, rows in self.iter_chunks(chunk_rows, hook):
+            for first, rows, problem in self.chunks(hook_array_name(hook)):
+                if problem is not None:
+                    bad_chunks.append(problem)
+                    continue
                 finite = ~nonfinite_rows(rows)
                 rows = rows.astype(np.float32)
                 if not finite.all() and len(bad) < max_bad:
@@ -371,11 +480,29 @@ class ActivationStore:
                 total += float(np.linalg.norm(np.where(finite[:, None], rows, 0), axis=1).sum())
             mean_norm[hook] = total / max(1, len(self))
             bad_rows[hook] = bad
-        toks = self.tokens()
         vocab = self.meta.get("vocab_size")
-        if vocab is not None and len(toks) and (toks.min() < 0 or toks.max() >= vocab):
-            bad_rows["tokens"] = np.flatnonzero((toks < 0) | (toks >= vocab))[:max_bad].tolist()
-        return IntegrityReport(len(self), mean_norm, bad_rows)
+        bad_tokens = []
+        for first, toks, problem in self.chunks("tokens"):
+            if problem is not None:
+                bad_chunks.append(problem)
+            elif vocab is not None and len(bad_tokens) < max_bad:
+                wrong = first + np.flatnonzero((toks < 0) | (toks >= vocab))
+                bad_tokens.extend(wrong[: max_bad - len(bad_tokens)].tolist())
+        if bad_tokens:
+            bad_rows["tokens"] = bad_tokens
+        if verify:
+            bad_chunks.extend(problem for _, _, problem in self.chunks("doc") if problem)
+        return IntegrityReport(len(self), mean_norm, bad_rows, bad_chunks, self.checksummed())
+
+    def checksummed(self) -> bool:
+        """Whether the store's chunks carry crc32c checksums (stores made since they do)."""
+        codecs = open_array(self.path, "tokens").codec.to_json().get("codecs", [])
+        return any(c.get("name") == "crc32c" for c in codecs)
+
+    def bad_chunk_indices(self) -> set[int]:
+        """Chunk numbers (along rows) where any array has a missing or damaged chunk."""
+        names = [hook_array_name(h) for h in self.hooks] + ["tokens", "doc"]
+        return {p.index for name in names for _, _, p in self.chunks(name) if p is not None}
 
 
 def describe(store: ActivationStore) -> str:

@@ -8,6 +8,7 @@ listed once in `REGISTRY`. Errors the user can fix are one line on stderr with e
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -93,22 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except SaejaxError as e:
-        print(f"saejax: error: {e}", file=sys.stderr)
+        print(f"saejax: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nsaejax: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        # the disk, not the user's input: full, read-only, permissions, a safetensors write
         if os.environ.get("SAEJAX_DEBUG"):
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"saejax: error: {e.strerror or e}{where}", file=sys.stderr)
+        hint = (
+            "; free some space and run again" if getattr(e, "errno", None) == errno.ENOSPC else ""
+        )
+        message = getattr(e, "strerror", None) or e
+        print(f"saejax: error: {_one_line(message)}{where}{hint}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from saejax.cli.command import Command
+from saejax.errors import SaejaxError
 
 
 def _common(p) -> None:
@@ -15,9 +16,14 @@ def _common(p) -> None:
     p.add_argument("--no-plot", action="store_true", help="write the numbers only, no figure")
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _options(args):
     from saejax.interp.analyze import ModelOptions
 
+    if args.dtype not in MODEL_DTYPES:
+        raise SaejaxError(f"--dtype must be one of {', '.join(MODEL_DTYPES)}, got {args.dtype!r}")
     return ModelOptions(args.revision, args.trust_remote_code, args.dtype, not args.no_plot)
 
 
@@ -60,6 +66,9 @@ def _decorrelation_arguments(p) -> None:
 
 def _decorrelation(args) -> int:
     from saejax.interp.analyze import analyze_decorrelation
+
+    if args.max_prompts is not None and args.max_prompts < 2:
+        raise SaejaxError(f"--max-prompts must be at least 2, got {args.max_prompts}")
 
     analyze_decorrelation(args.models, args.prompts, args.out, args.max_prompts, _options(args))
     return 0

@@ -81,24 +81,46 @@ def _extract(args) -> int:
 def _info_arguments(p) -> None:
     p.add_argument("path", help="store directory")
     p.add_argument("--no-check", action="store_true", help="skip reading every row")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read the doc array: every chunk of the store present and matching its checksum",
+    )
 
 
 def _store_info(args) -> int:
     from saejax.store import ActivationStore, describe
 
+    if args.no_check and args.verify:
+        raise SaejaxError("--no-check and --verify contradict each other; give one")
     store = ActivationStore.open(args.path)
     print(describe(store))
     if args.no_check:
         return 0
-    report = store.check()
+    report = store.check(verify=args.verify)
     for hook, norm in report.mean_norm.items():
-        print(f"checked      {hook}: {report.n_tokens:,} rows read, mean norm {norm:.4g}")
+        unread = [c for c in report.bad_chunks if c.array == f"acts/{hook}"]
+        if unread:
+            print(f"checked      {hook}: {len(unread)} chunk(s) could not be read")
+        else:
+            print(f"checked      {hook}: {report.n_tokens:,} rows read, mean norm {norm:.4g}")
+    if not report.checksummed:
+        print("note         this store's chunks carry no checksums (made by an older saejax)")
+    for chunk in report.bad_chunks:
+        print(f"bad chunk    {chunk.describe()}")
+    if report.bad_chunks:
+        raise SaejaxError(
+            f"store {args.path} has {len(report.bad_chunks)} missing or damaged chunk(s) "
+            f"(first: {report.bad_chunks[0].describe()}); run the same `saejax extract` again "
+            "to repair it"
+        )
     if not report.ok:
         for what, rows in report.bad_rows.items():
             if rows:
                 print(f"integrity    {what}: bad values in rows {rows}", file=sys.stderr)
         raise SaejaxError(f"store {args.path} failed its integrity check")
-    print("integrity    ok (every counted row present and finite)")
+    what = "every chunk present and intact" if args.verify else "every counted row present"
+    print(f"integrity    ok ({what}, values finite)")
     return 0
 
 

@@ -71,9 +71,17 @@ def _steer_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model (default: the SAE's)")
 
 
+MAX_STEER_TOKENS = 4096  # generation is one token per forward pass: more is never meant
+
+
 def _steer(args) -> int:
     from saejax.interp.steer import steer
 
+    if not 1 <= args.tokens <= MAX_STEER_TOKENS:
+        raise SaejaxError(
+            f"--tokens must be between 1 and {MAX_STEER_TOKENS} (tokens generated per prompt), "
+            f"got {args.tokens}"
+        )
     results = steer(
         args.run, args.latent, args.prompt, args.boost, args.clamp, args.tokens, args.model
     )
@@ -107,6 +115,8 @@ def _features(args) -> int:
     from saejax.interp.features import latent_examples, latent_report
     from saejax.train.sae_files import load_sae
 
+    if args.max_rows is not None and args.max_rows < 1:
+        raise SaejaxError(f"--max-rows must be at least 1, got {args.max_rows}")
     d_sae = load_sae(args.run).spec.d_sae
     for latent in args.show:
         if not 0 <= latent < d_sae:
@@ -143,6 +153,8 @@ def _search_arguments(p) -> None:
 def _search(args) -> int:
     from saejax.interp.search import search
 
+    if not 0 < args.percentile <= 100:
+        raise SaejaxError(f"--percentile must be in (0, 100], got {args.percentile:g}")
     search(
         args.run, args.positive, args.negative, args.top, args.percentile, args.model, args.store
     )

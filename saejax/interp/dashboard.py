@@ -64,6 +64,18 @@ def builtin_explanation(
     return "; ".join(parts) or "no activations seen"
 
 
+def reply_text(reply) -> str:
+    """The text of a chat-completions reply; ValueError for anything else (an endpoint may
+    answer with null content, a string for `choices`, an error object, ...)."""
+    try:
+        text = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"malformed reply ({type(e).__name__}: {e})") from None
+    if not isinstance(text, str):
+        raise ValueError(f"malformed reply (content is {type(text).__name__}, not text)")
+    return text.strip()
+
+
 class LLMExplainer:
     """OpenAI-compatible chat completions; after the first failure it stops asking."""
 
@@ -96,11 +108,12 @@ class LLMExplainer:
         try:
             req = urllib.request.Request(self.url, data=body, headers=headers)
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                text = json.load(resp)["choices"][0]["message"]["content"].strip()
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as e:
+                text = reply_text(json.load(resp))
+        except (urllib.error.URLError, OSError, ValueError) as e:
             self.failed = f"{self.url}: {getattr(e, 'reason', e)}"
+            what = "gave an unusable reply" if isinstance(e, ValueError) else "is unreachable"
             print(
-                f"saejax: warning: the explanation endpoint is unreachable ({self.failed}); "
+                f"saejax: warning: the explanation endpoint {what} ({self.failed}); "
                 "writing the dashboard with built-in summaries only",
                 file=sys.stderr,
             )
@@ -179,18 +192,21 @@ def write_dashboard(
     split_with: str | None = None,
 ) -> str:
     from saejax.interp.eval import resolve_run_store
-    from saejax.interp.features import quantile_examples, scan_examples
+    from saejax.interp.features import (
+        examples_key,
+        quantile_examples,
+        read_examples_cache,
+        scan_examples,
+    )
     from saejax.interp.lm import load_cached, model_for
     from saejax.train.sae_files import load_sae
 
     sae = load_sae(run)
     store, hook = resolve_run_store(run, sae, store_path)
-    cache = os.path.join(run, "features", "examples.npz")
-    result = (
-        dict(np.load(cache))
-        if os.path.exists(cache)
-        else scan_examples(sae, store, hook, progress=progress)
-    )
+    top, samples = 20, 64  # scan_examples' defaults; `saejax features RUN` caches the same
+    result = read_examples_cache(run, examples_key(run, store, hook, top, samples, len(store)))
+    if result is None:
+        result = scan_examples(sae, store, hook, top, samples, progress=progress)
     n_rows = int(result["n_rows"])
     tokens = store.tokens(0, n_rows)
     doc = store.doc(0, n_rows)
@@ -345,6 +361,21 @@ def write_dashboard(
     return os.path.join(final, "index.html")
 
 
+def read_metrics(path: str) -> list[dict]:
+    """The records of metrics.jsonl that have tokens; a line that is not a whole JSON record
+    (the partial last line of a run killed mid-write) is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("tokens"), (int, float)):
+                records.append(record)
+    return records
+
+
 def _write_plots(run: str, density: np.ndarray, folder: str) -> list[str]:
     """density.png (log10 firing frequency over latents) and, for a run, training.png
     (FVU, L0 and dead fraction against tokens from metrics.jsonl). Needs matplotlib."""
@@ -372,8 +403,7 @@ def _write_plots(run: str, density: np.ndarray, folder: str) -> list[str]:
     names.append("density.png")
     metrics_path = os.path.join(run, "metrics.jsonl")
     if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = read_metrics(metrics_path)
         if records:
             tokens = [r["tokens"] for r in records]
             fig, axes = plt.subplots(1, 3, figsize=(9, 2.8), dpi=110)

@@ -137,6 +137,11 @@ def resolve_run_store(run: str, sae, store_path: str | None = None):
     store_path = store_path or (cfg.data.path if cfg else sae.info.get("data_path"))
     if not store_path:
         raise SaejaxError(f"{run} does not say which store it was trained on; pass --store")
+    if str(store_path).endswith(".npy") and os.path.isfile(store_path):
+        raise SaejaxError(
+            f"{store_path} is a .npy file of rows, with no tokens; eval, features, search and "
+            "dashboard need an activation store (it holds each row's tokens): pass --store STORE"
+        )
     if not os.path.exists(os.path.join(store_path, "meta.json")):
         raise SaejaxError(
             f"the run's store {store_path} is missing (moved or deleted?); pass --store PATH"

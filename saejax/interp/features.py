@@ -10,6 +10,8 @@ the store's tokens at display time (`store.context(row)`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from functools import partial
@@ -21,8 +23,8 @@ import numpy as np
 from saejax.core import sae as S
 from saejax.errors import SaejaxError
 from saejax.interp.contexts import marked_context
-from saejax.io import write_json, write_npz
-from saejax.store import check_finite
+from saejax.io import atomic_dir, write_json, write_npz
+from saejax.store import check_finite, is_remote
 
 
 def _merge(vals, rows, new_vals, new_rows, k):
@@ -107,6 +109,81 @@ def quantile_examples(result: dict, latent: int, n: int = 5) -> list[tuple[float
     return [(float(vals[order[i]]), int(rows[order[i]])) for i in picks]
 
 
+def sae_identity(run: str) -> str:
+    """A fingerprint of the SAE a run or SAE folder holds: the bytes of its JSON files and
+    the size and modification time of its weights, so a retrained or replaced SAE never
+    reuses another's examples."""
+    folder = os.path.join(run, "sae") if os.path.isdir(os.path.join(run, "sae")) else run
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        digest.update(name.encode())
+        if name.endswith(".json"):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        else:
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def examples_key(run: str, store, hook: str, top: int, samples: int, rows: int) -> dict:
+    """What a cached scan depends on: it is reused only when all of this matches."""
+    return {
+        "top": int(top),
+        "samples": int(samples),
+        "rows": int(rows),
+        "store": store.path if is_remote(store.path) else os.path.abspath(store.path),
+        "n_tokens": len(store),
+        "hook": hook,
+        "sae": sae_identity(run),
+    }
+
+
+def cache_dir(run: str) -> str:
+    return os.path.join(run, "features")
+
+
+def read_examples_cache(run: str, wanted: dict) -> dict | None:
+    """The cached scan in RUN/features/ when its key agrees with every entry of `wanted`
+    (a full `examples_key`, or a part of one), else None. A folder without a matching
+    summary.json is never used."""
+    folder = cache_dir(run)
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            key = json.load(f)["key"]
+        if any(key.get(name) != value for name, value in wanted.items()):
+            return None
+        with np.load(os.path.join(folder, "examples.npz")) as data:
+            return dict(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # absent, written by an older saejax, or damaged: scan again
+
+
+def write_examples_cache(run: str, key: dict, result: dict, store, hook: str) -> str:
+    """examples.npz and summary.json (with the key) as one unit: both or neither."""
+    density = result["fire_count"] / max(int(result["n_rows"]), 1)
+    with atomic_dir(cache_dir(run)) as tmp:
+        write_npz(os.path.join(tmp, "examples.npz"), **result)
+        write_json(
+            os.path.join(tmp, "summary.json"),
+            {
+                "key": key,
+                "rows_scanned": int(result["n_rows"]),
+                "store": store.path,
+                "hook": hook,
+                "density": density.tolist(),
+                "mean_activation": (
+                    result["act_sum"] / np.maximum(result["fire_count"], 1)
+                ).tolist(),
+            },
+            indent=None,
+        )
+    return os.path.join(cache_dir(run), "examples.npz")
+
+
 def latent_examples(
     run: str,
     store_path: str | None = None,
@@ -116,33 +193,24 @@ def latent_examples(
     progress: bool = False,
 ):
     """(result, store, scanned): the examples of every latent, from RUN/features/ when an
-    earlier full scan left them there, else from a new scan (then saved there)."""
+    earlier scan with the same parameters, SAE and store left them there, else from a new
+    scan (then saved there)."""
     from saejax.interp.eval import resolve_run_store
     from saejax.train.sae_files import load_sae
 
     if top < 1 or samples < 1:
         raise SaejaxError("--top and --samples must be at least 1")
+    if max_rows is not None and max_rows < 1:
+        raise SaejaxError(f"--max-rows must be at least 1, got {max_rows}")
     sae = load_sae(run)
     store, hook = resolve_run_store(run, sae, store_path)
-    out_dir = os.path.join(run, "features")
-    path = os.path.join(out_dir, "examples.npz")
-    if os.path.exists(path) and not (max_rows or store_path):
-        return dict(np.load(path)), store, False
-    result = scan_examples(sae, store, hook, top, samples, max_rows, progress=progress)
-    os.makedirs(out_dir, exist_ok=True)
-    write_npz(path, **result)
-    density = result["fire_count"] / max(int(result["n_rows"]), 1)
-    write_json(
-        os.path.join(out_dir, "summary.json"),
-        {
-            "rows_scanned": int(result["n_rows"]),
-            "store": store.path,
-            "hook": hook,
-            "density": density.tolist(),
-            "mean_activation": (result["act_sum"] / np.maximum(result["fire_count"], 1)).tolist(),
-        },
-        indent=None,
-    )
+    rows = len(store) if max_rows is None else min(len(store), max_rows)
+    key = examples_key(run, store, hook, top, samples, rows)
+    cached = read_examples_cache(run, key)
+    if cached is not None:
+        return cached, store, False
+    result = scan_examples(sae, store, hook, top, samples, rows, progress=progress)
+    write_examples_cache(run, key, result, store, hook)
     return result, store, True
 
 

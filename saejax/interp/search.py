@@ -62,18 +62,23 @@ def token_latents(loaded, sae, point, prompts: list[str]) -> np.ndarray:
 
 def _examples_printer(run: str, sae, store_path: str | None, n: int = 3):
     """Prints a latent's top store examples when `saejax features RUN` has been run."""
-    import os
-
-    path = os.path.join(run, "features", "examples.npz")
-    if not os.path.exists(path):
-        print(f"(run `saejax features {run}` to see each latent's top examples here)")
-        return lambda latent: None
     from extract.models import load_tokenizer
     from saejax.interp.contexts import marked_context
     from saejax.interp.eval import resolve_run_store
+    from saejax.interp.features import examples_key, read_examples_cache
 
-    result = dict(np.load(path))
-    store, _ = resolve_run_store(run, sae, store_path)
+    try:
+        store, hook = resolve_run_store(run, sae, store_path)
+    except SaejaxError:
+        store = None
+    result = None
+    if store is not None:
+        key = examples_key(run, store, hook, 1, 1, len(store))
+        wanted = {name: key[name] for name in ("store", "n_tokens", "hook", "sae")}
+        result = read_examples_cache(run, wanted)
+    if result is None:
+        print(f"(run `saejax features {run}` to see each latent's top examples here)")
+        return lambda latent: None
     tok = load_tokenizer(store.meta)
 
     def show(latent: int) -> None:
@@ -104,6 +109,10 @@ def search(
     negative = [p for p in negative if p.strip()]
     if not positive:
         raise SaejaxError("give at least one non-empty --positive prompt")
+    if not 0 < percentile <= 100:
+        raise SaejaxError(f"--percentile must be in (0, 100], got {percentile:g}")
+    if top < 1:
+        raise SaejaxError(f"--top must be at least 1, got {top}")
     sae = load_sae(run)
     loaded, point = model_at_hook(sae, model)
     pos = token_latents(loaded, sae, point, positive)

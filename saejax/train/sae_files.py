@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from saejax import __version__, io
 from saejax.core import sae as S
+from saejax.core.architectures import ARCHITECTURES
 from saejax.errors import SaejaxError
 
 
@@ -107,22 +109,71 @@ def load_native(path: str) -> LoadedSAE:
     return LoadedSAE({k: jnp.asarray(v) for k, v in params.items()}, native["spec"], native["info"])
 
 
+def check_params(params: dict, spec: S.SAESpec, where: str) -> None:
+    """Every parameter the architecture needs, with the shape the spec says: a damaged or
+    mismatched weights file is one clear error, not a shape error deep inside JAX."""
+    if spec.architecture not in ARCHITECTURES:
+        raise SaejaxError(f"{where}: unknown architecture {spec.architecture!r}")
+    shapes = {
+        "W_enc": (spec.d_in, spec.d_sae),
+        "b_enc": (spec.d_sae,),
+        "W_dec": (spec.d_sae, spec.d_in),
+        "b_dec": (spec.d_in,),
+    }
+    if spec.has_threshold:
+        shapes["threshold"] = (spec.d_sae,)
+    for name, shape in shapes.items():
+        if name not in params:
+            raise SaejaxError(f"{where} lacks the parameter {name}; the SAE files are damaged")
+        if tuple(params[name].shape) != shape:
+            raise SaejaxError(
+                f"{where}: {name} has shape {list(params[name].shape)} but the SAE's settings "
+                f"need {list(shape)}; the SAE files are damaged or do not belong together"
+            )
+
+
+def _damaged(path: str, error: Exception) -> SaejaxError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return SaejaxError(f"the SAE at {path} cannot be read ({reason}); its files are damaged")
+
+
+# What a damaged JSON or safetensors file raises while being parsed.
+_PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, SafetensorError)
+
+
 def read_native(sae_dir: str) -> dict:
     if os.path.isdir(os.path.join(sae_dir, "sae")):
         sae_dir = os.path.join(sae_dir, "sae")  # a run directory
     if not os.path.exists(os.path.join(sae_dir, "sae.json")):
         raise SaejaxError(f"{sae_dir} holds no trained SAE (no sae.json; has the run finished?)")
-    with open(os.path.join(sae_dir, "sae.json")) as f:
-        info = json.load(f)
-    return {
-        "params": load_file(os.path.join(sae_dir, "sae_weights.safetensors")),
-        "spec": S.SAESpec(**info["spec"]),
-        "info": info,
-    }
+    weights = os.path.join(sae_dir, "sae_weights.safetensors")
+    if not os.path.exists(weights):
+        raise SaejaxError(f"{sae_dir} has sae.json but no sae_weights.safetensors")
+    try:
+        with open(os.path.join(sae_dir, "sae.json")) as f:
+            info = json.load(f)
+        spec = S.SAESpec(**info["spec"])
+        float(info["input_scale"])
+        params = load_file(weights)
+    except _PARSE_ERRORS as e:
+        raise _damaged(sae_dir, e) from None
+    check_params(params, spec, weights)
+    return {"params": params, "spec": spec, "info": info}
 
 
 def load_sae(path: str) -> LoadedSAE:
-    """Load a saejax run or SAE folder, a SAELens export or a sparsify export."""
+    """Load a saejax run or SAE folder, a SAELens export or a sparsify export; damaged files
+    are one SaejaxError."""
+    try:
+        sae = _load_any(path)
+    except _PARSE_ERRORS as e:
+        raise _damaged(path, e) from None
+    if sae.info.get("format") != "saejax":  # exports: the native loader checked its own
+        check_params({k: np.asarray(v) for k, v in sae.params.items()}, sae.spec, path)
+    return sae
+
+
+def _load_any(path: str) -> LoadedSAE:
     if os.path.isdir(os.path.join(path, "sae")):
         path = os.path.join(path, "sae")
     files = set(os.listdir(path)) if os.path.isdir(path) else set()
