@@ -3,7 +3,7 @@
 On a GPU the step can outrun the host, so what matters there is how many core-seconds the
 loader spends per token (read, NaN/Inf check, shuffle gather, device transfer), and the
 NaN/Inf check alone on one 8,192-row read block. With
-`--baseline FILE` (another version of saejax/data.py, e.g. from `git show REV:saejax/data.py`)
+`--baseline FILE` (another version of saejax/train/data.py, e.g. from `git show REV:saejax/train/data.py`)
 both loaders are timed in interleaved rounds on the same store, and the ratios printed.
 
     python benchmarks/bench_loader.py [--store PATH] [--batch 4096] [--batches 96] [--rounds 3]
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import timeit
 
-from saejax import data as current
+from saejax.train import data as current
 from saejax.train.bench import StepShape, bench_loader, synthetic_store
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--batches", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--baseline", default=None, help="another saejax/data.py to compare with")
+    ap.add_argument("--baseline", default=None, help="another saejax/train/data.py to compare with")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     loaders = {"current": current}
