@@ -3,7 +3,8 @@
 On a GPU the step can outrun the host, so what matters there is how many core-seconds the
 loader spends per token (read, NaN/Inf check, shuffle gather, device transfer), and the
 NaN/Inf check alone on one 8,192-row read block. With
-`--baseline FILE` (another version of saejax/train/data.py, e.g. from `git show REV:saejax/train/data.py`)
+`--baseline FILE` (another version of saejax/train/data.py, e.g. from
+`git show REV:saejax/train/data.py`)
 both loaders are timed in interleaved rounds on the same store, and the ratios printed.
 
     python benchmarks/bench_loader.py [--store PATH] [--batch 4096] [--batches 96] [--rounds 3]
