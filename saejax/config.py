@@ -28,7 +28,7 @@ Architecture = Literal[ARCHITECTURES]  # the one list, kept in core/architecture
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 Dtype = Literal["float32", "bfloat16"]
 TopkKernel = Literal["sparse", "dense"]
-LrSchedule = Literal["constant", "cosine", "linear"]
+LrSchedule = Literal["constant", "cosine", "linear", "wsd"]
 Distributed = Literal["off", "auto"]
 
 
@@ -92,8 +92,12 @@ class SAEConfig:
     d_in: int = setting(0, "input width; 0: taken from the data")
     d_sae: int = setting(4096, "number of latents (dictionary size)")
     k: int = setting(32, "topk, batchtopk: latents kept per row (on average for batchtopk)")
-    l1_coefficient: float = setting(5.0, "relu: weight of the decoder-norm-weighted L1 penalty")
-    l1_warmup_steps: int = setting(1000, "relu: steps of linear warm-up of the L1 weight")
+    l1_coefficient: float = setting(
+        3.0, "relu: weight of the decoder-norm-weighted L1 penalty (benchmarks/recovery.py)"
+    )
+    l1_warmup_steps: int = setting(
+        0, "relu: steps of linear warm-up of the L1 weight; 0: the first 5% of the steps"
+    )
     l0_coefficient: float = setting(1e-3, "jumprelu: weight of the L0 penalty")
     jumprelu_bandwidth: float = setting(1e-3, "jumprelu: width of the straight-through rectangle")
     jumprelu_init_threshold: float = setting(1e-3, "jumprelu: initial threshold of every latent")
@@ -121,10 +125,19 @@ class TrainConfig:
 
     tokens: int = setting(2_000_000, "training rows to consume (steps = tokens // batch_size)")
     batch_size: int = setting(4096, "rows per step, over all devices")
-    lr: float = setting(4e-4, "peak Adam learning rate")
+    lr: float = setting(
+        0.0,
+        "peak Adam learning rate; 0: automatic, 5e-4 · (d_sae / 2^14)^-0.5 "
+        "(falls as 1/√d_sae, Gao et al. 2024; base from benchmarks/recovery.py)",
+    )
     lr_warmup_steps: int = setting(100, "steps of linear learning-rate warm-up")
     lr_schedule: LrSchedule = setting(
-        "constant", "after warm-up: constant, or cosine / linear decay to 0 at the end"
+        "wsd",
+        "after warm-up: wsd (constant, then linear decay to 0 over the last lr_decay_fraction), "
+        "constant, or cosine / linear decay to 0 over the whole run",
+    )
+    lr_decay_fraction: float = setting(
+        0.2, "wsd: the final share of the steps over which the lr decays to 0 (Anthropic, 2024)"
     )
     adam_b1: float = setting(0.9, "Adam beta1, in [0, 1)")
     adam_b2: float = setting(0.999, "Adam beta2, in [0, 1)")
@@ -455,7 +468,7 @@ AT_LEAST_ZERO = (
     "train.grad_clip",
     "mesh.num_processes",
 )
-POSITIVE = ("train.lr", "sae.jumprelu_bandwidth", "train.resample.encoder_scale")
+POSITIVE = ("sae.jumprelu_bandwidth", "train.resample.encoder_scale")
 
 
 def _check_numbers(cfg: RunConfig) -> None:
@@ -475,6 +488,14 @@ def _check_numbers(cfg: RunConfig) -> None:
     for key in ("train.adam_b1", "train.adam_b2"):
         if not 0 <= _get(cfg, key) < 1:
             raise SaejaxError(f"{key} must be in [0, 1), got {_get(cfg, key)}")
+    if cfg.train.lr < 0:
+        raise SaejaxError(
+            f"train.lr must be positive (or 0 for the automatic lr), got {cfg.train.lr}"
+        )
+    if not 0 <= cfg.train.lr_decay_fraction <= 1:
+        raise SaejaxError(
+            f"train.lr_decay_fraction must be in [0, 1], got {cfg.train.lr_decay_fraction}"
+        )
     fraction = cfg.train.resample.stop_after_fraction
     if not 0 < fraction <= 1:
         raise SaejaxError(f"train.resample.stop_after_fraction must be in (0, 1], got {fraction}")

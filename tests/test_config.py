@@ -166,8 +166,8 @@ def test_each_value_is_read_as_its_setting_s_type(tmp_path):
         ("train.lr=nan", "train.lr must be a finite number, got nan"),
         ("train.lr=.inf", "train.lr must be a finite number, got inf"),
         ("sae.l1_coefficient=-.inf", "sae.l1_coefficient must be a finite number, got -inf"),
-        ("train.lr=0", "train.lr must be positive, got 0.0"),
-        ("train.lr=-1e-3", "train.lr must be positive, got -0.001"),
+        ("train.lr=-1e-3", "train.lr must be positive (or 0 for the automatic lr), got -0.001"),
+        ("train.lr_decay_fraction=1.5", "train.lr_decay_fraction must be in [0, 1], got 1.5"),
         ("train.adam_b1=1", "train.adam_b1 must be in [0, 1), got 1.0"),
         ("train.adam_b2=-0.1", "train.adam_b2 must be in [0, 1), got -0.1"),
         ("train.grad_clip=-1", "train.grad_clip must be 0 or more, got -1.0"),
@@ -240,3 +240,24 @@ def test_whole_number_options_take_the_same_forms():
     for bad in ("1500.5", "1,000", "ten", "nan"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number"):
             whole_number(bad)
+
+
+def test_lr_zero_is_the_automatic_lr_that_falls_with_the_dictionary_size():
+    from saejax.config import SAEConfig, TrainConfig
+    from saejax.train.step import resolve_lr
+
+    assert TrainConfig().lr == 0.0  # the shipped default is automatic
+    assert resolve_lr(TrainConfig(), SAEConfig(d_sae=2**14)) == pytest.approx(5e-4)
+    assert resolve_lr(TrainConfig(), SAEConfig(d_sae=2**12)) == pytest.approx(1e-3)
+    assert resolve_lr(TrainConfig(lr=3e-4), SAEConfig(d_sae=2**12)) == 3e-4  # explicit wins
+
+
+def test_wsd_holds_the_lr_then_decays_it_to_zero_over_the_last_fifth():
+    from saejax.config import TrainConfig
+    from saejax.train.step import make_schedule
+
+    schedule = make_schedule(TrainConfig(lr=1.0, lr_warmup_steps=10), 100)
+    assert float(schedule(5)) == pytest.approx(0.5)  # warm-up
+    assert float(schedule(10)) == float(schedule(79)) == 1.0  # held
+    assert float(schedule(90)) == pytest.approx(0.5)  # half way down the last 20 steps
+    assert float(schedule(100)) == 0.0

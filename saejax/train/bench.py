@@ -86,7 +86,7 @@ class StepTimer:
 
         cfg = run_config(shape)
         spec = spec_from_config(cfg.sae, shape.d_in)
-        tx = T.make_optimizer(cfg.train, 1_000_000)
+        tx = T.make_optimizer(cfg.train, 1_000_000, cfg.sae)
         params = S.init_params(spec, jax.random.PRNGKey(seed))
         self.state = T.init_state(params, tx, seed, 1.0)
         rows = np.random.default_rng(seed).normal(size=(shape.batch, shape.d_in))

@@ -80,7 +80,7 @@ def prepare(cfg: RunConfig, source: ArraySource, stats: tuple | None = None):
     spec = spec_from_config(cfg.sae, source.d_in)
     scale, b_dec = stats if stats is not None else data_statistics(cfg, source)
     total_steps = cfg.train.tokens // cfg.train.batch_size
-    tx = T.make_optimizer(cfg.train, total_steps)
+    tx = T.make_optimizer(cfg.train, total_steps, cfg.sae)
     params = S.init_params(
         spec, jax.random.PRNGKey(cfg.train.seed), b_dec, cfg.sae.jumprelu_init_threshold
     )

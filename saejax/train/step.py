@@ -40,22 +40,53 @@ class TrainState:
     input_scale: jax.Array  # float32 scalar: inputs are multiplied by it before the SAE
 
 
-def make_schedule(cfg: TrainConfig, total_steps: int):
+# train.lr = 0 picks lr = AUTO_LR_BASE[architecture] * (d_sae / 2**14) ** -0.5: Gao et al.
+# (2024) found the best lr falls as 1/sqrt(d_sae). The base (the lr at 2**14 latents) comes from
+# benchmarks/recovery.py's tuning toys: for topk 2.5e-4, 5e-4 and 1e-3 were tried (5e-4 and 1e-3
+# tie; the lower is kept, nearer the field's values for large dictionaries); relu uses the same
+# base with its L1 coefficient tuned on it; batchtopk and jumprelu share it untuned.
+AUTO_LR_BASE = {"topk": 5e-4, "batchtopk": 5e-4, "relu": 5e-4, "jumprelu": 5e-4}
+
+
+def auto_lr(sae_cfg: SAEConfig) -> float:
+    """The default learning rate of a dictionary of sae_cfg.d_sae latents (train.lr = 0)."""
+    return AUTO_LR_BASE[sae_cfg.architecture] * (sae_cfg.d_sae / 2**14) ** -0.5
+
+
+def resolve_lr(cfg: TrainConfig, sae_cfg: SAEConfig | None = None) -> float:
+    """train.lr when set (> 0), else auto_lr (of the default SAEConfig when none is given)."""
+    return cfg.lr if cfg.lr > 0 else auto_lr(sae_cfg or SAEConfig())
+
+
+def make_schedule(cfg: TrainConfig, total_steps: int, lr: float | None = None):
+    """Linear warm-up from 0, then cfg.lr_schedule. `wsd` holds the lr, then decays it linearly
+    to 0 over the last lr_decay_fraction of the steps (Anthropic, April 2024 update)."""
+    lr = cfg.lr if lr is None else lr
     warmup = min(cfg.lr_warmup_steps, max(0, total_steps - 1))
+    rest = max(1, total_steps - warmup)
     if cfg.lr_schedule == "constant":
-        after = optax.constant_schedule(cfg.lr)
+        after = optax.constant_schedule(lr)
     elif cfg.lr_schedule == "cosine":
-        after = optax.cosine_decay_schedule(cfg.lr, max(1, total_steps - warmup))
-    else:
-        after = optax.linear_schedule(cfg.lr, 0.0, max(1, total_steps - warmup))
+        after = optax.cosine_decay_schedule(lr, rest)
+    elif cfg.lr_schedule == "linear":
+        after = optax.linear_schedule(lr, 0.0, rest)
+    else:  # wsd
+        decay = min(rest, max(1, round(cfg.lr_decay_fraction * total_steps)))
+        after = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, decay)], [rest - decay]
+        )
     if warmup == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: TrainConfig, total_steps: int, sae_cfg: SAEConfig | None = None
+) -> optax.GradientTransformation:
+    """Clipping and Adam on the schedule; `sae_cfg` sizes the automatic lr (train.lr = 0)."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adam(make_schedule(cfg, total_steps), b1=cfg.adam_b1, b2=cfg.adam_b2))
+    schedule = make_schedule(cfg, total_steps, resolve_lr(cfg, sae_cfg))
+    parts.append(optax.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2))
     return optax.chain(*parts)
 
 
@@ -102,7 +133,7 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
 
     def sparsity_coefficient(step):
         if spec.architecture == "relu":
-            warm = max(1, sae_cfg.l1_warmup_steps)
+            warm = max(1, sae_cfg.l1_warmup_steps or round(0.05 * total_steps))  # 0: first 5%
             return sae_cfg.l1_coefficient * jnp.minimum(1.0, (step + 1) / warm)
         if spec.architecture == "jumprelu":
             return jnp.float32(sae_cfg.l0_coefficient)

@@ -1,7 +1,9 @@
 """Towards Monosemanticity's ground-truth check: recover known directions in superposition.
 
 512 unit directions in 64 dimensions, each active with probability 1%, trained with the
-real loop (`train`) from a .npy file.
+real loop (`train`) from a .npy file, with the shipped optimizer and sparsity defaults (the
+automatic lr, its schedule, the L1 weight and warm-up): only the shape, the data and the budget
+are set here.
 """
 
 import numpy as np
@@ -29,9 +31,6 @@ def test_topk_recovers_features(superposition, tmp_path):
         "sae.k=5",
         "train.tokens=819200",
         "train.batch_size=1024",
-        "train.lr=0.004",
-        "train.lr_schedule=linear",
-        "train.lr_warmup_steps=10",
         "sae.dead_tokens=20000",
         "train.log_every=100",
         "train.checkpoint_every=100000",
@@ -50,13 +49,8 @@ def test_relu_with_resampling_recovers_features(superposition, tmp_path):
         str(tmp_path / "relu"),
         "sae.architecture=relu",
         "sae.d_sae=1024",
-        "sae.l1_coefficient=2.5",
-        "sae.l1_warmup_steps=100",
         "train.tokens=1536000",
         "train.batch_size=1024",
-        "train.lr=0.002",
-        "train.lr_schedule=linear",
-        "train.lr_warmup_steps=10",
         "sae.dead_tokens=20000",
         "train.resample.every_steps=200",
         "train.resample.stop_after_fraction=0.6",
