@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 from saejax.cli.command import Command
+from saejax.cli.data import model_device_arguments
 
 
 def _common(p) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    model_device_arguments(
+        p,
+        "float32 for weights and dpo-change (nothing runs; rounding would blur DPO's changes), "
+        "bfloat16 on a GPU and float32 on the CPU for decorrelation",
+    )
+    p.add_argument("--dtype", dest="model_dtype", help="the same as --model-dtype (older name)")
     p.add_argument("--no-plot", action="store_true")
 
 
 def _options(args):
     from saejax.interp.analyze import ModelOptions
 
-    return ModelOptions(args.revision, args.trust_remote_code, args.dtype, not args.no_plot)
+    return ModelOptions(
+        args.revision, args.trust_remote_code, args.model_dtype, not args.no_plot, args.device
+    )
 
 
 def _weights_arguments(p) -> None:

@@ -52,7 +52,8 @@ def token_latents(loaded, sae, point, prompts: list[str]) -> np.ndarray:
                 if not ids or ids[0] != tok.bos_token_id:
                     ids = [tok.bos_token_id] + ids
                 skip = 1
-            acts = capture.run(torch.tensor([ids]))[point.name][0, skip:].float().numpy()
+            inputs = torch.tensor([ids], device=loaded.device)
+            acts = capture.run(inputs)[point.name][0, skip:].float().cpu().numpy()
             if len(acts):
                 out.append(np.asarray(sae.encode(acts)))
     if not out:
@@ -94,10 +95,13 @@ def search(
     percentile: float = 1.0,
     model: str | None = None,
     store_path: str | None = None,
+    device: str | None = None,
+    model_dtype: str | None = None,
 ) -> dict:
     """Rank the SAE's latents on the prompts and print both rankings with their examples;
-    returns the scores."""
+    returns the scores. The model runs on `device` in `model_dtype` (None: the defaults)."""
     from extract.hooks import parse_hooks, validate_hooks
+    from extract.models import resolve_device, resolve_model_dtype
     from saejax.interp.lm import hook_of, load_cached, model_for
     from saejax.train.sae_files import load_sae
 
@@ -105,11 +109,13 @@ def search(
     negative = [p for p in negative if p.strip()]
     if not positive:
         raise SaejaxError("give at least one non-empty --positive prompt")
+    device = resolve_device(device)
+    model_dtype = resolve_model_dtype(model_dtype, device)
     sae = load_sae(run)
     hook = hook_of(sae.info)
     if not hook:
         raise SaejaxError("the SAE does not record its hook")
-    loaded = load_cached(*model_for(sae.info, override=model))
+    loaded = load_cached(*model_for(sae.info, override=model), model_dtype, device)
     point = parse_hooks(hook)[0]
     validate_hooks([point], loaded.model)
     pos = token_latents(loaded, sae, point, positive)
