@@ -85,13 +85,41 @@ def test_steer_on_cpu(identity_run, dtype, capsys):
     assert next(iter(lm._CACHE))[2:] == (dtype, "cpu")
 
 
-@pytest.mark.parametrize("command", ["eval", "steer"])
-def test_cuda_without_a_gpu_is_one_line_and_exit_2(identity_run, command, capsys):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "RUN", "--store", "STORE"],
+        ["steer", "RUN", "--latent", "0", "--boost", "1", "--prompt", "x"],
+        ["search", "RUN", "--positive", "x"],
+        ["dashboard", "RUN", "--out", "OUT"],
+        ["analyze", "weights", "MODEL", "--out", "OUT"],
+        ["analyze", "decorrelation", "MODEL", "--prompts", "PROMPTS", "--out", "OUT"],
+    ],
+    ids=lambda argv: "-".join(argv[:2]) if argv[0] == "analyze" else argv[0],
+)
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(identity_run, tiny_gpt2, argv, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     run, store = identity_run
-    extra = ["--store", store] if command == "eval" else ["--latent", "0", "--boost", "1"]
-    extra += [] if command == "eval" else ["--prompt", "x"]
-    assert main([command, run, *extra, "--device", "cuda"]) == 2
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one prompt\nanother prompt\n")
+    names = {"RUN": run, "STORE": store, "MODEL": tiny_gpt2, "PROMPTS": str(prompts)}
+    names["OUT"] = str(tmp_path / "out")
+    assert main([names.get(a, a) for a in argv] + ["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda: torch sees no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists(), "nothing is written"
+
+
+def test_decorrelation_on_cpu_in_bfloat16_is_close_to_float32(tiny_gpt2, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick brown fox\njumps over the lazy dog\nand runs away\n")
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        argv = ["analyze", "decorrelation", tiny_gpt2, "--prompts", str(prompts), "--no-plot"]
+        assert main([*argv, "--out", str(out), "--device", "cpu", "--model-dtype", dtype]) == 0
+        report = json.loads((out / "decorrelation.json").read_text())
+        scores[dtype] = np.array(next(iter(report["models"].values()))["decorrelation"])
+    capsys.readouterr()
+    np.testing.assert_allclose(scores["bfloat16"], scores["float32"], atol=0.02)
