@@ -84,6 +84,38 @@ def test_host_copies_without_pinned_memory_are_plain_float32_copies():
         np.testing.assert_array_equal(arrays[name], t.float().numpy())
 
 
+def test_pinned_path_copies_without_blocking_and_waits_before_reading(monkeypatch):
+    """The CUDA branch's order of calls, with the pinned allocator and the event faked."""
+    calls = []
+
+    class FakeEvent:
+        def record(self):
+            calls.append("record")
+
+        def synchronize(self):
+            calls.append("synchronize")
+
+    real_empty, real_copy = torch.empty, torch.Tensor.copy_
+
+    def empty(*shape, pin_memory=False, **kw):
+        calls.append(f"empty pin_memory={pin_memory}")
+        return real_empty(*shape, **kw)
+
+    def copy_(self, src, non_blocking=False):
+        calls.append(f"copy non_blocking={non_blocking}")
+        return real_copy(self, src)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    captured = {"a": torch.randn(2, 5, 8).to(torch.bfloat16)}
+    copies = HostCopies(captured, pinned=True)
+    assert calls == ["empty pin_memory=True", "copy non_blocking=True", "record"]
+    arrays = copies.arrays()
+    assert calls[-1] == "synchronize", "the host reads only after the copies are done"
+    np.testing.assert_array_equal(arrays["a"], captured["a"].float().numpy())
+
+
 @pytest.mark.skipif(NO_GPU, reason="needs a CUDA GPU")
 def test_host_copies_through_pinned_memory_on_a_gpu():
     captured = {"a": torch.randn(4, 16, 32, device="cuda").to(torch.bfloat16)}
