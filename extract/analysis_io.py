@@ -112,7 +112,7 @@ def last_token_mlp_pre(loaded, prompts: list[str], progress: bool = False) -> np
                 ids = [bos] + ids
             if len(ids) > limit:  # keep BOS and the end of the prompt
                 ids = ids[:1] + ids[len(ids) - limit + 1 :]
-            captured = capture.run(torch.tensor([ids]))
+            captured = capture.run(torch.tensor([ids], device=loaded.device))
             for layer, p in enumerate(points):
                 vec = captured[p.name][0, -1].float().cpu().numpy()
                 if out is None:

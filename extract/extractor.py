@@ -17,13 +17,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from extract.corpus import open_corpus
 from extract.hooks import Capture, hook_width, parse_hooks, validate_hooks
-from extract.models import BUILTIN_MODEL, load_model
+from extract.models import BUILTIN_MODEL, load_model, resolve_device, resolve_model_dtype
 from extract.packing import pack_contexts, stored_positions, token_stream
 from saejax import store as st
 from saejax.errors import SaejaxError
@@ -61,6 +61,47 @@ class ExtractConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     chunk_mib: float = 4.0
+    device: str | None = None  # torch device; None: cuda when torch sees a GPU, else cpu
+    model_dtype: str | None = None  # the model's weights; None: bfloat16 on a GPU, else float32
+    batch_tokens: int | None = None  # tokens per forward; when set, replaces batch_size
+
+
+def contexts_per_forward(cfg: ExtractConfig) -> int:
+    """Contexts per forward pass: batch_tokens // context when batch_tokens is set."""
+    return cfg.batch_tokens // cfg.context if cfg.batch_tokens else cfg.batch_size
+
+
+class HostCopies:
+    """One forward's captured activations on their way from the model's device to the host.
+
+    With `pinned` (the model is on a CUDA GPU) each tensor is copied into a pinned host
+    buffer with a non-blocking copy and an event is recorded behind the copies; the loop
+    launches the next forward before it waits on the event, so this batch's transfer and
+    store write overlap the next batch's compute. The buffers come from torch's caching
+    host allocator, which hands a block out again only once the copies using it are done.
+    Without `pinned` (CPU, MPS) it is a plain copy.
+    """
+
+    def __init__(self, captured: dict, pinned: bool = False):
+        import torch
+
+        self.event = None
+        if pinned:
+            self.tensors = {}
+            for name, t in captured.items():
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                self.tensors[name] = host
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tensors = {name: t.to("cpu") for name, t in captured.items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """float32 arrays [batch, positions, width], once the copies are complete."""
+        if self.event is not None:
+            self.event.synchronize()
+        return {name: t.float().numpy() for name, t in self.tensors.items()}
 
 
 def _check_output_path(path: str) -> None:
@@ -88,6 +129,10 @@ def _validate_cheap(cfg: ExtractConfig) -> None:
         raise SaejaxError(f"--context must be at least 2, got {cfg.context}")
     if cfg.batch_size <= 0:
         raise SaejaxError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.batch_tokens is not None and cfg.batch_tokens < cfg.context:
+        raise SaejaxError(
+            f"--batch-tokens {cfg.batch_tokens} is less than one context ({cfg.context} tokens)"
+        )
     parse_hooks(cfg.hooks)
     _check_output_path(cfg.out)
 
@@ -122,11 +167,45 @@ def _check_compatible(path: str, existing: dict, wanted: dict) -> None:
         )
 
 
+# ExtractConfig fields that change how fast rows are made, never what they hold
+_EXECUTION_ONLY = ("out", "tokens", "device", "batch_size", "batch_tokens")
+
+
+def _recorded_model_dtype(recorded: dict | None) -> str:
+    """The model dtype a store was extracted with (stores from before the field: float32)."""
+    return (recorded or {}).get("model_dtype") or "float32"
+
+
 def _same_request(recorded: dict | None, cfg: ExtractConfig) -> bool:
     if not recorded:
         return False
+    recorded = {**recorded, "model_dtype": _recorded_model_dtype(recorded)}
     wanted = asdict(cfg)
-    return all(recorded.get(k) == v for k, v in wanted.items() if k not in ("out", "tokens"))
+    return all(recorded.get(k) == v for k, v in wanted.items() if k not in _EXECUTION_ONLY)
+
+
+def _check_model_dtype(path: str, done: dict | None, cfg: ExtractConfig) -> None:
+    """A store is continued with the model in the dtype that began it (rows stay alike)."""
+    if done is None or done.get("extract_config") is None:
+        return
+    was = _recorded_model_dtype(done["extract_config"])
+    if was != cfg.model_dtype:
+        raise SaejaxError(
+            f"store {path} was extracted with the model in {was}; this run asks "
+            f"{cfg.model_dtype} (pass --model-dtype {was} to continue it, or use a new --out)"
+        )
+
+
+def _resolve_devices(cfg: ExtractConfig, loaded) -> ExtractConfig:
+    """cfg with its device and model dtype resolved (a given model's own, when one is given)."""
+    if loaded is not None:
+        for field_name, have in (("device", loaded.device), ("model_dtype", loaded.dtype)):
+            asked = getattr(cfg, field_name)
+            if asked is not None and asked != have:
+                raise SaejaxError(f"{field_name} {asked} asked, but the given model is in {have}")
+        return replace(cfg, device=loaded.device, model_dtype=loaded.dtype)
+    device = resolve_device(cfg.device)
+    return replace(cfg, device=device, model_dtype=resolve_model_dtype(cfg.model_dtype, device))
 
 
 class _ChunkCommitter:
@@ -243,13 +322,16 @@ def run_extract(
 ) -> dict:
     """Extract (or resume extracting) activations into `cfg.out`; returns the final meta.
 
-    `loaded` (a LoadedModel for `cfg.model`) skips loading the model again.
+    `loaded` (a LoadedModel for `cfg.model`) skips loading the model again. The device and
+    model dtype used are recorded in meta.json's extract_config.
     """
     import torch
 
     _validate_cheap(cfg)
+    cfg = _resolve_devices(cfg, loaded)
     done = st.read_meta(cfg.out)
     bad = _damaged_chunks(cfg.out, done)
+    _check_model_dtype(cfg.out, done, cfg)
     if (
         done
         and not bad
@@ -259,7 +341,9 @@ def run_extract(
     ):
         return done  # already finished with these arguments: no need to load the model
     corpus = open_corpus(cfg.corpus, cfg.split, cfg.text_column)
-    loaded = loaded or load_model(cfg.model, cfg.revision, cfg.trust_remote_code)
+    loaded = loaded or load_model(
+        cfg.model, cfg.revision, cfg.trust_remote_code, dtype=cfg.model_dtype, device=cfg.device
+    )
     model, tok = loaded.model, loaded.tokenizer
     points = parse_hooks(cfg.hooks)
     validate_hooks(points, model)
@@ -401,28 +485,49 @@ def run_extract(
     def boundary_after(row: int) -> int:
         return min((row // chunk_rows + 1) * chunk_rows, cfg.tokens)
 
-    def run_batch(batch) -> None:
-        nonlocal buffered, skip_rows
-        ids = torch.as_tensor(np.stack([c.ids for c in batch]))
-        with torch.inference_mode():
-            captured = capture.run(ids)
+    planned = start_row  # rows claimed by the batches run so far, consumed or pending
+    pending = None  # the last batch run: (its rows, its activations on their way to the host)
+    pinned = loaded.device.startswith("cuda")
+
+    def plan(batch) -> list:
+        """(index in batch, context, positions) of the rows a batch adds, in store order."""
+        nonlocal skip_rows, planned
+        rows = []
         for i, ctx in enumerate(batch):
             pos = stored_positions(ctx, drop_bos)
             if skip_rows:
                 pos, skip_rows = pos[skip_rows:], 0
-            take = min(len(pos), cfg.tokens - (next_row + buffered))
-            pos = pos[:take]
-            if take <= 0:
-                continue
+            pos = pos[: max(0, cfg.tokens - planned)]
+            if len(pos):
+                rows.append((i, ctx, pos))
+                planned += len(pos)
+        return rows
+
+    def consume(rows, copies) -> None:
+        nonlocal buffered
+        acts = copies.arrays()
+        for i, ctx, pos in rows:
             for h in cfg.hooks:
-                x = captured[h][i, pos].float().numpy()
-                buffers[h].append(x.astype(st.DTYPES[cfg.dtype]))
+                buffers[h].append(acts[h][i, pos].astype(st.DTYPES[cfg.dtype]))
             buf_tokens.append(ctx.ids[pos].astype(np.int32))
-            buf_doc.append(np.stack([np.full(take, ctx.index, np.int32), pos.astype(np.int32)], 1))
-            buffered += take
+            n = len(pos)
+            buf_doc.append(np.stack([np.full(n, ctx.index, np.int32), pos.astype(np.int32)], 1))
+            buffered += n
         while buffered and next_row + buffered >= boundary_after(next_row):
             flush(boundary_after(next_row) - next_row)
 
+    def run_batch(batch) -> None:
+        """Launch a batch's forward and copies, then store the previous batch meanwhile."""
+        nonlocal pending
+        ids = torch.as_tensor(np.stack([c.ids for c in batch])).to(loaded.device)
+        with torch.inference_mode():
+            copies = HostCopies(capture.run(ids), pinned)
+        rows = plan(batch)
+        if pending is not None:
+            consume(*pending)
+        pending = (rows, copies)
+
+    per_forward = contexts_per_forward(cfg)
     exhausted = True
     try:
         with Capture(model, points) as capture:
@@ -431,14 +536,16 @@ def run_extract(
                 if ctx.index < start_ctx:
                     continue
                 batch.append(ctx)
-                if len(batch) == cfg.batch_size:
+                if len(batch) == per_forward:
                     run_batch(batch)
                     batch = []
-                if next_row + buffered >= cfg.tokens:
+                if planned >= cfg.tokens:
                     exhausted = False
                     break
             if batch:
                 run_batch(batch)
+            if pending is not None:
+                consume(*pending)
             if buffered:
                 flush(buffered)
         committer.drain()

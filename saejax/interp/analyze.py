@@ -17,12 +17,18 @@ from saejax.errors import SaejaxError
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to load the models being analysed."""
+    """How to load the models being analysed.
+
+    `device` None: cuda when torch sees a GPU, else cpu. `dtype` None: float32 for the
+    weight statistics (no forward runs, and bfloat16 rounding would blur the small changes
+    DPO makes), the device's default (bfloat16 on a GPU) for decorrelation, which runs it.
+    """
 
     revision: str | None = None
     trust_remote_code: bool = False
-    dtype: str = "float32"
+    dtype: str | None = None
     plot: bool = True
+    device: str | None = None
 
 
 # ---- helpers ----------------------------------------------------------------------
@@ -36,11 +42,16 @@ def _prepare_out(path: str) -> str:
     return path
 
 
-def _load(name: str, opts: ModelOptions):
+def _load(name: str, opts: ModelOptions, weights_only: bool = False):
     from extract.models import load_model
 
+    dtype = opts.dtype or ("float32" if weights_only else None)
     return load_model(
-        name, revision=opts.revision, trust_remote_code=opts.trust_remote_code, dtype=opts.dtype
+        name,
+        revision=opts.revision,
+        trust_remote_code=opts.trust_remote_code,
+        dtype=dtype,
+        device=opts.device,
     )
 
 
@@ -48,7 +59,7 @@ def _processed_weights(name: str, opts: ModelOptions):
     from analysis.weights import process_weights
     from extract.analysis_io import mlp_weights
 
-    loaded = _load(name, opts)
+    loaded = _load(name, opts, weights_only=True)
     return process_weights(mlp_weights(loaded.model))
 
 

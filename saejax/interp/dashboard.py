@@ -129,14 +129,14 @@ def unembedding_effects(loaded, sae, n: int = 8) -> tuple[np.ndarray, np.ndarray
     head = model.get_output_embeddings()
     if head is None or head.weight.shape[1] != sae.spec.d_in:
         return None
-    W_U = head.weight.detach().float().numpy()
+    W_U = head.weight.detach().float().cpu().numpy()
     norm = None
     for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
         if obj is not None and getattr(obj, "weight", None) is not None:
-            norm = obj.weight.detach().float().numpy()
+            norm = obj.weight.detach().float().cpu().numpy()
             break
     W_dec = np.asarray(sae.params["W_dec"], np.float32)
     directions = W_dec * (norm if norm is not None else 1.0)
@@ -190,7 +190,10 @@ def write_dashboard(
     store_path: str | None = None,
     progress: bool = False,
     split_with: str | None = None,
+    device: str | None = None,
+    model_dtype: str | None = None,
 ) -> str:
+    from extract.models import resolve_device, resolve_model_dtype
     from saejax.interp.eval import resolve_run_store
     from saejax.interp.features import (
         examples_key,
@@ -201,6 +204,8 @@ def write_dashboard(
     from saejax.interp.lm import load_cached, model_for
     from saejax.train.sae_files import load_sae
 
+    device = resolve_device(device)  # a device that is not there fails before any work
+    model_dtype = resolve_model_dtype(model_dtype, device)
     sae = load_sae(run)
     store, hook = resolve_run_store(run, sae, store_path)
     top, samples = 20, 64  # scan_examples' defaults; `saejax features RUN` caches the same
@@ -211,7 +216,7 @@ def write_dashboard(
     tokens = store.tokens(0, n_rows)
     doc = store.doc(0, n_rows)
     token_freq = dict(zip(*[a.tolist() for a in np.unique(tokens, return_counts=True)]))
-    loaded = load_cached(*model_for(sae.info, store.meta))
+    loaded = load_cached(*model_for(sae.info, store.meta), model_dtype, device)
     tok = loaded.tokenizer
     effects = unembedding_effects(loaded, sae)
     explainer = LLMExplainer(llm_url, llm_model) if llm_url else None

@@ -56,6 +56,8 @@ def run_lm_eval(
     hook: str,
     validation_tokens: int,
     progress: bool = False,
+    device: str | None = None,
+    model_dtype: str | None = None,
 ) -> dict:
     import torch
     from tqdm import tqdm
@@ -63,7 +65,7 @@ def run_lm_eval(
     from extract.hooks import Splice, parse_hooks, validate_hooks
 
     meta = store.meta
-    loaded = load_cached(*model_for(sae.info, meta, model_name))
+    loaded = load_cached(*model_for(sae.info, meta, model_name), model_dtype, device)
     point = parse_hooks(hook)[0]
     validate_hooks([point], loaded.model)
     keep_first_clean = bool(meta.get("prepend_bos")) and bool(meta.get("bos_dropped", True))
@@ -81,9 +83,10 @@ def run_lm_eval(
         return replace
 
     def reconstruct(t):
+        """The SAE runs in JAX on float32 host arrays; its output goes back where t lives."""
         flat = t.detach().float().cpu().numpy().reshape(-1, t.shape[-1])
         recon = np.array(sae.reconstruct(flat), np.float32).reshape(t.shape)  # a writable copy
-        return torch.from_numpy(recon).to(t.dtype)
+        return torch.from_numpy(recon).to(device=t.device, dtype=t.dtype)
 
     totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl_spliced": 0.0, "kl_zero": 0.0}
     n_tokens = 0
@@ -99,7 +102,7 @@ def run_lm_eval(
     model = loaded.model
     with torch.inference_mode():
         for group in tqdm(batches, desc="eval", disable=not progress, file=sys.stderr):
-            ids = torch.tensor(np.stack(group), dtype=torch.long)
+            ids = torch.tensor(np.stack(group), dtype=torch.long).to(loaded.device)
             ce_clean, logp_clean = _token_losses(model(input_ids=ids, use_cache=False).logits, ids)
             with Splice(model, point, spliced(reconstruct)):
                 ce_sae, logp_sae = _token_losses(model(input_ids=ids, use_cache=False).logits, ids)
@@ -167,9 +170,13 @@ def evaluate_run(
     sequences: int = 32,
     batch_size: int = 8,
     progress: bool = False,
+    device: str | None = None,
+    model_dtype: str | None = None,
 ) -> dict:
     """Held-out SAE metrics and the LM splice metrics of a run; also written to
-    RUN/eval_lm.json (atomically) when the run directory is writable."""
+    RUN/eval_lm.json (atomically) when the run directory is writable. The model runs on
+    `device` in `model_dtype` (None: the defaults of extract.models.resolve_device)."""
+    from extract.models import resolve_device, resolve_model_dtype
     from saejax.config import load_config
     from saejax.train.data import ArraySource, validation_rows
     from saejax.train.evaluate import evaluate_rows
@@ -179,6 +186,8 @@ def evaluate_run(
         raise SaejaxError("--sequences and --batch-size must be at least 1")
     if not os.path.isdir(run):
         raise SaejaxError(f"run directory not found: {run}")
+    device = resolve_device(device)  # a device that is not there fails before any work
+    model_dtype = resolve_model_dtype(model_dtype, device)
     sae = load_sae(run)
     config_path = os.path.join(run, "config.yaml")
     cfg = load_config(config_path, check=False) if os.path.exists(config_path) else None
@@ -196,6 +205,8 @@ def evaluate_run(
         hook,
         data_cfg.validation_tokens,
         progress=progress,
+        device=device,
+        model_dtype=model_dtype,
     )
     if os.access(run, os.W_OK):
         write_json(os.path.join(run, "eval_lm.json"), result)

@@ -35,25 +35,37 @@ def model_for(
     return (BUILTIN_MODEL if name == BUILTIN_MODEL_ID else name), extracted.get("revision")
 
 
-def load_cached(name: str, revision: str | None = None, dtype: str = "float32"):
-    """extract.models.load_model, keeping the last model loaded for the next call."""
-    from extract.models import load_model
+def load_cached(
+    name: str, revision: str | None = None, dtype: str | None = None, device: str | None = None
+):
+    """extract.models.load_model, keeping the last model loaded for the next call.
 
-    key = (name, revision, dtype)
+    `device` / `dtype` None take the defaults (the GPU in bfloat16 when torch sees one, else
+    the CPU in float32); the cache is keyed by the resolved values, so a model is never
+    reused on another device or in another dtype.
+    """
+    from extract.models import load_model, resolve_device, resolve_model_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_model_dtype(dtype, device)
+    key = (name, revision, dtype, device)
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = load_model(name, revision=revision, dtype=dtype)
+        _CACHE[key] = load_model(name, revision=revision, dtype=dtype, device=device)
     return _CACHE[key]
 
 
-def model_at_hook(sae, override: str | None = None):
-    """(loaded model, hook point): the SAE's language model, with the SAE's hook checked on it."""
+def model_at_hook(
+    sae, override: str | None = None, dtype: str | None = None, device: str | None = None
+):
+    """(loaded model, hook point): the SAE's language model (on `device` in `dtype`, None: the
+    defaults), with the SAE's hook checked on it."""
     from extract.hooks import parse_hooks, validate_hooks
 
     hook = hook_of(sae.info)
     if not hook:
         raise SaejaxError("the SAE does not record which hook it was trained on")
-    loaded = load_cached(*model_for(sae.info, override=override))
+    loaded = load_cached(*model_for(sae.info, override=override), dtype, device)
     point = parse_hooks(hook)[0]
     validate_hooks([point], loaded.model)
     return loaded, point

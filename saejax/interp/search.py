@@ -52,7 +52,8 @@ def token_latents(loaded, sae, point, prompts: list[str]) -> np.ndarray:
                 if not ids or ids[0] != tok.bos_token_id:
                     ids = [tok.bos_token_id] + ids
                 skip = 1
-            acts = capture.run(torch.tensor([ids]))[point.name][0, skip:].float().numpy()
+            inputs = torch.tensor([ids], device=loaded.device)
+            acts = capture.run(inputs)[point.name][0, skip:].float().cpu().numpy()
             if len(acts):
                 out.append(np.asarray(sae.encode(acts)))
     if not out:
@@ -99,9 +100,12 @@ def search(
     percentile: float = 1.0,
     model: str | None = None,
     store_path: str | None = None,
+    device: str | None = None,
+    model_dtype: str | None = None,
 ) -> dict:
     """Rank the SAE's latents on the prompts and print both rankings with their examples;
-    returns the scores."""
+    returns the scores. The model runs on `device` in `model_dtype` (None: the defaults)."""
+    from extract.models import resolve_device, resolve_model_dtype
     from saejax.interp.lm import model_at_hook
     from saejax.train.sae_files import load_sae
 
@@ -113,8 +117,10 @@ def search(
         raise SaejaxError(f"--percentile must be in (0, 100], got {percentile:g}")
     if top < 1:
         raise SaejaxError(f"--top must be at least 1, got {top}")
+    device = resolve_device(device)
+    model_dtype = resolve_model_dtype(model_dtype, device)
     sae = load_sae(run)
-    loaded, point = model_at_hook(sae, model)
+    loaded, point = model_at_hook(sae, model, model_dtype, device)
     pos = token_latents(loaded, sae, point, positive)
     neg = token_latents(loaded, sae, point, negative) if negative else None
     scores = rank_latents(pos, neg, percentile)

@@ -32,13 +32,14 @@ def intervention(sae, latent: int, boost: float | None, clamp: float | None):
     scale = float(np.linalg.norm(np.asarray(sae.params["W_dec"][latent])))
 
     def apply(t):
-        d = torch.from_numpy(direction).to(t.dtype)
+        # the SAE runs in JAX on float32 host arrays; what it adds goes where t lives
+        d = torch.from_numpy(direction).to(device=t.device, dtype=t.dtype)
         if clamp is None:
             return t + boost * d
         flat = t.detach().float().cpu().numpy().reshape(-1, t.shape[-1])
         f = np.asarray(sae.encode(flat))[:, latent].reshape(t.shape[:-1])
-        delta = torch.from_numpy((clamp - f).astype(np.float32) * scale).to(t.dtype)
-        return t + delta[..., None] * d
+        delta = torch.from_numpy((clamp - f).astype(np.float32) * scale)
+        return t + delta.to(device=t.device, dtype=t.dtype)[..., None] * d
 
     return apply
 
@@ -60,8 +61,9 @@ def generate(loaded, prompt: str, n_tokens: int, point=None, fn=None) -> tuple[l
             ctx.__enter__()
         try:
             for _ in range(n_tokens):
-                logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
-                logp = torch.log_softmax(logits.float(), -1)
+                inputs = torch.tensor([ids], device=loaded.device)
+                logits = model(input_ids=inputs, use_cache=False).logits[0, -1]
+                logp = torch.log_softmax(logits.float(), -1).cpu()
                 steps.append(logp.numpy())
                 ids.append(int(logp.argmax()))
         finally:
@@ -78,8 +80,12 @@ def steer(
     clamp: float | None = None,
     n_tokens: int = 24,
     model: str | None = None,
+    device: str | None = None,
+    model_dtype: str | None = None,
 ) -> list[dict]:
-    """For each prompt, the greedy continuation without and with the intervention."""
+    """For each prompt, the greedy continuation without and with the intervention, the
+    model on `device` in `model_dtype` (None: the defaults of extract.models.resolve_device)."""
+    from extract.models import resolve_device, resolve_model_dtype
     from saejax.interp.lm import model_at_hook
     from saejax.train.sae_files import load_sae
 
@@ -88,9 +94,11 @@ def steer(
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise SaejaxError("--prompt is empty")
+    device = resolve_device(device)
+    model_dtype = resolve_model_dtype(model_dtype, device)
     sae = load_sae(run)
     decoder_direction(sae, latent)  # range check before loading the model
-    loaded, point = model_at_hook(sae, model)
+    loaded, point = model_at_hook(sae, model, model_dtype, device)
     fn = intervention(sae, latent, boost, clamp)
     results = []
     for prompt in prompts:
