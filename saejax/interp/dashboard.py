@@ -183,6 +183,9 @@ def write_dashboard(
     from saejax.interp.lm import load_cached, model_for
     from saejax.train.sae_files import load_sae
 
+    default_out = os.path.join(run, "dashboard")
+    final = out or default_out
+    io.check_output_dir(final, "dashboard", reads=[run], allowed=[default_out])
     sae = load_sae(run)
     store, hook = resolve_run_store(run, sae, store_path)
     cache = os.path.join(run, "features", "examples.npz")
@@ -222,8 +225,7 @@ def write_dashboard(
         idx = np.arange(lo, hi)[same]
         return idx, tokens[idx]
 
-    final = out or os.path.join(run, "dashboard")
-    with io.atomic_dir(final) as tmp:
+    with io.atomic_dir(final, kind="dashboard") as tmp:
         os.makedirs(os.path.join(tmp, "latents"))
         explanations = {}
         for latent in paged:
