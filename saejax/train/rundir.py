@@ -29,10 +29,13 @@ from saejax.errors import SaejaxError
 
 LOCK_NAME = ".saejax-lock"
 
-# keys a resume may change freely: where and how the run is logged, checkpointed, launched
+# keys a resume may change freely: how the run is logged and checkpointed, and where it runs
+# (a checkpoint moves between meshes: the data slices, which the checkpoint holds, stay)
 SAFE_TO_CHANGE = frozenset(
     {
         "run_dir",
+        "mesh.data",
+        "mesh.model",
         "train.log_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
