@@ -109,7 +109,11 @@ def train(
     created = Created()
     lock = RunLock(cfg.run_dir, created) if is_main else None
     if lock is not None:
-        lock.__enter__()
+        try:
+            lock.__enter__()
+        except BaseException:  # held by another process: leave no folder we created
+            created.remove_empty()
+            raise
     else:
         os.makedirs(cfg.run_dir, exist_ok=True)
     failed = False

@@ -85,8 +85,13 @@ def run_sweep(
     created = Created()
     failed = False
     with contextlib.ExitStack() as locks:
-        held = [locks.enter_context(RunLock(out, created))]
-        held += [locks.enter_context(RunLock(cfg.run_dir, created)) for _, cfg in cfgs]
+        try:
+            held = [locks.enter_context(RunLock(out, created))]
+            held += [locks.enter_context(RunLock(cfg.run_dir, created)) for _, cfg in cfgs]
+        except BaseException:  # one is held by another process: leave no folder we created
+            locks.close()
+            created.remove_empty()
+            raise
         try:
             return _sweep(base, cfgs, out, progress, max_steps, force, created)
         except BaseException:

@@ -163,7 +163,7 @@ def sweep_args(rows_path, out, *extra):
 
 
 def test_a_sweep_killed_while_saving_its_members_finishes_when_run_again(
-    rows_path, tmp_path, monkeypatch
+    rows_path, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "sweep"
     real, calls = sweep_module.finish, []
@@ -185,6 +185,9 @@ def test_a_sweep_killed_while_saving_its_members_finishes_when_run_again(
     assert main(sweep_args(rows_path, out)) == 0  # a finished sweep, run again
     for key, value in weights(out / "d64").items():
         np.testing.assert_array_equal(value, first[key])
+    capsys.readouterr()
+    assert main(sweep_args(rows_path, out, "--set", "train.lr=0.001")) == 2  # not what it trained
+    assert "train.lr" in one_line(capsys)
 
 
 def test_a_resume_that_changes_the_lr_needs_force(rows_path, tmp_path, capsys):

@@ -64,9 +64,10 @@ def test_a_sweep_holds_its_members(rows_path, tmp_path, capsys):
     sets = [f"data.path={rows_path}", "train.tokens=4096", "train.batch_size=256", "sae.k=4"]
     args = ["sweep", *sum((["--set", s] for s in sets), []), "--d-sae", "32", "--quiet"]
     with RunLock(str(out / "d32")):
+        assert os.listdir(out) == ["d32"]
         assert main([*args, "--out", str(out)]) == 2
         assert "is in use by pid" in capsys.readouterr().err
-    assert not (out / "d32" / "config.yaml").exists()
+    assert os.listdir(out) == ["d32"] and os.listdir(out / "d32") == []  # only what was there
 
 
 def test_a_stale_lock_is_taken_over_with_a_note(rows_path, tmp_path, capsys):
