@@ -132,7 +132,7 @@ def check_output_dir(out: str, kind: str, reads=(), allowed=()) -> str:
                     f"{src}, which this command reads; choose another --out"
                 )
     if os.path.lexists(final):
-        if not os.path.isdir(final) or os.path.islink(out):
+        if not os.path.isdir(final):
             raise OutputRefused(
                 f"refusing to write {kind} output to {out}: it exists and is a file"
             )

@@ -110,7 +110,7 @@ def train(
     lock = RunLock(cfg.run_dir, created) if is_main else None
     if lock is not None:
         try:
-            lock.__enter__()
+            lock.acquire()
         except BaseException:  # held by another process: leave no folder we created
             created.remove_empty()
             raise

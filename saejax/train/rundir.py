@@ -77,6 +77,9 @@ class RunLock:
         self.fd = None
 
     def __enter__(self):
+        return self.acquire()
+
+    def acquire(self) -> RunLock:
         if self.created is not None:
             self.created.makedirs(self.run_dir)
         else:
@@ -88,10 +91,10 @@ class RunLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another"
+                who = f" (pid {holder.get('pid')} on {holder.get('host')})" if holder else ""
                 raise SaejaxError(
-                    f"{self.run_dir} is in use by {who} saejax process; wait for it to end "
-                    f"(or remove {self.path} if that process is gone)"
+                    f"{self.run_dir} is in use by another saejax process{who}; wait for it to "
+                    f"end (or remove {self.path} if that process is gone)"
                 ) from None
             try:  # the holder before us may have removed the file between our open and lock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

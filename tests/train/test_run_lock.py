@@ -43,7 +43,9 @@ def test_two_trains_started_together_one_runs_the_other_exits_2(rows_path, tmp_p
     assert (ok, refused) == (0, 2), results
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert "is in use by pid" in lines[0] or "already holds a run" in lines[0], lines
+    assert (
+        "in use by another saejax process (pid" in lines[0] or "already holds a run" in lines[0]
+    ), lines
     assert (run / "sae").exists() and not (run / LOCK_NAME).exists()
 
 
@@ -54,7 +56,9 @@ def test_a_held_run_directory_is_refused(rows_path, tmp_path, capsys):
     with RunLock(str(run)):
         assert main(["train", str(tmp_path / "cfg.yaml")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"is in use by pid {os.getpid()}" in err[0], err
+        assert (
+            len(err) == 1 and f"in use by another saejax process (pid {os.getpid()} on" in err[0]
+        ), err
     assert os.listdir(run) == []  # nothing was written while it was held
     assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
 
@@ -66,7 +70,7 @@ def test_a_sweep_holds_its_members(rows_path, tmp_path, capsys):
     with RunLock(str(out / "d32")):
         assert os.listdir(out) == ["d32"]
         assert main([*args, "--out", str(out)]) == 2
-        assert "is in use by pid" in capsys.readouterr().err
+        assert "in use by another saejax process" in capsys.readouterr().err
     assert os.listdir(out) == ["d32"] and os.listdir(out / "d32") == []  # only what was there
 
 
