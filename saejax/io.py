@@ -3,13 +3,16 @@
 Every writer puts its bytes in a temporary file beside the target and renames it over the
 target once complete (`os.replace` is atomic on one filesystem), so a reader, a crash or a
 full disk never leaves a half-written result. `atomic_dir` does the same for a folder that
-must appear complete (an exported SAE, a dashboard). JSON is strict: NaN and ±Inf become
+must appear complete (an exported SAE, a dashboard); it marks the folders it creates with a
+`.saejax-output` file naming their kind and never replaces a folder without that mark, so an
+output can never destroy a folder saejax did not write. JSON is strict: NaN and ±Inf become
 null, NumPy values become plain numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -19,6 +22,8 @@ import tempfile
 from collections.abc import Iterator
 
 import numpy as np
+
+MARKER = ".saejax-output"  # in every folder atomic_dir creates; holds the folder's kind
 
 
 def _temp_beside(path: str) -> tuple[int, str]:
@@ -90,23 +95,87 @@ def save_figure(fig, path: str) -> str:
     return path
 
 
+class OutputRefused(OSError):
+    """An output folder that must not be written (the command line reports it in one line,
+    exit 2, like any OSError). io.py imports nothing of saejax, hence not a SaejaxError."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EEXIST, message)
+
+
+def output_kind(folder: str) -> str | None:
+    """The kind atomic_dir recorded in `folder` (None when saejax did not create it)."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it (both absolute, resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(out: str, kind: str, reads=(), allowed=()) -> str:
+    """`out` resolved, once it is safe for an output of `kind`: not one of the folders the
+    command `reads` (nor inside one, nor an ancestor of one) unless listed in `allowed`, and
+    not an existing folder that saejax did not create as the same kind (an empty one is fine:
+    nothing is lost)."""
+    final = os.path.realpath(out)
+    if final not in {os.path.realpath(a) for a in allowed}:
+        for src in reads:
+            src_real = os.path.realpath(src)
+            if _within(final, src_real) or _within(src_real, final):
+                raise OutputRefused(
+                    f"refusing to write {kind} output to {out}: it is, holds or lies inside "
+                    f"{src}, which this command reads; choose another --out"
+                )
+    if os.path.lexists(final):
+        if not os.path.isdir(final):
+            raise OutputRefused(
+                f"refusing to write {kind} output to {out}: it exists and is a file"
+            )
+        found = output_kind(final)
+        if found != kind and os.listdir(final):
+            what = f"a saejax {found} folder" if found else "a folder saejax did not create"
+            raise OutputRefused(
+                f"refusing to replace {out}: it is {what}, not a {kind} output; "
+                "choose another --out or remove it yourself"
+            )
+    return final
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str) -> Iterator[str]:
+def atomic_dir(final: str, kind: str = "output") -> Iterator[str]:
     """A temporary sibling folder to fill; it replaces `final` only once the block completes,
-    and is removed if the block fails."""
-    parent = os.path.dirname(os.path.abspath(final)) or "."
+    and is removed if the block (or the swap) fails. `final` may only be replaced when it is
+    empty or atomic_dir created it with the same `kind` (see `check_output_dir`)."""
+    final = check_output_dir(final, kind)
+    parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield tmp
+        write_text(os.path.join(tmp, MARKER), kind + "\n")
+        check_output_dir(final, kind)  # again: something may have appeared there meanwhile
+        _swap_in(tmp, final, parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-        os.rmdir(old)
-        os.replace(final, old)
+
+
+def _swap_in(tmp: str, final: str, parent: str) -> None:
+    """Rename `tmp` to `final`; an old `final` is moved aside first and put back on failure."""
+    if not os.path.exists(final):
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+    os.rmdir(old)
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

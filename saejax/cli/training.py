@@ -28,6 +28,12 @@ def _train_arguments(p) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="let --resume change what is trained (--set) or continue on changed data; "
+        "config.yaml is updated and the change recorded in metrics.jsonl",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print memory per device and communication per step; do not train",
@@ -55,7 +61,7 @@ def _train(args) -> int:
             d_in = ArraySource(cfg.data.path, cfg.data.hook).d_in
         print(describe(estimate(cfg, d_in)))
         return 0
-    result = train(cfg, resume=bool(args.resume), max_steps=args.max_steps)
+    result = train(cfg, resume=bool(args.resume), max_steps=args.max_steps, force=args.force)
     if result.stopped_early:
         return 130
     m = result.final_metrics
@@ -106,6 +112,11 @@ def _sweep_arguments(p) -> None:
     p.add_argument("--ce", action="store_true", help="also CE loss recovered per member")
     p.add_argument("--ce-sequences", type=int, default=16, help="held-out sequences for --ce")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="let a sweep run again change what its members train (config.yaml updated)",
+    )
 
 
 def _numbers(text: str, kind, flag: str) -> list:
@@ -127,7 +138,7 @@ def _sweep(args) -> int:
         _numbers(args.k, int, "--k"),
         _numbers(args.l1, float, "--l1"),
     )
-    rows = run_sweep(base, grid, args.out, progress=not args.quiet)
+    rows = run_sweep(base, grid, args.out, progress=not args.quiet, force=args.force)
     if args.ce:
         from saejax.interp.eval import evaluate_run
 

@@ -206,6 +206,9 @@ def write_dashboard(
 
     device = resolve_device(device)  # a device that is not there fails before any work
     model_dtype = resolve_model_dtype(model_dtype, device)
+    default_out = os.path.join(run, "dashboard")
+    final = out or default_out
+    io.check_output_dir(final, "dashboard", reads=[run], allowed=[default_out])
     sae = load_sae(run)
     store, hook = resolve_run_store(run, sae, store_path)
     top, samples = 20, 64  # scan_examples' defaults; `saejax features RUN` caches the same
@@ -243,8 +246,7 @@ def write_dashboard(
         idx = np.arange(lo, hi)[same]
         return idx, tokens[idx]
 
-    final = out or os.path.join(run, "dashboard")
-    with io.atomic_dir(final) as tmp:
+    with io.atomic_dir(final, kind="dashboard") as tmp:
         os.makedirs(os.path.join(tmp, "latents"))
         explanations = {}
         for latent in paged:

@@ -165,7 +165,7 @@ def read_examples_cache(run: str, wanted: dict) -> dict | None:
 def write_examples_cache(run: str, key: dict, result: dict, store, hook: str) -> str:
     """examples.npz and summary.json (with the key) as one unit: both or neither."""
     density = result["fire_count"] / max(int(result["n_rows"]), 1)
-    with atomic_dir(cache_dir(run)) as tmp:
+    with atomic_dir(cache_dir(run), kind="features") as tmp:
         write_npz(os.path.join(tmp, "examples.npz"), **result)
         write_json(
             os.path.join(tmp, "summary.json"),

@@ -6,6 +6,11 @@ for. The data position is the step itself (batch b is a pure function of the see
 and b), so restoring the state restores the data position. Orbax writes each
 checkpoint to a temporary folder and renames it when complete, so a kill -9 in the
 middle of a save leaves the previous checkpoint intact.
+
+Saving a step that is already saved is a no-op: a run stopped (or killed) at a checkpoint
+step, or one resumed at its final step to finish, saves that step again. The sidecar also
+records which data the run trains on (`data_identity`), so a resume on a store that has
+changed since is refused unless forced.
 """
 
 from __future__ import annotations
@@ -16,6 +21,20 @@ import jax
 import orbax.checkpoint as ocp
 
 from saejax.errors import SaejaxError
+from saejax.train.data import split_rows
+
+DATA_KEYS = ("data_rows", "train_rows", "validation_rows")  # absent from older checkpoints
+
+
+def data_identity(source, data_cfg) -> dict:
+    """The rows a run trains and validates on: the store's complete rows (meta n_tokens, or
+    the array's length) and the train/validation split."""
+    split = split_rows(source.n_rows, data_cfg.validation_tokens)
+    return {
+        "data_rows": int(source.n_rows),
+        "train_rows": split.train_rows,
+        "validation_rows": split.validation_rows,
+    }
 
 
 class Checkpointer:
@@ -29,7 +48,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def saved_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state, info: dict) -> None:
+        """Save `state` at `step`, unless that step is already saved (it holds the same state:
+        batch b is a pure function of the seed and b)."""
+        if step in self.manager.all_steps():
+            return
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -38,17 +64,43 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, state_template, expected_info: dict, step: int | None = None):
+    def delete_after(self, step: int) -> int | None:
+        """Delete every checkpoint after `step` (states nobody checked); the latest left."""
+        self.manager.wait_until_finished()
+        for s in self.manager.all_steps():
+            if s > step:
+                self.manager.delete(s)
+        return self.manager.latest_step()
+
+    def restore(
+        self,
+        state_template,
+        expected_info: dict,
+        step: int | None = None,
+        force_data: bool = False,
+    ):
+        """The state at `step` (default the latest), once its sidecar agrees with
+        `expected_info`; a changed data identity is accepted only with `force_data`."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise SaejaxError(f"no checkpoint in {self.directory} to resume from")
         info = self.manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))[
             "info"
         ]
+        data_diffs = [
+            f"{k} {info[k]} → {expected_info[k]}"
+            for k in DATA_KEYS
+            if k in info and k in expected_info and info[k] != expected_info[k]
+        ]
+        if data_diffs and not force_data:
+            raise SaejaxError(
+                f"the data has changed since the checkpoint in {self.directory} was written "
+                f"({', '.join(data_diffs)}); resume on it anyway with --force"
+            )
         diffs = [
             f"{k}: checkpoint {info.get(k)!r}, config {v!r}"
             for k, v in expected_info.items()
-            if info.get(k) != v
+            if k not in DATA_KEYS and info.get(k) != v
         ]
         if diffs:
             raise SaejaxError(

@@ -1,6 +1,7 @@
 """`saejax export`: a trained SAE in SAELens's or sparsify's layout, in the model's own units
 (the input scale folded in, decoder rows unit-norm where that is exact; see
-`sae_files.fold_to_model_units`). Written whole into a temporary folder, then renamed."""
+`sae_files.fold_to_model_units`). Written whole into a temporary folder, then renamed; never
+into the run or SAE folder it reads, and never over a folder that is not an earlier export."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ _SAELENS_ARCH = {
 
 
 def export_saelens(sae_dir: str, out: str) -> str:
+    _check_out(sae_dir, out)
     native = read_native(sae_dir)
     spec, info = native["spec"], native["info"]
     params, note = fold_to_model_units(native["params"], spec, info["input_scale"])
@@ -59,6 +61,7 @@ def export_saelens(sae_dir: str, out: str) -> str:
 
 
 def export_sparsify(sae_dir: str, out: str) -> str:
+    _check_out(sae_dir, out)
     native = read_native(sae_dir)
     spec, info = native["spec"], native["info"]
     if spec.architecture != "topk":
@@ -87,9 +90,15 @@ def export_sparsify(sae_dir: str, out: str) -> str:
     return _write_export(out, "sae.safetensors", weights, cfg)
 
 
+def _check_out(sae_dir: str, out: str) -> None:
+    """Refuse, before any work, an `out` that is or holds the run/SAE folder, lies inside it,
+    or is an existing folder saejax did not write as an export."""
+    io.check_output_dir(out, "export", reads=[sae_dir, os.path.join(sae_dir, "sae")])
+
+
 def _write_export(out: str, weights_name: str, weights: dict, cfg: dict) -> str:
     """Weights + cfg.json into a temporary folder, renamed to `out` once both are written."""
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, kind="export") as tmp:
         save_file(weights, os.path.join(tmp, weights_name))
         io.write_json(os.path.join(tmp, "cfg.json"), cfg)
     return out

@@ -7,12 +7,18 @@ of recent batches already on the device, fetches the metric sums (one transfer) 
 a checkpoint. SIGINT/SIGTERM set a flag; the loop then stops after the current step and
 writes a checkpoint, so running the same command again resumes. `finish` evaluates a
 member on its held-out rows and writes its SAE and eval.json.
+
+Divergence is caught from the metrics the host fetches anyway: a non-finite loss or FVU, or
+an FVU above `DIVERGED_FVU` at two fetches in a row, stops the run (`Diverged`, exit 2)
+without saving that state; checkpoints written after the last healthy fetch are deleted, so
+a resume starts from a state that was seen to be healthy.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import signal
 import time
@@ -26,12 +32,23 @@ import jax.numpy as jnp
 from saejax.config import RunConfig
 from saejax.core import sae as S
 from saejax.core.sharding import local_values
+from saejax.errors import SaejaxError
 from saejax.io import write_json
 from saejax.train import step as T
 from saejax.train.checkpoint import Checkpointer
 from saejax.train.evaluate import evaluate
 from saejax.train.metrics import MetricsLogger
 from saejax.train.sae_files import save_sae
+
+DIVERGED_FVU = 100.0  # an SAE that reconstructs 100× worse than the mean has diverged
+
+
+class Diverged(SaejaxError):
+    """Training blew up; the message names the run, the step and the checkpoint kept."""
+
+    def __init__(self, message: str, member: Member | None = None):
+        super().__init__(message)
+        self.member = member
 
 
 class StopFlag:
@@ -72,6 +89,8 @@ class Member:
     logger: MetricsLogger | None = None  # None on processes other than 0
     shardings: Any = None  # where the state lives on a mesh (re-placed after resampling)
     step_fn: Callable | None = None  # the pure step (the sweep compiles all members in one)
+    last_good: int = 0  # the last step whose fetched metrics were healthy (or resumed from)
+    suspect: bool = False  # the last fetch had FVU > DIVERGED_FVU: no checkpoint until healthy
 
 
 @dataclass
@@ -100,7 +119,13 @@ def run_loop(
     step, stopped, last_batch = start_step, False, None
     t_start, t_steady = time.perf_counter(), None
     # the SAE's shard_map kernels read the mesh from jax.set_mesh
-    with StopFlag() as stop, jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    for m in members:
+        m.last_good, m.suspect = start_step, False
+    with (
+        StopFlag() as stop,
+        jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
+        _keeping_healthy_checkpoints(),
+    ):
         while step < end_step:
             batch = next(loader)
             for m, state in zip(members, advance([m.state for m in members], batch)):
@@ -122,7 +147,8 @@ def run_loop(
     jax.block_until_ready([m.state.step for m in members])
     t_end = time.perf_counter()
     for m in members:
-        m.ckpt.save(step, m.state, m.info)
+        if not (stopped and m.suspect):  # a stop right after an FVU spike keeps the one before
+            m.ckpt.save(step, m.state, m.info)
         m.ckpt.wait()
     steady = t_end - t_steady if t_steady is not None and step - start_step > 1 else None
     return LoopResult(step, stopped, time.perf_counter() - t_start, steady, last_batch)
@@ -143,10 +169,40 @@ def _member_cadence(m: Member, step: int, end_step: int, pool) -> None:
             m.state = jax.device_put(m.state, m.shardings)  # no-op when already there
     if step % train.log_every == 0 or step == end_step:
         metrics, m.state = m.summarize(m.state, dead_tokens=m.cfg.sae.dead_tokens)
+        values = local_values(metrics)  # replicated: every process sees the same values
         if m.logger is not None:
-            m.logger.log(step, local_values(metrics))
-    if step % train.checkpoint_every == 0 and step < end_step:
+            m.logger.log(step, values)
+        _check_health(m, step, values)
+    if step % train.checkpoint_every == 0 and step < end_step and not m.suspect:
         m.ckpt.save(step, m.state, m.info)
+
+
+def _check_health(m: Member, step: int, values: dict) -> None:
+    """Raise Diverged on a non-finite loss or FVU, or on a second FVU > DIVERGED_FVU."""
+    loss, fvu = float(values["loss"]), float(values["fvu"])
+    where = f"{m.cfg.run_dir}: training diverged at step {step}"
+    if not (math.isfinite(loss) and math.isfinite(fvu)):
+        raise Diverged(f"{where} (loss {loss:g}, FVU {fvu:g})", m)
+    if fvu > DIVERGED_FVU and m.suspect:
+        raise Diverged(f"{where} (FVU {fvu:.3g} at two fetches in a row)", m)
+    m.suspect = fvu > DIVERGED_FVU
+    if not m.suspect:
+        m.last_good = step
+
+
+@contextlib.contextmanager
+def _keeping_healthy_checkpoints():
+    """On Diverged: delete the checkpoints nobody saw healthy and say which one is kept."""
+    try:
+        yield
+    except Diverged as e:
+        kept = e.member.ckpt.delete_after(e.member.last_good) if e.member else None
+        tail = (
+            f"kept the checkpoint at step {kept}; lower train.lr and resume with --force"
+            if kept is not None
+            else "no healthy checkpoint to keep; lower train.lr and start again"
+        )
+        raise Diverged(f"{e}; {tail}", e.member) from None
 
 
 def finish(

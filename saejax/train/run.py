@@ -2,10 +2,16 @@
 
 In a multi-process run every process runs `train()`, reads only its own slices of the
 store, and process 0 writes the logs and the final SAE.
+
+The run directory's rules (`train.rundir`): process 0 holds its lock for the whole call; a
+call that fails before the run has a checkpoint removes exactly what it created; a resume
+that changes what is trained needs `force`. A run resumed (or run again) at its final step
+only finishes: evaluation, RUN/sae/ and eval.json, with no training.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -18,10 +24,17 @@ from saejax.core import sae as S
 from saejax.core import sharding as SH
 from saejax.errors import SaejaxError
 from saejax.train import step as T
-from saejax.train.checkpoint import Checkpointer
+from saejax.train.checkpoint import Checkpointer, data_identity
 from saejax.train.data import ArraySource, Loader
 from saejax.train.loop import Member, finish, run_loop
 from saejax.train.metrics import MetricsLogger
+from saejax.train.rundir import (
+    Created,
+    RunLock,
+    check_resume_config,
+    record_config_change,
+    validate,
+)
 from saejax.train.setup import (
     checkpoint_info,
     data_slices,
@@ -50,10 +63,21 @@ def _check_run_dir(cfg: RunConfig, resume: bool) -> None:
             f"run directory {cfg.run_dir} already holds a run; resume it with "
             f"`saejax train --resume {cfg.run_dir}` or choose another run_dir"
         )
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether the run has a completed checkpoint (orbax names them by their step)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def _previous_rate(run_dir: str) -> float:
+    """The throughput eval.json recorded, for a run that is only finished again."""
     try:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-    except OSError as e:
-        raise SaejaxError(f"cannot create run directory {cfg.run_dir}: {e.strerror}") from None
+        with open(os.path.join(run_dir, "eval.json")) as f:
+            return float(json.load(f).get("tokens_per_s") or 0.0)
+    except (OSError, ValueError, TypeError):
+        return 0.0
 
 
 def load_run_config(run_dir: str, overrides: list[str] = ()) -> RunConfig:
@@ -65,13 +89,51 @@ def load_run_config(run_dir: str, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
-def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) -> TrainResult:
-    """Train (or resume) the run described by `cfg`. `max_steps` stops early (tests, benches).
+def train(
+    cfg: RunConfig, resume: bool = False, max_steps: int | None = None, force: bool = False
+) -> TrainResult:
+    """Train (or resume) the run described by `cfg`. `max_steps` stops early (tests, benches);
+    `force` lets a resume change what is trained (config.yaml is rewritten, the change
+    recorded in metrics.jsonl) or continue on data that changed since the checkpoint.
 
     On a mesh (cfg.mesh) the state is placed by `sharding.state_shardings` and the step is
     partitioned by XLA.
     """
+    validate(cfg)
+    if cfg.train.tokens // cfg.train.batch_size == 0:
+        raise SaejaxError(
+            f"train.tokens ({cfg.train.tokens}) is less than one batch ({cfg.train.batch_size})"
+        )
     init_distributed(cfg.mesh)
+    is_main = jax.process_index() == 0
+    created = Created()
+    lock = RunLock(cfg.run_dir, created) if is_main else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except BaseException:  # held by another process: leave no folder we created
+            created.remove_empty()
+            raise
+    else:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    failed = False
+    try:
+        return _train(cfg, resume, max_steps, force, created)
+    except BaseException:
+        failed = is_main and not has_checkpoint(cfg.run_dir)
+        if failed:  # nothing to resume: leave the directory as it was before this call
+            created.undo(keep=(lock.path,))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+        if failed:
+            created.remove_empty()
+
+
+def _train(
+    cfg: RunConfig, resume: bool, max_steps: int | None, force: bool, created: Created
+) -> TrainResult:
     mesh = mesh_for(cfg.mesh)
     n_procs, proc = jax.process_count(), jax.process_index()
     n_slices = data_slices(cfg)
@@ -86,65 +148,70 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
             f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has d_in {source.d_in}"
         )
     _check_run_dir(cfg, resume)
+    changes = check_resume_config(load_run_config(cfg.run_dir), cfg, force) if resume else {}
     if n_procs > 1:  # nobody writes into the run directory before everyone has checked it
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("saejax: run directory checked")
     spec, tx, state, total_steps = prepare(cfg, source)
-    if total_steps == 0:
-        raise SaejaxError(
-            f"train.tokens ({cfg.train.tokens}) is less than one batch ({cfg.train.batch_size})"
-        )
     shardings = SH.state_shardings(state, mesh)
     state = SH.place(state, shardings)
-    info = checkpoint_info(cfg, source.d_in)
-    ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
-    if resume and ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(state, info)
-    elif resume:
-        pass  # stopped before its first checkpoint: start again from step 0, same config
-    elif ckpt.latest_step() is not None:
-        raise SaejaxError(f"{cfg.run_dir} already has checkpoints; use --resume")
-    elif is_main:
-        io.write_text(os.path.join(cfg.run_dir, "config.yaml"), dump_yaml(cfg))
-
-    start_step = int(SH.to_host(state.step, mesh))
-    per_proc = n_slices // n_procs
-    batch_on_mesh = SH.batch_sharding(mesh)
-    loader = Loader(
-        source,
-        cfg.data,
-        cfg.train.batch_size,
-        start_batch=start_step,
-        transform=lambda rows: SH.put_batch(rows, batch_on_mesh, cfg.train.batch_size),
-        n_slices=n_slices,
-        slices=list(range(proc * per_proc, (proc + 1) * per_proc)),
-    )
-    everywhere = SH.replicated(mesh)
-    step_fn = jax.jit(
-        T.make_train_step(spec, cfg.sae, tx, total_steps),
-        donate_argnums=0,
-        out_shardings=(shardings, everywhere),
-    )
-    member = Member(
-        "run",
-        cfg,
-        spec,
-        state,
-        summarize=jax.jit(
-            T.summarize,
-            static_argnames="dead_tokens",
-            donate_argnums=0,
-            out_shardings=(everywhere, shardings),
-        ),
-        ckpt=ckpt,
-        info=info,
-        resample_at=T.resample_steps(cfg.train, total_steps) if resample_enabled(cfg) else set(),
-        logger=MetricsLogger(cfg, total_steps, start_step) if is_main else None,
-        shardings=shardings,
-    )
-    end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
+    info = {**checkpoint_info(cfg, source.d_in), **data_identity(source, cfg.data)}
+    ckpt_dir = created.add(os.path.join(cfg.run_dir, "checkpoints"))
+    ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
+    loader = logger = None
     try:
+        if resume and ckpt.latest_step() is not None:
+            state, _ = ckpt.restore(state, info, force_data=force)
+        elif resume:
+            pass  # stopped before its first checkpoint: start again from step 0, same config
+        elif ckpt.latest_step() is not None:
+            raise SaejaxError(f"{cfg.run_dir} already has checkpoints; use --resume")
+        elif is_main:
+            io.write_text(created.add(os.path.join(cfg.run_dir, "config.yaml")), dump_yaml(cfg))
+
+        start_step = int(SH.to_host(state.step, mesh))
+        if changes and is_main:
+            record_config_change(cfg, changes, start_step)
+            print(f"saejax: note: config.yaml updated ({', '.join(changes)})", file=sys.stderr)
+        per_proc = n_slices // n_procs
+        batch_on_mesh = SH.batch_sharding(mesh)
+        loader = Loader(
+            source,
+            cfg.data,
+            cfg.train.batch_size,
+            start_batch=start_step,
+            transform=lambda rows: SH.put_batch(rows, batch_on_mesh, cfg.train.batch_size),
+            n_slices=n_slices,
+            slices=list(range(proc * per_proc, (proc + 1) * per_proc)),
+        )
+        everywhere = SH.replicated(mesh)
+        logger = _logger(cfg, total_steps, start_step, created, source.d_in) if is_main else None
+        step_fn = jax.jit(
+            T.make_train_step(spec, cfg.sae, tx, total_steps),
+            donate_argnums=0,
+            out_shardings=(shardings, everywhere),
+        )
+        member = Member(
+            "run",
+            cfg,
+            spec,
+            state,
+            summarize=jax.jit(
+                T.summarize,
+                static_argnames="dead_tokens",
+                donate_argnums=0,
+                out_shardings=(everywhere, shardings),
+            ),
+            ckpt=ckpt,
+            info=info,
+            resample_at=T.resample_steps(cfg.train, total_steps)
+            if resample_enabled(cfg)
+            else set(),
+            logger=logger,
+            shardings=shardings,
+        )
+        end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
         loop = run_loop(
             [member],
             lambda states, batch: [step_fn(states[0], batch)[0]],
@@ -154,17 +221,24 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
             cfg.train.resample.pool_batches,
             mesh=mesh,
         )
+    except BaseException:
+        if logger is not None:
+            logger.close()
+        raise
     finally:
-        loader.close()
-        if member.logger is not None:
-            member.logger.close()
+        if loader is not None:
+            loader.close()
         ckpt.close()
     step, state = loop.step, member.state
     tokens_per_s = (step - start_step) * cfg.train.batch_size / max(loop.seconds, 1e-9)
+    if step == start_step:  # only finished in this call: keep the rate it was trained at
+        tokens_per_s = _previous_rate(cfg.run_dir)
     steady = 0.0
     if loop.steady_seconds is not None:
         steady = (step - start_step - 1) * cfg.train.batch_size / max(loop.steady_seconds, 1e-9)
     if loop.stopped:
+        if logger is not None:
+            logger.close()
         print(
             f"\nstopped at step {step}/{total_steps}; checkpoint saved. Resume with "
             f"`saejax train --resume {cfg.run_dir}`",
@@ -184,4 +258,15 @@ def train(cfg: RunConfig, resume: bool = False, max_steps: int | None = None) ->
                 source,
                 {"tokens_per_s": tokens_per_s, "steps": step},
             )
+    if logger is not None:
+        if final:
+            logger.log_final(final)  # the held-out evaluation reaches TensorBoard/wandb too
+        logger.close()
     return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s, steady)
+
+
+def _logger(cfg: RunConfig, total_steps: int, start_step: int, created: Created, d_in: int):
+    created.add(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    for name in ("tensorboard", "wandb"):
+        created.add(os.path.join(cfg.run_dir, name))
+    return MetricsLogger(cfg, total_steps, start_step, d_in=d_in)

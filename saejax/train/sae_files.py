@@ -73,7 +73,7 @@ def save_sae(
         "context_size": data_meta.get("context_size"),
         "prepend_bos": data_meta.get("prepend_bos"),
     }
-    with io.atomic_dir(path) as tmp:
+    with io.atomic_dir(path, kind="sae") as tmp:
         save_file(to_numpy(params), os.path.join(tmp, "sae_weights.safetensors"))
         io.write_json(os.path.join(tmp, "sae.json"), info)
 

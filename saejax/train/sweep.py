@@ -7,12 +7,16 @@ fight over the CPU's thread pool). The data statistics (input scale, b_dec initi
 are computed once. Members differ in d_sae and k (TopK family) or λ (relu). Each member is
 a normal run directory (config, metrics, checkpoints, eval, sae/) under OUT/, so `saejax
 eval`, `export`, `features`, `dashboard` work on each. Checkpoints are written for all
-members at the same steps; running the same command again resumes. `sweep_table` writes
-the comparison.
+members at the same steps; running the same command again resumes (or, at the final step,
+only finishes: evaluates and saves every member). The sweep holds the lock of OUT/ and of
+every member; a start that fails before any checkpoint removes exactly what it created; a
+run again that changes what the members train needs `force`. `sweep_table` writes the
+comparison.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from itertools import product
@@ -26,10 +30,18 @@ from saejax.core.architectures import has_l1_penalty, selects_top_k
 from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.bench import time_steps
-from saejax.train.checkpoint import Checkpointer
+from saejax.train.checkpoint import Checkpointer, data_identity
 from saejax.train.data import ArraySource, Loader
 from saejax.train.loop import Member, finish, run_loop
 from saejax.train.metrics import MetricsLogger
+from saejax.train.run import has_checkpoint, load_run_config
+from saejax.train.rundir import (
+    Created,
+    RunLock,
+    check_resume_config,
+    record_config_change,
+    validate,
+)
 from saejax.train.setup import checkpoint_info, data_statistics, prepare, resample_enabled
 
 
@@ -55,24 +67,65 @@ def run_sweep(
     out: str,
     progress: bool = True,
     max_steps: int | None = None,
+    force: bool = False,
 ) -> list[dict]:
     """Train the grid's members in lockstep; `max_steps` stops early (checkpointed), as a test
-    would."""
+    would; `force` lets a run again change what the members train."""
     cfgs = [
         (name, with_values(base, {**values, "run_dir": os.path.join(out, name)}))
         for name, values in grid
     ]
     if base.mesh.data * base.mesh.model > 1:
         raise SaejaxError("sweeps run on one device for now (mesh: {data: 1, model: 1})")
+    validate(base)
+    if base.train.tokens // base.train.batch_size == 0:
+        raise SaejaxError(
+            f"train.tokens ({base.train.tokens}) is less than one batch ({base.train.batch_size})"
+        )
+    created = Created()
+    failed = False
+    with contextlib.ExitStack() as locks:
+        try:
+            held = [locks.enter_context(RunLock(out, created))]
+            held += [locks.enter_context(RunLock(cfg.run_dir, created)) for _, cfg in cfgs]
+        except BaseException:  # one is held by another process: leave no folder we created
+            locks.close()
+            created.remove_empty()
+            raise
+        try:
+            return _sweep(base, cfgs, out, progress, max_steps, force, created)
+        except BaseException:
+            failed = not any(has_checkpoint(cfg.run_dir) for _, cfg in cfgs)
+            if failed:  # nothing to resume: leave OUT/ as it was before this call
+                created.undo(keep=tuple(lock.path for lock in held))
+            raise
+        finally:
+            if failed:
+                for lock in held:
+                    lock.release()
+                created.remove_empty()
+
+
+def _sweep(
+    base: RunConfig,
+    cfgs: list[tuple[str, RunConfig]],
+    out: str,
+    progress: bool,
+    max_steps: int | None,
+    force: bool,
+    created: Created,
+) -> list[dict]:
     source = ArraySource(base.data.path, base.data.hook)
+    changes = {}
+    for name, cfg in cfgs:
+        if os.path.exists(os.path.join(cfg.run_dir, "config.yaml")):
+            changes[name] = check_resume_config(load_run_config(cfg.run_dir), cfg, force)
     stats = data_statistics(base, source)
-    os.makedirs(out, exist_ok=True)
     members = []
     for name, cfg in cfgs:
         spec, tx, state, total_steps = prepare(cfg, source, stats)
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        if not os.path.exists(os.path.join(cfg.run_dir, "config.yaml")):
-            io.write_text(os.path.join(cfg.run_dir, "config.yaml"), dump_yaml(cfg))
+        if name not in changes:
+            io.write_text(created.add(os.path.join(cfg.run_dir, "config.yaml")), dump_yaml(cfg))
         cfg.log.progress = False  # one progress bar for the sweep, not one per member
         members.append(
             Member(
@@ -82,9 +135,10 @@ def run_sweep(
                 state,
                 summarize=jax.jit(T.summarize, static_argnames="dead_tokens", donate_argnums=0),
                 ckpt=Checkpointer(
-                    os.path.join(cfg.run_dir, "checkpoints"), cfg.train.keep_checkpoints
+                    created.add(os.path.join(cfg.run_dir, "checkpoints")),
+                    cfg.train.keep_checkpoints,
                 ),
-                info=checkpoint_info(cfg, source.d_in),
+                info={**checkpoint_info(cfg, source.d_in), **data_identity(source, cfg.data)},
                 resample_at=T.resample_steps(cfg.train, total_steps)
                 if resample_enabled(cfg)
                 else set(),
@@ -92,9 +146,12 @@ def run_sweep(
             )
         )
     total_steps = base.train.tokens // base.train.batch_size
-    start = _restore(members, out)
+    start = _restore(members, out, force)
     for m in members:
-        m.logger = MetricsLogger(m.cfg, total_steps, start)
+        if changes.get(m.name):
+            record_config_change(m.cfg, changes[m.name], start)
+        created.add(os.path.join(m.cfg.run_dir, "metrics.jsonl"))
+        m.logger = MetricsLogger(m.cfg, total_steps, start, d_in=source.d_in)
     loader = Loader(
         source, base.data, base.train.batch_size, start_batch=start, transform=jax.device_put
     )
@@ -124,13 +181,18 @@ def run_sweep(
             base.train.resample.pool_batches,
             bar=bar,
         )
+    except BaseException:
+        for m in members:
+            m.logger.close()
+        raise
     finally:
         bar.close()
         loader.close()
         for m in members:
-            m.logger.close()
             m.ckpt.close()
     if loop.stopped:
+        for m in members:
+            m.logger.close()
         print(
             f"\nstopped at step {loop.step}/{total_steps}; run the same command to resume",
             file=sys.stderr,
@@ -157,6 +219,8 @@ def run_sweep(
                 "sweep_tokens_per_s": trained * base.train.batch_size / max(loop.seconds, 1e-9),
             },
         )
+        m.logger.log_final(final)  # the held-out evaluation reaches TensorBoard/wandb too
+        m.logger.close()
         rows.append(
             {
                 "name": m.name,
@@ -176,7 +240,7 @@ def run_sweep(
     return rows
 
 
-def _restore(members: list[Member], out: str) -> int:
+def _restore(members: list[Member], out: str, force: bool = False) -> int:
     """Restore every member from the latest step all of them have; 0 when none has one."""
     latest = [m.ckpt.latest_step() for m in members]
     if all(s is None for s in latest):
@@ -188,7 +252,7 @@ def _restore(members: list[Member], out: str) -> int:
         )
     start = min(latest)
     for m in members:
-        m.state, _ = m.ckpt.restore(m.state, m.info, step=start)
+        m.state, _ = m.ckpt.restore(m.state, m.info, step=start, force_data=force)
     return start
 
 
