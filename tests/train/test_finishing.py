@@ -197,7 +197,7 @@ def test_a_resume_that_changes_the_lr_needs_force(rows_path, tmp_path, capsys):
     assert code == 2
     line = one_line(capsys)
     assert "train.lr" in line and "--force" in line
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 4e-4
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 0.0  # automatic
     safe = ["--set", "train.log_every=4", "--max-steps", "8"]  # how it is logged: allowed
     assert main(["train", "--resume", str(run), *safe]) == 0
     forced = ["--set=train.lr=0.001", "--max-steps=8", "--force"]
@@ -209,7 +209,7 @@ def test_a_resume_that_changes_the_lr_needs_force(rows_path, tmp_path, capsys):
         {
             "step": 24,
             "tokens": 24 * 256,
-            "config_change": {"train.lr": {"old": 4e-4, "new": 0.001}},
+            "config_change": {"train.lr": {"old": 0.0, "new": 0.001}},
         }
     ]
 
