@@ -24,7 +24,7 @@ import numpy as np
 from extract.corpus import open_corpus
 from extract.hooks import Capture, hook_width, parse_hooks, validate_hooks
 from extract.models import BUILTIN_MODEL, load_model
-from extract.packing import pack_contexts, stored_positions, token_stream
+from extract.packing import first_stored_position, pack_contexts, stored_positions, token_stream
 from saejax import store as st
 from saejax.errors import SaejaxError
 
@@ -39,6 +39,7 @@ IDENTITY_KEYS = (
     "context_size",
     "prepend_bos",
     "bos_dropped",
+    "skip_positions",
     "corpus",
     "chunk_rows",
 )
@@ -61,6 +62,7 @@ class ExtractConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     chunk_mib: float = 4.0
+    skip_positions: int = 0  # positions 0..N-1 of each context store no rows
 
 
 def _check_output_path(path: str) -> None:
@@ -88,6 +90,11 @@ def _validate_cheap(cfg: ExtractConfig) -> None:
         raise SaejaxError(f"--context must be at least 2, got {cfg.context}")
     if cfg.batch_size <= 0:
         raise SaejaxError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if not 0 <= cfg.skip_positions < cfg.context:
+        raise SaejaxError(
+            f"--skip-positions must be at least 0 and less than --context {cfg.context}, "
+            f"got {cfg.skip_positions}"
+        )
     parse_hooks(cfg.hooks)
     _check_output_path(cfg.out)
 
@@ -105,6 +112,7 @@ def _identity(
         revision=cfg.revision,
         prepend_bos=cfg.prepend_bos,
         bos_dropped=cfg.prepend_bos and not cfg.keep_bos,
+        skip_positions=cfg.skip_positions,
         corpus=corpus_desc,
     )
 
@@ -113,7 +121,7 @@ def _check_compatible(path: str, existing: dict, wanted: dict) -> None:
     diffs = [
         f"{k}: store has {existing.get(k)!r}, this run asks {wanted[k]!r}"
         for k in IDENTITY_KEYS
-        if existing.get(k) != wanted[k]
+        if existing.get(k, 0 if k == "skip_positions" else None) != wanted[k]
     ]
     if diffs:
         raise SaejaxError(
@@ -202,7 +210,7 @@ def run_extract(
     hook_d_in = {p.name: hook_width(p, model) for p in points}
     item = np.dtype(st.DTYPES[cfg.dtype]).itemsize
     drop_bos = cfg.prepend_bos and not cfg.keep_bos
-    rows_per_ctx = cfg.context - (1 if drop_bos else 0)
+    rows_per_ctx = cfg.context - first_stored_position(drop_bos, cfg.skip_positions)
     chunk_rows = st.rows_per_chunk(
         rows_per_ctx, int(cfg.chunk_mib * 2**20), max(hook_d_in.values()) * item
     )
@@ -317,7 +325,7 @@ def run_extract(
         with torch.inference_mode():
             captured = capture.run(ids)
         for i, ctx in enumerate(batch):
-            pos = stored_positions(ctx, drop_bos)
+            pos = stored_positions(ctx, drop_bos, cfg.skip_positions)
             if skip_rows:
                 pos, skip_rows = pos[skip_rows:], 0
             take = min(len(pos), cfg.tokens - (next_row + buffered))

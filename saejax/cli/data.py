@@ -35,6 +35,12 @@ def _extract_arguments(p) -> None:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
     p.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
     p.add_argument("--keep-bos", action="store_true", help="keep BOS rows (dropped by default)")
+    p.add_argument(
+        "--skip-positions",
+        type=int,
+        default=0,
+        help="store no rows for the first N positions of each context (attention sinks)",
+    )
     p.add_argument("--chunk-mib", type=float, default=4.0, help="store chunk size per hook")
     p.add_argument("--out", required=True, help="store directory (or gs:// / s3:// prefix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,6 +66,7 @@ def _extract(args) -> int:
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         chunk_mib=args.chunk_mib,
+        skip_positions=args.skip_positions,
     )
     meta = run_extract(cfg, progress=not args.quiet)
     print(describe(ActivationStore.open(args.out)))
