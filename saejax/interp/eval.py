@@ -48,7 +48,7 @@ def held_out_sequences(store, validation_tokens: int, limit: int) -> list[tuple[
     """(sequence id, one of its rows) for whole sequences inside the validation rows."""
     from saejax.train.data import split_rows
 
-    split = split_rows(len(store), validation_tokens)
+    split = split_rows(len(store), validation_tokens, store)
     doc = store.doc(split.train_rows, len(store))
     first_row = {}
     for offset, seq in enumerate(doc[:, 0].tolist()):
