@@ -39,13 +39,13 @@ STEP_BUFFERS = {
     ("relu", "float32"): (3.0, 0.0, 2.0),
     ("relu", "bfloat16"): (4.0, 1.0, 2.0),
     ("jumprelu", "float32"): (6.0, 0.0, 2.0),
-    ("jumprelu", "bfloat16"): (7.0, 1.0, 2.0),
+    ("jumprelu", "bfloat16"): (6.0, 1.0, 2.0),
     ("topk_sparse", "float32"): (1.92, 1.3, 4.37),
     ("topk_sparse", "bfloat16"): (1.92, 1.3, 4.37),
     ("topk_dense", "float32"): (3.83, 1.6, 5.24),
-    ("topk_dense", "bfloat16"): (4.83, 2.6, 5.24),
+    ("topk_dense", "bfloat16"): (3.83, 3.58, 5.24),  # as batchtopk (f32 alike)
     ("batchtopk", "float32"): (3.83, 1.6, 5.24),
-    ("batchtopk", "bfloat16"): (4.83, 2.6, 5.24),
+    ("batchtopk", "bfloat16"): (3.83, 3.58, 5.24),
 }
 
 
