@@ -47,3 +47,11 @@ def test_estimate_is_within_15_percent_of_the_compiled_step(tmp_path, arch, d_in
     host = est["host_bytes"]
     assert host["shuffle_groups"] == 2 * 4 * 512 * d_in * 4  # small_config: 4 blocks of 512
     assert host["total"] == host["shuffle_groups"] + host["ready_batches"]
+
+
+@pytest.mark.parametrize("arch", ["relu", "batchtopk"])
+def test_bfloat16_compute_is_estimated_too(tmp_path, arch):
+    sets = [f"sae.architecture={arch}", "sae.d_sae=1024", "sae.dtype=bfloat16"]
+    cfg = small_config("x.npy", str(tmp_path), *sets, "train.batch_size=512")
+    measured = compiled_step_bytes(cfg, 64)
+    assert estimate(cfg, 64)["bytes_per_device"]["total"] == pytest.approx(measured, rel=0.15)
