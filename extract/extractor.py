@@ -24,7 +24,7 @@ import numpy as np
 from extract.corpus import open_corpus
 from extract.hooks import Capture, hook_width, parse_hooks, validate_hooks
 from extract.models import BUILTIN_MODEL, load_model, resolve_device, resolve_model_dtype
-from extract.packing import pack_contexts, stored_positions, token_stream
+from extract.packing import first_stored_position, pack_contexts, stored_positions, token_stream
 from saejax import store as st
 from saejax.errors import SaejaxError
 
@@ -39,6 +39,7 @@ IDENTITY_KEYS = (
     "context_size",
     "prepend_bos",
     "bos_dropped",
+    "skip_positions",
     "corpus",
     "chunk_rows",
 )
@@ -64,6 +65,7 @@ class ExtractConfig:
     device: str | None = None  # torch device; None: cuda when torch sees a GPU, else cpu
     model_dtype: str | None = None  # the model's weights; None: bfloat16 on a GPU, else float32
     batch_tokens: int | None = None  # tokens per forward; when set, replaces batch_size
+    skip_positions: int = 0  # positions 0..N-1 of each context store no rows
 
 
 def contexts_per_forward(cfg: ExtractConfig) -> int:
@@ -133,6 +135,11 @@ def _validate_cheap(cfg: ExtractConfig) -> None:
         raise SaejaxError(
             f"--batch-tokens {cfg.batch_tokens} is less than one context ({cfg.context} tokens)"
         )
+    if not 0 <= cfg.skip_positions < cfg.context:
+        raise SaejaxError(
+            f"--skip-positions must be at least 0 and less than --context {cfg.context}, "
+            f"got {cfg.skip_positions}"
+        )
     parse_hooks(cfg.hooks)
     _check_output_path(cfg.out)
 
@@ -150,6 +157,7 @@ def _identity(
         revision=cfg.revision,
         prepend_bos=cfg.prepend_bos,
         bos_dropped=cfg.prepend_bos and not cfg.keep_bos,
+        skip_positions=cfg.skip_positions,
         corpus=corpus_desc,
     )
 
@@ -158,7 +166,7 @@ def _check_compatible(path: str, existing: dict, wanted: dict) -> None:
     diffs = [
         f"{k}: store has {existing.get(k)!r}, this run asks {wanted[k]!r}"
         for k in IDENTITY_KEYS
-        if existing.get(k) != wanted[k]
+        if existing.get(k, 0 if k == "skip_positions" else None) != wanted[k]
     ]
     if diffs:
         raise SaejaxError(
@@ -359,7 +367,7 @@ def run_extract(
     hook_d_in = {p.name: hook_width(p, model) for p in points}
     item = np.dtype(st.DTYPES[cfg.dtype]).itemsize
     drop_bos = cfg.prepend_bos and not cfg.keep_bos
-    rows_per_ctx = cfg.context - (1 if drop_bos else 0)
+    rows_per_ctx = cfg.context - first_stored_position(drop_bos, cfg.skip_positions)
     chunk_rows = st.rows_per_chunk(
         rows_per_ctx, int(cfg.chunk_mib * 2**20), max(hook_d_in.values()) * item
     )
@@ -494,7 +502,7 @@ def run_extract(
         nonlocal skip_rows, planned
         rows = []
         for i, ctx in enumerate(batch):
-            pos = stored_positions(ctx, drop_bos)
+            pos = stored_positions(ctx, drop_bos, cfg.skip_positions)
             if skip_rows:
                 pos, skip_rows = pos[skip_rows:], 0
             pos = pos[: max(0, cfg.tokens - planned)]

@@ -5,6 +5,10 @@ into one stream; each context takes the next `context_size - 1` tokens after a
 BOS (or `context_size` tokens when BOS is not prepended). Only the corpus's last
 context can be short; it is right-padded, and its padding rows are dropped
 (right padding cannot change earlier positions of a causal model).
+
+`skip_positions` N stores no rows for positions 0..N-1 of each context (SAELens's
+`seqpos_slice=(N, None)`): the first tokens after BOS are attention sinks whose
+activations have norms many times the rest and can hold most of the variance.
 """
 
 from __future__ import annotations
@@ -61,7 +65,11 @@ def pack_contexts(
         yield Context(index, ids, n_real)
 
 
-def stored_positions(ctx: Context, drop_bos: bool) -> np.ndarray:
+def first_stored_position(drop_bos: bool, skip_positions: int = 0) -> int:
+    """The first position of every context that becomes a store row."""
+    return max(1 if drop_bos else 0, skip_positions)
+
+
+def stored_positions(ctx: Context, drop_bos: bool, skip_positions: int = 0) -> np.ndarray:
     """Positions of a context that become store rows."""
-    first = 1 if drop_bos else 0
-    return np.arange(first, ctx.n_real)
+    return np.arange(first_stored_position(drop_bos, skip_positions), ctx.n_real)

@@ -67,6 +67,12 @@ def _extract_arguments(p) -> None:
         help="do not start each context with the BOS token",
     )
     p.add_argument("--keep-bos", action="store_true", help="keep BOS rows (dropped by default)")
+    p.add_argument(
+        "--skip-positions",
+        type=int,
+        default=0,
+        help="store no rows for the first N positions of each context (attention sinks)",
+    )
     p.add_argument("--chunk-mib", type=float, default=4.0, help="store chunk size per hook")
     p.add_argument("--out", required=True, help="store directory (or gs:// / s3:// prefix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,6 +101,7 @@ def _extract(args) -> int:
         device=args.device,
         model_dtype=args.model_dtype,
         batch_tokens=args.batch_tokens,
+        skip_positions=args.skip_positions,
     )
     meta = run_extract(cfg, progress=not args.quiet)
     print(describe(ActivationStore.open(args.out)))

@@ -374,10 +374,14 @@ def _select_and_decode_local(params, x, scores, k: int):
 def _select_and_decode_sharded(params, x, scores, k: int):
     """Inside shard_map, latents split over "model": each shard's top k, the global top k
     of the candidates, then each shard decodes the selected latents it holds and the
-    partial reconstructions are summed over "model"."""
+    partial reconstructions are summed over "model".
+
+    A shard narrower than k (or AuxK's aux_k) offers all its latents: min(k, width)
+    candidates per shard is exact, since no shard can place more than its width in the
+    global top k, and there are k or more candidates whenever d_sae >= k."""
     shard = jax.lax.axis_index("model")
     width = scores.shape[1]
-    local_values, local_idx = _top_k(scores, k, params["b_enc"])
+    local_values, local_idx = _top_k(scores, min(k, width), params["b_enc"])
     candidates = jax.lax.all_gather(local_values, "model", axis=1, tiled=True)
     candidate_idx = jax.lax.all_gather(local_idx + shard * width, "model", axis=1, tiled=True)
     values, pick = _top_k(candidates, k)

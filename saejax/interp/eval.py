@@ -1,14 +1,30 @@
 """`saejax eval RUN`: an SAE judged by the language model it came from.
 
-On held-out sequences of the run's store (the validation rows: the end of the store,
-never trained on), the model runs three times per batch: clean, with the SAE's
-reconstruction substituted at its hook, and with the hook zero-ablated. Reported:
-cross-entropy of each, KL(clean ‖ spliced) and KL(clean ‖ zero) per token, and
-    CE loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
-(1: the SAE loses nothing; 0: as bad as deleting the activation). The BOS position is
-left clean when the store dropped BOS rows, since the SAE never saw one. Alongside,
-the SAE's own held-out metrics (MSE, FVU, L0, dead and dense fractions, density
-histogram) in model units.
+On held-out sequences of the run's store (the validation rows: the end of the store, never
+trained on), the model runs clean, with the SAE's reconstruction substituted at its hook, and
+with the hook zero-ablated. The conventions are SAELens's (sae_lens/evals.py,
+`get_recons_loss` and `get_downstream_reconstruction_metrics`), so the numbers compare with
+papers, SAEBench and Neuronpedia:
+
+- The splice replaces the activation at every position except those whose input token is a
+  special token of the tokenizer (BOS, EOS, PAD, ...), which keep their clean activation
+  (SAELens's default `exclude_special_tokens=True`: `torch.where(mask, sae_out, act)`).
+- The zero-ablation baseline zeroes the hook at EVERY position, BOS included.
+- Scored positions: CE and KL are averaged over the positions whose input token is not
+  special; CE over the positions that predict a next token, KL over all of them (the last
+  position too), as SAELens does.
+- `ce_loss_recovered` = (CE_zero − CE_spliced) / (CE_zero − CE_clean) and
+  `kl_div_score` = (KL_zero − KL_spliced) / KL_zero (1: the SAE loses nothing; 0: as bad as
+  deleting the activation).
+- Beside them, `ce_zero_bos_kept` / `kl_zero_bos_kept` / `ce_loss_recovered_bos_kept`: the
+  baseline zero-ablates only the positions the splice replaces (BOS and other special
+  positions keep their clean activation). This was saejax's headline before; it is the
+  harder baseline (a zero reconstruction scores 0 on it exactly).
+
+eval_lm.json records the convention (`scored_positions`, `special_token_ids`) and the ids
+of the evaluated sequences. Alongside, the SAE's own held-out metrics (train.evaluate:
+explained variance, FVU with and without outlier rows, median relative error, L0, ...) in
+model units.
 """
 
 from __future__ import annotations
@@ -22,29 +38,55 @@ from saejax.errors import SaejaxError
 from saejax.interp.lm import load_cached, model_for
 from saejax.io import write_json
 
+SCORED_POSITIONS = (
+    "positions whose input token is not a special token; CE over those that predict a next "
+    "token, KL over all of them (SAELens's exclude_special_tokens=True)"
+)
+
 
 def held_out_sequences(store, validation_tokens: int, limit: int) -> list[tuple[int, int]]:
     """(sequence id, one of its rows) for whole sequences inside the validation rows."""
     from saejax.train.data import split_rows
 
-    split = split_rows(len(store), validation_tokens)
+    split = split_rows(len(store), validation_tokens, store)
     doc = store.doc(split.train_rows, len(store))
     first_row = {}
     for offset, seq in enumerate(doc[:, 0].tolist()):
         first_row.setdefault(seq, split.train_rows + offset)
     seqs = sorted(first_row)
-    if split.train_rows > 0 and len(seqs) > 1:
-        seqs = seqs[1:]  # the first may have begun in the training rows
+    if split.train_rows > 0 and seqs:
+        before = int(store.doc(split.train_rows - 1, split.train_rows)[0, 0])
+        if before == seqs[0]:
+            seqs = seqs[1:]  # the first began in the training rows
     return [(s, first_row[s]) for s in seqs[:limit]]
 
 
-def _token_losses(logits, ids):
-    """Per-position next-token CE and log-probabilities."""
+def special_token_ids(tokenizer) -> list[int]:
+    """Every special token id the tokenizer names (as SAELens's get_special_token_ids)."""
+    ids = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)}
+    ids |= {getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "unk_token_id", None)}
+    ids |= set(getattr(tokenizer, "all_special_ids", []) or [])
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def _log_probs(model, ids):
     import torch
 
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return ce, logp
+    logits = model(input_ids=ids, use_cache=False).logits
+    return torch.log_softmax(logits.float(), -1).cpu()  # scored on the host beside the mask
+
+
+def _scores(logp_clean, logp, ids, mask) -> tuple[float, float, int, int]:
+    """(CE sum, KL(clean ‖ logp) sum, CE count, KL count) over the scored positions."""
+    ce = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+    ce_mask = mask[:, :-1]
+    return (
+        float(ce[ce_mask].sum()),
+        float(kl[mask].sum()),
+        int(ce_mask.sum()),
+        int(mask.sum()),
+    )
 
 
 def run_lm_eval(
@@ -65,22 +107,19 @@ def run_lm_eval(
     from extract.hooks import Splice, parse_hooks, validate_hooks
 
     meta = store.meta
+    first_kept = 1 if meta.get("prepend_bos") and meta.get("bos_dropped", True) else 0
+    if int(meta.get("skip_positions") or 0) > first_kept:
+        raise SaejaxError(
+            f"the store {store.path} skipped the first {meta['skip_positions']} positions of "
+            "each context, so it cannot rebuild the model's inputs for the LM eval"
+        )
     loaded = load_cached(*model_for(sae.info, meta, model_name), model_dtype, device)
     point = parse_hooks(hook)[0]
     validate_hooks([point], loaded.model)
-    keep_first_clean = bool(meta.get("prepend_bos")) and bool(meta.get("bos_dropped", True))
+    special = special_token_ids(loaded.tokenizer)
     sequences = held_out_sequences(store, validation_tokens, n_sequences)
     if not sequences:
         raise SaejaxError(f"the store {store.path} has no whole held-out sequence to evaluate on")
-
-    def spliced(fn):
-        def replace(t):
-            out = fn(t)
-            if keep_first_clean:
-                out = torch.cat([t[:, :1], out[:, 1:]], dim=1)
-            return out
-
-        return replace
 
     def reconstruct(t):
         """The SAE runs in JAX on float32 host arrays; its output goes back where t lives."""
@@ -88,8 +127,10 @@ def run_lm_eval(
         recon = np.array(sae.reconstruct(flat), np.float32).reshape(t.shape)  # a writable copy
         return torch.from_numpy(recon).to(device=t.device, dtype=t.dtype)
 
-    totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl_spliced": 0.0, "kl_zero": 0.0}
-    n_tokens = 0
+    names = ("clean", "spliced", "zero", "zero_bos_kept")
+    ce = dict.fromkeys(names, 0.0)
+    kl = dict.fromkeys(names, 0.0)
+    n_ce = n_kl = 0
     inputs = [store.sequence_input(seq, row) for seq, row in sequences]
     by_length: dict[int, list] = {}
     for ids in inputs:
@@ -102,32 +143,54 @@ def run_lm_eval(
     model = loaded.model
     with torch.inference_mode():
         for group in tqdm(batches, desc="eval", disable=not progress, file=sys.stderr):
-            ids = torch.tensor(np.stack(group), dtype=torch.long).to(loaded.device)
-            ce_clean, logp_clean = _token_losses(model(input_ids=ids, use_cache=False).logits, ids)
-            with Splice(model, point, spliced(reconstruct)):
-                ce_sae, logp_sae = _token_losses(model(input_ids=ids, use_cache=False).logits, ids)
-            with Splice(model, point, spliced(torch.zeros_like)):
-                ce_zero, logp_zero = _token_losses(
-                    model(input_ids=ids, use_cache=False).logits, ids
-                )
-            p_clean = logp_clean.exp()
-            totals["ce_clean"] += float(ce_clean.sum())
-            totals["ce_spliced"] += float(ce_sae.sum())
-            totals["ce_zero"] += float(ce_zero.sum())
-            totals["kl_spliced"] += float((p_clean * (logp_clean - logp_sae)).sum())
-            totals["kl_zero"] += float((p_clean * (logp_clean - logp_zero)).sum())
-            n_tokens += ce_clean.numel()
-    out = {k: v / n_tokens for k, v in totals.items()}
-    gap = out["ce_zero"] - out["ce_clean"]
-    out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / gap if gap > 0 else None
+            ids = torch.tensor(np.stack(group), dtype=torch.long)
+            mask = ~torch.isin(ids, torch.tensor(special, dtype=torch.long))
+            keep = mask[..., None].to(loaded.device)  # where the splice acts
+            ids_on_model = ids.to(loaded.device)
+
+            def only_scored(fn, keep=keep):
+                return lambda t: torch.where(keep, fn(t), t)
+
+            logp = {"clean": _log_probs(model, ids_on_model)}
+            for name, fn in (
+                ("spliced", only_scored(reconstruct)),
+                ("zero", torch.zeros_like),
+                ("zero_bos_kept", only_scored(torch.zeros_like)),
+            ):
+                with Splice(model, point, fn):
+                    logp[name] = _log_probs(model, ids_on_model)
+            for name in names:
+                c, k, nc, nk = _scores(logp["clean"], logp[name], ids, mask)
+                ce[name] += c
+                kl[name] += k
+            n_ce, n_kl = n_ce + nc, n_kl + nk
+    if n_ce == 0:
+        raise SaejaxError("the held-out sequences have no position to score (all special tokens)")
+    out = {f"ce_{name}": ce[name] / n_ce for name in names}
+    out.update({f"kl_{name}": kl[name] / n_kl for name in names[1:]})
+    out["ce_loss_recovered"] = _recovered(out["ce_zero"], out["ce_spliced"], out["ce_clean"])
+    out["ce_loss_recovered_bos_kept"] = _recovered(
+        out["ce_zero_bos_kept"], out["ce_spliced"], out["ce_clean"]
+    )
+    out["kl_div_score"] = _recovered(out["kl_zero"], out["kl_spliced"], 0.0)
     out.update(
         sequences=len(inputs),
-        predicted_tokens=n_tokens,
+        sequence_ids=[int(s) for s, _ in sequences],
+        predicted_tokens=n_ce,
+        kl_tokens=n_kl,
+        scored_positions=SCORED_POSITIONS,
+        special_token_ids=special,
+        zero_ablation="every position",
         model=loaded.model_id,
         hook=hook,
-        bos_left_clean=keep_first_clean,
+        bos_left_clean=bool(meta.get("prepend_bos")),
     )
     return out
+
+
+def _recovered(baseline: float, spliced: float, clean: float) -> float | None:
+    gap = baseline - clean
+    return (baseline - spliced) / gap if gap > 0 else None
 
 
 def resolve_run_store(run: str, sae, store_path: str | None = None):

@@ -29,7 +29,7 @@ DATA_KEYS = ("data_rows", "train_rows", "validation_rows")  # absent from older 
 def data_identity(source, data_cfg) -> dict:
     """The rows a run trains and validates on: the store's complete rows (meta n_tokens, or
     the array's length) and the train/validation split."""
-    split = split_rows(source.n_rows, data_cfg.validation_tokens)
+    split = split_rows(source.n_rows, data_cfg.validation_tokens, source.store)
     return {
         "data_rows": int(source.n_rows),
         "train_rows": split.train_rows,

@@ -8,7 +8,11 @@ exactly the batches an uninterrupted run would have seen. A background thread
 reads the next group (TensorStore reads overlap), checks it for NaN/Inf, and
 prepares batches ahead of the training step.
 
-The last `validation_tokens` rows are held out and never trained on.
+The last `validation_tokens` rows are held out and never trained on. In a store (which
+knows each row's sequence) the split moves back to the start of the sequence that would
+straddle it, so no document feeds both training and validation; a .npy file is split at
+the row count. Every training row is trained on once per epoch: the last block may be
+shorter than `block_rows` (its group is then shorter too).
 """
 
 from __future__ import annotations
@@ -80,9 +84,24 @@ class Split:
     validation_rows: int
 
 
-def split_rows(n_rows: int, validation_tokens: int) -> Split:
+def split_rows(n_rows: int, validation_tokens: int, store: ActivationStore | None = None) -> Split:
+    """The last `validation_tokens` rows (at most a fifth) are held out; with a `store`, the
+    cut moves back to the first row of the sequence it would otherwise cut through."""
     held = min(validation_tokens, n_rows // 5)
-    return Split(n_rows - held, held)
+    cut = n_rows - held
+    if store is not None and 0 < cut < n_rows:
+        cut = sequence_start(store, cut)
+    return Split(cut, n_rows - cut)
+
+
+def sequence_start(store: ActivationStore, row: int) -> int:
+    """The first row of the sequence that holds `row` (rows of a sequence are contiguous);
+    `row` itself when that sequence began at row 0 (nothing would be left to train on)."""
+    lo = max(0, row - int(store.meta.get("context_size") or 0) - 1)
+    seqs = store.doc(lo, row + 1)[:, 0]
+    other = np.flatnonzero(seqs != seqs[-1])
+    start = lo + int(other[-1]) + 1 if len(other) else lo
+    return start if start > 0 else row
 
 
 class BatchPlan:
@@ -107,8 +126,13 @@ class BatchPlan:
         self.shuffle_blocks, self.seed = shuffle_blocks, seed
         self.row_offset = row_offset  # first row of this plan's slice of the store
         self._key = [seed] if stream is None else [seed, 1_000_003, stream]
-        self.n_blocks = train_rows // self.block_rows  # a ragged last block is dropped
-        self.epoch_rows = self.n_blocks * self.block_rows
+        self.n_blocks = -(-train_rows // self.block_rows)  # the last block may be short
+        self.epoch_rows = train_rows
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Rows [start, stop) of a block, relative to `row_offset`."""
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.train_rows)
 
     def groups(self, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng(self._key + [epoch]).permutation(self.n_blocks)
@@ -122,10 +146,13 @@ class BatchPlan:
     def locate(self, batch_index: int) -> tuple[int, int, int]:
         """(epoch, group, offset within the group's shuffled rows) of a batch's first row."""
         position = batch_index * self.batch_size
-        epoch, within = divmod(position, self.epoch_rows)
-        group_rows = self.shuffle_blocks * self.block_rows
-        group, offset = divmod(within, group_rows)
-        return epoch, group, offset
+        epoch, offset = divmod(position, self.epoch_rows)
+        for group, blocks in enumerate(self.groups(epoch)):
+            rows = sum(stop - start for start, stop in map(self.block_range, blocks))
+            if offset < rows:
+                return epoch, group, offset
+            offset -= rows
+        raise AssertionError("unreachable: offset < epoch_rows")
 
 
 Piece = tuple[np.ndarray, np.ndarray]  # (a group's rows in read order, indices into them)
@@ -155,7 +182,7 @@ class Loader:
         slices: list[int] | None = None,
     ):
         self.source, self.cfg = source, cfg
-        split = split_rows(source.n_rows, cfg.validation_tokens)
+        split = split_rows(source.n_rows, cfg.validation_tokens, source.store)
         if n_slices == 1:
             self.plans = [
                 BatchPlan(
@@ -187,13 +214,11 @@ class Loader:
 
     def _start_group(self, plan: BatchPlan, epoch: int, group: int):
         """Issue the reads of one shuffle group; returns what `_finish_group` waits on."""
-        br, first_row = plan.block_rows, plan.row_offset
+        first_row = plan.row_offset
+        ranges = [plan.block_range(b) for b in plan.groups(epoch)[group]]
         return [
-            (
-                first_row + b * br,
-                self.source.read_async(first_row + b * br, first_row + (b + 1) * br),
-            )
-            for b in plan.groups(epoch)[group]
+            (first_row + start, self.source.read_async(first_row + start, first_row + stop))
+            for start, stop in ranges
         ]
 
     def _finish_group(self, plan: BatchPlan, epoch: int, group: int, pending) -> Piece:
@@ -281,7 +306,7 @@ class Loader:
 
 
 def validation_rows(source: ArraySource, cfg: DataConfig, limit: int | None = None) -> np.ndarray:
-    split = split_rows(source.n_rows, cfg.validation_tokens)
+    split = split_rows(source.n_rows, cfg.validation_tokens, source.store)
     stop = source.n_rows if limit is None else min(source.n_rows, split.train_rows + limit)
     rows = source.read(split.train_rows, stop)
     check_finite(rows, split.train_rows, source.path)

@@ -81,7 +81,10 @@ def export_sparsify(sae_dir: str, out: str) -> str:
         "num_latents": spec.d_sae,
         "k": spec.k,
         "expansion_factor": spec.d_sae // spec.d_in,
-        "normalize_decoder": True,
+        # sparsify reads this as "decoder rows are unit-norm": true only when they are
+        "normalize_decoder": bool(
+            np.allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, rtol=0, atol=1e-4)
+        ),
         "multi_topk": False,
         "skip_connection": False,
         "hook": info.get("hook"),

@@ -161,6 +161,32 @@ def read_native(sae_dir: str) -> dict:
     return {"params": params, "spec": spec, "info": info}
 
 
+def saelens_input_convention(cfg: dict, w: dict, path: str) -> dict:
+    """SAELens weights made to act like saejax's encoder, or one line on what cannot be honoured.
+
+    saejax always encodes (x − b_dec) W_enc + b_enc. A SAELens SAE with
+    `apply_b_dec_to_input: false` (Gemma Scope, many third-party releases) encodes
+    x W_enc + b_enc; folding b_dec W_enc into b_enc gives exactly that pre-activation, so
+    thresholds and the top-k choice are unchanged. Input normalisation and reshaping have no
+    saejax counterpart here, so such folders are refused rather than silently misread.
+    """
+    norm = cfg.get("normalize_activations") or "none"
+    if norm != "none":
+        raise SaejaxError(
+            f"{path}: SAELens normalize_activations={norm!r} is not supported "
+            "(only 'none': fold the scaling into the weights first)"
+        )
+    reshape = cfg.get("reshape_activations") or "none"
+    if reshape != "none":
+        raise SaejaxError(f"{path}: SAELens reshape_activations={reshape!r} is not supported")
+    if cfg.get("apply_b_dec_to_input", True):
+        return w
+    w = dict(w)
+    b_dec = np.asarray(w["b_dec"], np.float64)
+    w["b_enc"] = (np.asarray(w["b_enc"], np.float64) + b_dec @ w["W_enc"]).astype(np.float32)
+    return w
+
+
 def load_sae(path: str) -> LoadedSAE:
     """Load a saejax run or SAE folder, a SAELens export or a sparsify export; damaged files
     are one SaejaxError."""
@@ -189,6 +215,7 @@ def _load_any(path: str) -> LoadedSAE:
         if arch == "jumprelu" and cfg.get("metadata", {}).get("saejax_architecture") == "batchtopk":
             arch = "batchtopk"
         spec = S.SAESpec(arch, int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k", 32)))
+        w = saelens_input_convention(cfg, w, path)
         return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, cfg)
     if "cfg.json" in files and "sae.safetensors" in files:
         with open(os.path.join(path, "cfg.json")) as f:

@@ -59,7 +59,7 @@ def checkpoint_info(cfg: RunConfig, d_in: int) -> dict:
 def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple[float, np.ndarray]:
     """(input scale, initial b_dec) from a seeded sample of training rows."""
     d_in = source.d_in
-    split = split_rows(source.n_rows, cfg.data.validation_tokens)
+    split = split_rows(source.n_rows, cfg.data.validation_tokens, source.store)
     sample = sample_rows(source, 16384, cfg.data.seed, split.train_rows)
     scale = 1.0
     if cfg.sae.scale_inputs:

@@ -1,11 +1,17 @@
 """The sweep's comparison: sweep.json, .csv and .md (a row per member: d_sae, k or λ, FVU,
-L0, dead and dense fractions, optionally CE loss recovered, the member's own step tokens/s
-and the sweep's wall time) and sweep.png (the FVU-L0 frontier per size, dead fraction and
-throughput against size)."""
+explained variance, FVU without outlier rows, median relative error, L0, the fraction of
+latents silent on the held-out rows and the dense fraction, optionally CE loss recovered,
+the member's own step tokens/s and the sweep's wall time) and sweep.png (the FVU-L0
+frontier per size, silent fraction and throughput against size).
+
+The held-out metrics a member's row lacks are read from its RUN/eval.json (train.evaluate
+writes them all there). `dead_fraction` in these rows is the eval's silent-latent fraction
+(`silent_in_eval_fraction`), not the training notion of dead."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from io import StringIO
 
@@ -18,6 +24,10 @@ COLUMNS = (
     "k",
     "l1",
     "fvu",
+    "explained_variance",
+    "fvu_without_outliers",
+    "outlier_rows",
+    "median_relative_error",
     "l0",
     "dead_fraction",
     "dense_fraction",
@@ -27,9 +37,35 @@ COLUMNS = (
     "run_dir",
 )
 
+# read from the member's eval.json when its row does not carry them
+EVAL_KEYS = (
+    "explained_variance",
+    "fvu_without_outliers",
+    "outlier_rows",
+    "median_relative_error",
+    "silent_in_eval_fraction",
+    "never_fired",
+)
+
+
+def with_eval_metrics(row: dict) -> dict:
+    """`row` completed with the held-out metrics of RUN/eval.json that it lacks."""
+    missing = [k for k in EVAL_KEYS if row.get(k) is None]
+    path = os.path.join(row.get("run_dir") or "", "eval.json")
+    if not missing or not row.get("run_dir") or not os.path.exists(path):
+        return row
+    with open(path) as f:
+        final = json.load(f)
+    return {**row, **{k: final.get(k) for k in missing}}
+
+
+def _num(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
 
 def write_table(rows: list[dict], out: str) -> None:
     """sweep.json, sweep.csv, sweep.md and sweep.png in OUT (each written whole, then renamed)."""
+    rows = [with_eval_metrics(r) for r in rows]
     io.write_json(os.path.join(out, "sweep.json"), {"members": rows})
     buf = StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
@@ -40,7 +76,7 @@ def write_table(rows: list[dict], out: str) -> None:
 
     has_ce = any(r.get("ce_loss_recovered") is not None for r in rows)
     head = (
-        "| d_sae | k / λ | FVU | L0 | dead | "
+        "| d_sae | k / λ | FVU | FVU w/o outliers | median rel. err | L0 | silent in eval | "
         + ("CE loss recovered | " if has_ce else "")
         + "tokens/s (alone) | run |"
     )
@@ -53,7 +89,9 @@ def write_table(rows: list[dict], out: str) -> None:
             else ("– | " if has_ce else "")
         )
         lines.append(
-            f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | {r['l0']:.1f} | "
+            f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | "
+            f"{_num(r.get('fvu_without_outliers'), '.4f')} | "
+            f"{_num(r.get('median_relative_error'), '.3f')} | {r['l0']:.1f} | "
             f"{r['dead_fraction']:.1%} | {ce}{r['tokens_per_s']:,.0f} | {r['run_dir']} |"
         )
     wall = next((r["sweep_wall_s"] for r in rows if r.get("sweep_wall_s") is not None), None)
@@ -84,7 +122,7 @@ def _plot(rows: list[dict], path: str) -> None:
     axes[0].set_title("FVU-L0 frontier per size")
     axes[0].legend(fontsize=7)
     for ax, key, title in (
-        (axes[1], "dead_fraction", "dead fraction"),
+        (axes[1], "dead_fraction", "latents silent on held-out rows"),
         (axes[2], "tokens_per_s", "training tokens/s (step alone)"),
     ):
         for knob in sorted({(r["k"], r["l1"]) for r in rows}, key=str):

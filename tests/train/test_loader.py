@@ -24,10 +24,7 @@ def reference_batches(plan: BatchPlan, n_batches: int) -> list[np.ndarray]:
     while len(stream) < n_batches * plan.batch_size:
         for g, blocks in enumerate(plan.groups(epoch)):
             ids = np.concatenate(
-                [
-                    plan.row_offset + np.arange(b * plan.block_rows, (b + 1) * plan.block_rows)
-                    for b in blocks
-                ]
+                [plan.row_offset + np.arange(*plan.block_range(b)) for b in blocks]
             )
             stream.extend(ids[plan.row_permutation(epoch, g, len(ids))])
         epoch += 1
