@@ -28,6 +28,7 @@ def _eval_arguments(p) -> None:
 
 def _eval(args) -> int:
     from saejax.interp.eval import evaluate_run
+    from saejax.train.evaluate import describe_metrics
 
     result = evaluate_run(
         args.run,
@@ -44,10 +45,7 @@ def _eval(args) -> int:
         return 0
     s, lm = result["sae"], result["lm"]
     recovered = lm["ce_loss_recovered"]
-    print(
-        f"sae          FVU {s['fvu']:.4f}   MSE {s['mse']:.4g}   L0 {s['l0']:.1f}   "
-        f"dead {s['dead_fraction']:.1%}   dense {s['dense_fraction']:.1%}   ({s['tokens']:,} rows)"
-    )
+    print(f"sae          {describe_metrics(s)}   ({s['tokens']:,} rows)")
     print(
         f"model        {lm['model']} at {lm['hook']}, {lm['sequences']} held-out sequences, "
         f"{lm['predicted_tokens']:,} predicted tokens"
@@ -57,6 +55,11 @@ def _eval(args) -> int:
         f"zero-ablated {lm['ce_zero']:.4f}"
     )
     print(f"KL           with SAE {lm['kl_spliced']:.4f}   zero-ablated {lm['kl_zero']:.4f}")
+    if lm.get("ce_loss_recovered_bos_kept") is not None:
+        print(
+            f"CE loss recovered, BOS left clean in the baseline "
+            f"{lm['ce_loss_recovered_bos_kept']:.4f}"
+        )
     print(
         "CE loss recovered "
         + (

@@ -43,6 +43,7 @@ def _train_arguments(p) -> None:
 def _train(args) -> int:
     from saejax.config import load_config
     from saejax.core.architectures import selects_top_k
+    from saejax.train.evaluate import describe_metrics
     from saejax.train.run import load_run_config, train
 
     if args.resume:
@@ -71,10 +72,7 @@ def _train(args) -> int:
             f"sae          {cfg.sae.architecture} d_in {result.spec.d_in} d_sae {result.spec.d_sae}"
             + (f" k {result.spec.k}" if selects_top_k(cfg.sae.architecture) else "")
         )
-        print(
-            f"validation   FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}"
-            f"   dense {m['dense_fraction']:.1%}   ({m['tokens']:,} held-out rows)"
-        )
+        print(f"validation   {describe_metrics(m)}   ({m['tokens']:,} held-out rows)")
         print(f"throughput   {m['tokens_per_s']:,.0f} tokens/s over the run")
     return 0
 

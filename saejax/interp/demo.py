@@ -24,6 +24,7 @@ def run_demo(
     """The whole flow; returns the report (also written to OUT/report.json)."""
     from extract.extractor import ExtractConfig, run_extract
     from saejax.store import ActivationStore, describe
+    from saejax.train.evaluate import describe_metrics
 
     os.makedirs(out, exist_ok=True)
     store_path = os.path.join(out, "store")
@@ -42,14 +43,22 @@ def run_demo(
         results[arch] = _train_one(store_path, run_dir, arch, extra, train_tokens, quiet)
         m = results[arch]
         print(
-            f"    FVU {m['fvu']:.4f}   L0 {m['l0']:.1f}   dead {m['dead_fraction']:.1%}   "
-            f"{m['tokens_per_s']:,.0f} tokens/s   ({time.time() - t1:.0f}s)"
+            f"    {describe_metrics(m)}   {m['tokens_per_s']:,.0f} tokens/s   "
+            f"({time.time() - t1:.0f}s)"
         )
         lm = _lm_eval_one(run_dir, store_path, quiet)
         m.update(
             {
                 k: lm[k]
-                for k in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "ce_loss_recovered")
+                for k in (
+                    "ce_clean",
+                    "ce_spliced",
+                    "ce_zero",
+                    "kl_spliced",
+                    "ce_loss_recovered",
+                    "ce_loss_recovered_bos_kept",
+                    "kl_div_score",
+                )
             }
         )
         print(
@@ -97,8 +106,9 @@ def run_demo(
     print(f"\nsummary ({time.time() - t0:.0f}s): store {store_path}; report {out}/report.json")
     for arch, m in results.items():
         print(
-            f"  {arch:6s} FVU {m['fvu']:.4f}  L0 {m['l0']:5.1f}  dead {m['dead_fraction']:6.1%}  "
-            f"CE loss recovered {m['ce_loss_recovered']:.4f}  -> {out}/runs/{arch}/sae"
+            f"  {arch:6s} FVU {m['fvu']:.4f} (without outliers {m['fvu_without_outliers']:.4f})  "
+            f"L0 {m['l0']:5.1f}  CE loss recovered {m['ce_loss_recovered']:.4f}  "
+            f"-> {out}/runs/{arch}/sae"
         )
     for r in sweep_rows:
         print(

@@ -124,3 +124,15 @@ def _outlier_share(row_sq, total, inliers, inlier_total) -> float:
 def evaluate(params, spec, input_scale, source, data_cfg) -> dict:
     rows = validation_rows(source, data_cfg)
     return evaluate_rows(params, spec, input_scale, rows)
+
+
+def describe_metrics(m: dict) -> str:
+    """One line of the held-out figures, as train, eval and the demo print them: FVU overall
+    and without outlier rows (attention sinks can carry most of the variance), explained
+    variance, L0, the median relative error and the latents silent on these rows."""
+    return (
+        f"FVU {m['fvu']:.4f} (without {m['outlier_rows']} outlier rows "
+        f"{m['fvu_without_outliers']:.4f})   explained variance {m['explained_variance']:.4f}   "
+        f"L0 {m['l0']:.1f}   median rel. error {m['median_relative_error']:.3f}   "
+        f"silent in eval {m['silent_in_eval_fraction']:.1%}"
+    )
