@@ -21,7 +21,7 @@ from typing import Literal
 
 import yaml
 
-from saejax.core.architectures import ARCHITECTURES
+from saejax.core.architectures import ARCHITECTURES, selects_top_k
 from saejax.errors import SaejaxError
 
 Architecture = Literal[ARCHITECTURES]  # the one list, kept in core/architectures.py
@@ -517,7 +517,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     s, t = cfg.sae, cfg.train
     _check_choices(cfg)
     _check_numbers(cfg)
-    if s.architecture in ("topk", "batchtopk") and not 0 < s.k <= s.d_sae:
+    if selects_top_k(s.architecture) and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
     if cfg.data.slices and t.batch_size % cfg.data.slices:
         raise SaejaxError(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax.core import cpu_kernels
-from saejax.core.architectures import has_threshold, uses_sparse_kernels
+from saejax.core.architectures import has_threshold, selects_top_k, uses_sparse_kernels
 from saejax.core.sharding import LATENT_SPECS, varying_axes
 
 
@@ -486,7 +486,7 @@ def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coe
     (_, (parts, fires, smallest, pre, err)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, x, spec, sparsity_coefficient
     )
-    if spec.architecture not in ("topk", "batchtopk"):
+    if not selects_top_k(spec.architecture):
         return parts, fires, smallest, grads
     variance = jnp.maximum(total_variance(x), 1e-12)
 

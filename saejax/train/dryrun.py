@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 
 from saejax.config import RunConfig
+from saejax.core.architectures import has_threshold, selects_top_k
 
 F32 = 4
 
@@ -56,7 +57,7 @@ def _ring(n: int, nbytes: float) -> float:
 def _step_kind(architecture: str, topk_kernel: str) -> str:
     if architecture == "topk":
         return "topk_sparse" if topk_kernel == "sparse" else "topk_dense"
-    return architecture if architecture in ("relu", "jumprelu") else "batchtopk"
+    return "batchtopk" if selects_top_k(architecture) else architecture
 
 
 def estimate(cfg: RunConfig, d_in: int, store_itemsize: int = F32) -> dict:
@@ -65,8 +66,8 @@ def estimate(cfg: RunConfig, d_in: int, store_itemsize: int = F32) -> dict:
     s, data, model = cfg.sae, cfg.mesh.data, cfg.mesh.model
     latents = s.d_sae // model
     rows = cfg.train.batch_size // data
-    has_threshold = s.architecture in ("jumprelu", "batchtopk")
-    params = F32 * (2 * d_in * latents + latents + d_in + (latents if has_threshold else 0))
+    threshold = has_threshold(s.architecture)
+    params = F32 * (2 * d_in * latents + latents + d_in + (latents if threshold else 0))
     b, c, e = STEP_BUFFERS[(_step_kind(s.architecture, s.topk_kernel), s.dtype)]
     per_device = {
         "parameters": params,
@@ -88,7 +89,7 @@ def estimate(cfg: RunConfig, d_in: int, store_itemsize: int = F32) -> dict:
         "reconstruction_sum_over_model": 2 * _ring(model, rows * d_in * F32),
         "topk_candidates_over_model": (
             (model - 1) * rows * s.k * (F32 + 4) + _ring(model, 2 * rows * s.k * (F32 + 4))
-            if s.architecture in ("topk", "batchtopk") and model > 1
+            if selects_top_k(s.architecture) and model > 1
             else 0.0
         ),
     }

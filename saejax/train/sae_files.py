@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from saejax import __version__, io
 from saejax.core import sae as S
-from saejax.core.architectures import ARCHITECTURES
+from saejax.core.architectures import ARCHITECTURES, selects_top_k
 from saejax.errors import SaejaxError
 
 
@@ -92,7 +92,7 @@ def fold_to_model_units(params: dict, spec: S.SAESpec, input_scale: float) -> tu
         out["threshold"] = p["threshold"].copy()
     norms = np.linalg.norm(out["W_dec"], axis=1)
     uniform = np.allclose(norms, norms.mean(), rtol=1e-5)
-    if spec.architecture in ("relu", "jumprelu") or uniform:
+    if not selects_top_k(spec.architecture) or uniform:
         c = np.maximum(norms, 1e-12)
         out["W_dec"] = out["W_dec"] / c[:, None]
         out["W_enc"] = out["W_enc"] * c[None, :]
