@@ -99,6 +99,9 @@ def _sweep_arguments(p) -> None:
     p.add_argument("--k", default="", help="comma list (topk/batchtopk)")
     p.add_argument("--l1", default="", help="comma list of λ (relu)")
     p.add_argument(
+        "--lr", default="", help="comma list of learning rates, crossed with the other lists"
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -135,6 +138,7 @@ def _sweep(args) -> int:
         _numbers(args.d_sae, int, "--d-sae"),
         _numbers(args.k, int, "--k"),
         _numbers(args.l1, float, "--l1"),
+        _numbers(args.lr, float, "--lr"),
     )
     rows = run_sweep(base, grid, args.out, progress=not args.quiet, force=args.force)
     if args.ce:

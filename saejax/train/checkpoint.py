@@ -16,6 +16,7 @@ changed since is refused unless forced.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,6 +36,15 @@ def data_identity(source, data_cfg) -> dict:
         "train_rows": split.train_rows,
         "validation_rows": split.validation_rows,
     }
+
+
+class CheckpointDamaged(SaejaxError):
+    """A checkpoint that does not read back whole."""
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class Checkpointer:
@@ -79,14 +89,40 @@ class Checkpointer:
         step: int | None = None,
         force_data: bool = False,
     ):
-        """The state at `step` (default the latest), once its sidecar agrees with
-        `expected_info`; a changed data identity is accepted only with `force_data`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """The state at `step`, or at the newest checkpoint that reads back whole: a damaged
+        checkpoint (a crash, a bad disk) is reported in one line and deleted, and the one
+        before it is used. The sidecar must agree with `expected_info`; a changed data
+        identity is accepted only with `force_data`."""
+        if step is not None:
+            return self._restore_at(step, state_template, expected_info, force_data)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise SaejaxError(f"no checkpoint in {self.directory} to resume from")
-        info = self.manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))[
-            "info"
-        ]
+        for i, s in enumerate(steps):
+            try:
+                return self._restore_at(s, state_template, expected_info, force_data)
+            except CheckpointDamaged as e:
+                if i + 1 == len(steps):
+                    raise SaejaxError(
+                        f"every checkpoint in {self.directory} is damaged (the oldest, step {s}: "
+                        f"{e}); start the run again in a new run directory"
+                    ) from None
+                print(
+                    f"saejax: warning: the checkpoint at step {s} is damaged ({e}); "
+                    f"resuming from step {steps[i + 1]}",
+                    file=sys.stderr,
+                )
+                self.manager.delete(s)
+
+    def _restore_at(self, step: int, state_template, expected_info: dict, force_data: bool):
+        try:
+            info = self.manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))[
+                "info"
+            ]
+        except Exception as e:  # orbax raises many types for a damaged folder
+            raise CheckpointDamaged(_first_line(e)) from None
+        if not isinstance(info, dict):
+            raise CheckpointDamaged("its info sidecar is not a JSON object")
         data_diffs = [
             f"{k} {info[k]} → {expected_info[k]}"
             for k in DATA_KEYS
@@ -112,10 +148,9 @@ class Checkpointer:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )
-        except (ValueError, KeyError, TypeError) as e:
-            raise SaejaxError(
-                f"cannot restore the checkpoint at step {step} in {self.directory}: "
-                f"{str(e).splitlines()[0]}"
+        except Exception as e:
+            raise CheckpointDamaged(
+                f"cannot restore step {step} in {self.directory}: {_first_line(e)}"
             ) from None
         return restored["state"], info
 

@@ -25,7 +25,7 @@ from saejax.core import sharding as SH
 from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.checkpoint import Checkpointer, data_identity
-from saejax.train.data import ArraySource, Loader
+from saejax.train.data import ArraySource, Loader, split_rows, validation_rows
 from saejax.train.loop import Member, finish, run_loop
 from saejax.train.metrics import MetricsLogger
 from saejax.train.rundir import (
@@ -147,6 +147,7 @@ def _train(
         raise SaejaxError(
             f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has d_in {source.d_in}"
         )
+    _check_held_out(source, cfg, is_main)
     _check_run_dir(cfg, resume)
     changes = check_resume_config(load_run_config(cfg.run_dir), cfg, force) if resume else {}
     if n_procs > 1:  # nobody writes into the run directory before everyone has checked it
@@ -270,3 +271,17 @@ def _logger(cfg: RunConfig, total_steps: int, start_step: int, created: Created,
     for name in ("tensorboard", "wandb"):
         created.add(os.path.join(cfg.run_dir, name))
     return MetricsLogger(cfg, total_steps, start_step, d_in=d_in)
+
+
+def _check_held_out(source: ArraySource, cfg: RunConfig, say: bool) -> None:
+    """Read the held-out rows before training: a NaN there fails now, not after the run; and
+    say when fewer rows are held out than data.validation_tokens asks (at most a fifth)."""
+    split = split_rows(source.n_rows, cfg.data.validation_tokens, source.store)
+    validation_rows(source, cfg.data)  # raises with the row number of a NaN/Inf row
+    if say and split.validation_rows < cfg.data.validation_tokens:
+        print(
+            f"saejax: note: data.validation_tokens is {cfg.data.validation_tokens:,} but "
+            f"{source.path} has {source.n_rows:,} rows: holding out {split.validation_rows:,} "
+            "(at most a fifth, ending on a sequence boundary) for the final evaluation",
+            file=sys.stderr,
+        )

@@ -46,19 +46,35 @@ from saejax.train.setup import checkpoint_info, data_statistics, prepare, resamp
 
 
 def members_of(
-    arch: str, d_saes: list[int], ks: list[int], l1s: list[float]
+    arch: str, d_saes: list[int], ks: list[int], l1s: list[float], lrs: list[float] = ()
 ) -> list[tuple[str, dict]]:
-    """(member name, config values) for every combination of the sizes with k or λ."""
+    """(member name, config values) for every combination of the sizes with k (TopK family)
+    or λ (relu), and with the learning rates when given."""
     if not d_saes:
         raise SaejaxError("--d-sae needs at least one size, e.g. --d-sae 1024,2048,4096")
+    if ks and not selects_top_k(arch):
+        raise SaejaxError(f"--k applies to topk and batchtopk, not {arch}")
+    if l1s and not has_l1_penalty(arch):
+        raise SaejaxError(f"--l1 applies to relu, not {arch}")
     if selects_top_k(arch) and ks:
-        return [(f"d{d}_k{k}", {"sae.d_sae": d, "sae.k": k}) for d, k in product(d_saes, ks)]
-    if has_l1_penalty(arch) and l1s:
-        return [
+        grid = [(f"d{d}_k{k}", {"sae.d_sae": d, "sae.k": k}) for d, k in product(d_saes, ks)]
+    elif l1s:
+        grid = [
             (f"d{d}_l1_{l1:g}", {"sae.d_sae": d, "sae.l1_coefficient": l1})
             for d, l1 in product(d_saes, l1s)
         ]
-    return [(f"d{d}", {"sae.d_sae": d}) for d in d_saes]
+    else:
+        grid = [(f"d{d}", {"sae.d_sae": d}) for d in d_saes]
+    if lrs:
+        grid = [
+            (f"{name}_lr{lr:g}", {**values, "train.lr": lr})
+            for (name, values), lr in product(grid, lrs)
+        ]
+    names = [name for name, _ in grid]
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise SaejaxError(f"the sweep lists a member twice ({', '.join(repeated)})")
+    return grid
 
 
 def run_sweep(

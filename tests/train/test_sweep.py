@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from helpers import superposition_data
 
 from saejax.cli import main
@@ -89,3 +90,24 @@ def test_stopped_sweep_resumes_to_the_uninterrupted_result(tmp_path):
                 a[key], b[key], rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}"
             )
     assert [r["fvu"] for r in resumed] == [r["fvu"] for r in whole]
+
+
+def test_the_grid_crosses_sizes_with_k_or_l1_and_learning_rates():
+    from saejax.errors import SaejaxError
+    from saejax.train.sweep import members_of
+
+    grid = members_of("topk", [64, 128], [4], [], [1e-3, 3e-3])
+    assert [name for name, _ in grid] == [
+        "d64_k4_lr0.001",
+        "d64_k4_lr0.003",
+        "d128_k4_lr0.001",
+        "d128_k4_lr0.003",
+    ]
+    assert grid[1][1] == {"sae.d_sae": 64, "sae.k": 4, "train.lr": 3e-3}
+    for bad, message in (
+        (lambda: members_of("topk", [64], [], [2.0]), "--l1 applies to relu"),
+        (lambda: members_of("relu", [64], [4], []), "--k applies to topk"),
+        (lambda: members_of("topk", [128, 128], [], []), "lists a member twice"),
+    ):
+        with pytest.raises(SaejaxError, match=message):
+            bad()

@@ -134,3 +134,22 @@ def test_mesh_needs_the_devices_it_names(capsys, rows_path, tmp_path):
         "--set=train.batch_size=384",
     )
     check(code, err, "not divisible by mesh.model 3")
+
+
+def test_nan_in_the_held_out_rows_fails_before_training(capsys, tmp_path):
+    rows, _ = superposition_data(6000, d=16, m=32, p=0.1)
+    rows[5990, 2] = np.nan  # in the held-out rows at the end
+    path = tmp_path / "bad.npy"
+    np.save(path, rows)
+    code, err = run_train(capsys, *base(str(path), tmp_path / "r"))
+    check(code, err, "row 5990")
+    assert not (tmp_path / "r" / "checkpoints").exists()  # found before any training
+
+
+def test_a_capped_held_out_set_is_said(capsys, tmp_path):
+    rows, _ = superposition_data(6000, d=16, m=32, p=0.1)
+    path = tmp_path / "small.npy"
+    np.save(path, rows)
+    args = [*base(str(path), tmp_path / "r"), "--set=data.validation_tokens=4000"]
+    assert main(["train", *args]) == 0
+    assert "validation_tokens is 4,000 but" in capsys.readouterr().err
