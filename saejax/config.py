@@ -190,8 +190,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if s.d_sae <= 0:
         raise SaejaxError(f"sae.d_sae must be positive, got {s.d_sae}")
-    if s.topk_kernel not in ("sparse", "dense"):
-        raise SaejaxError(f"unknown sae.topk_kernel '{s.topk_kernel}'; choose sparse or dense")
+    if s.topk_kernel not in ("sparse", "dense", "pallas", "auto"):
+        raise SaejaxError(
+            f"unknown sae.topk_kernel '{s.topk_kernel}'; choose sparse, dense, pallas or auto"
+        )
     if s.architecture in ("topk", "batchtopk") and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
     if s.b_dec_init not in ("geometric_median", "mean", "zeros"):
