@@ -273,12 +273,12 @@ def markdown(results: dict) -> str:
         "## Training step, bfloat16 (tokens/s; % of the bf16 matmul peak on the same shape)",
         "",
         "| d_in | d_sae | batch | implementation | arch | TopK kernel | tokens/s | ms/step "
-        "| % of peak | peak TFLOP/s |",
+        "| % of peak | peak GFLOP/s |",
         "|---:|---:|---:|---|---|---|---:|---:|---:|---:|",
     ]
     for group in results["steps"]:
         peak = group.get("peak_flops")
-        peak_s = f"{peak / 1e12:.1f}" if peak else "—"
+        peak_s = f"{peak / 1e9:,.0f}" if peak else "—"
         if "error" in group:
             lines.append(
                 f"| {group['d_in']} | {group['d_sae']:,} | {group['batch']} | saejax | all | | "

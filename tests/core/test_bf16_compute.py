@@ -2,6 +2,7 @@
 output, gradients included, while parameters, gradients and the threshold stay float32."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def dots(fn, *args):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "dot_general":
                 found.append(eqn)
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
