@@ -278,8 +278,9 @@ def matmul(a, b, compute_dtype: str = "float32"):
     float32: a plain float32 dot. bfloat16: bf16 × bf16 with float32 accumulation and output
     (`preferred_element_type`), the fast form on CPUs with bf16 dot instructions (about 2.5x
     the bf16 → bf16 dot on XLA:CPU, whose output rounding also costs accuracy) and on
-    GPU/TPU. Its gradients are the same form through a custom_vjp: jax.grad of a dot with
-    preferred_element_type would upcast both operands and run float32 dots.
+    GPU/TPU. Its gradients go through a custom_vjp (jax.grad of a dot with
+    preferred_element_type would upcast both operands and run float32 dots): g · bᵀ in the
+    same form, aᵀ · g (the weight gradient, contracting the batch) in `_weight_grad_dtype`.
     """
     if jnp.dtype(compute_dtype) == jnp.float32:
         return a.astype(jnp.float32) @ b.astype(jnp.float32)
@@ -302,10 +303,20 @@ def _mixed_matmul_fwd(a, b, compute_dtype):
     return _mixed_matmul(a, b, compute_dtype), (a, b)
 
 
+def _weight_grad_dtype(compute_dtype: str) -> str:
+    """The operand dtype of aᵀ · g, the fastest with float32 accumulation on the backend.
+
+    XLA:CPU has no fast bf16 form for a dot that contracts the leading (batch) axis of both
+    operands: measured at [4096, 576]ᵀ × [4096, 18432], bf16 → float32 runs 15-20% slower
+    than casting both to float32 (BENCHMARKS.md), so the CPU takes float32 there. GPUs and
+    TPUs run bf16 operands at several times the float32 rate."""
+    return "float32" if jax.default_backend() == "cpu" else compute_dtype
+
+
 def _mixed_matmul_bwd(compute_dtype, residual, g):
     a, b = residual
     da = _dot_f32(g, b, ((1,), (1,)), compute_dtype)  # g · bᵀ
-    db = _dot_f32(a, g, ((0,), (0,)), compute_dtype)  # aᵀ · g
+    db = _dot_f32(a, g, ((0,), (0,)), _weight_grad_dtype(compute_dtype))  # aᵀ · g
     return da.astype(a.dtype), db.astype(b.dtype)
 
 

@@ -1,5 +1,7 @@
-"""bfloat16 compute: every matmul of the step is bf16 × bf16 with float32 accumulation and
-output, gradients included, while parameters, gradients and the threshold stay float32."""
+"""bfloat16 compute: every matmul of the step has float32 accumulation and output, in its
+fastest form (bf16 operands; on the CPU the weight gradients, which contract the batch, in
+float32 operands: S._weight_grad_dtype), while parameters, gradients and the threshold stay
+float32."""
 
 import jax
 import jax.extend.core
@@ -38,8 +40,19 @@ def test_matmul_rounds_operands_to_bf16_and_returns_float32():
     np.testing.assert_array_equal(np.asarray(S.matmul(a, b)), a @ b)  # float32: a plain dot
 
 
-def test_matmul_gradients_are_bf16_dots_with_float32_output():
-    """jax.grad of a dot with preferred_element_type would upcast to float32 dots."""
+def fast_operands(eqn) -> bool:
+    """bf16 operands, or float32 ones for a weight gradient (contracting axis 0 of both) where
+    the backend runs those faster (the CPU)."""
+    dtypes = [v.aval.dtype for v in eqn.invars]
+    if dtypes == [jnp.bfloat16] * 2:
+        return True
+    contracting = eqn.params["dimension_numbers"][0]
+    weight_grad = contracting == ((0,), (0,))
+    return weight_grad and S._weight_grad_dtype("bfloat16") == "float32"
+
+
+def test_matmul_gradients_are_fast_dots_with_float32_output():
+    """jax.grad of a dot with preferred_element_type would upcast every dot to float32."""
     rng = np.random.default_rng(1)
     a = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
@@ -51,8 +64,11 @@ def test_matmul_gradients_are_bf16_dots_with_float32_output():
     grad = jax.grad(loss, argnums=(0, 1))
     found = dots(grad, a, b)
     assert len(found) == 3  # the forward and the two gradients
-    for eqn in found:
+    forward, d_a = found[0], found[1]
+    for eqn in (forward, d_a):  # x · W and g · Wᵀ: bf16 operands everywhere
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2
+    for eqn in found:
+        assert fast_operands(eqn), eqn
         assert eqn.outvars[0].aval.dtype == jnp.float32
     da, db = grad(a, b)
     assert da.dtype == db.dtype == jnp.float32
@@ -81,8 +97,9 @@ def test_step_matmuls_are_fast_bf16_dots_and_gradients_stay_float32(arch, kernel
     ]
     assert len(big) >= 6
     for eqn in big:
-        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+        assert fast_operands(eqn), eqn
         assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+    assert sum(e.invars[0].aval.dtype == jnp.bfloat16 for e in big) >= 4
     parts, _, _, grads = jax.jit(run)(params, x)
     assert np.isfinite(float(parts["loss"]))
     for name, grad in grads.items():
