@@ -21,13 +21,13 @@ from typing import Literal
 
 import yaml
 
-from saejax.core.architectures import ARCHITECTURES, selects_top_k
+from saejax.core.architectures import ARCHITECTURES, TOPK_KERNELS, selects_top_k
 from saejax.errors import SaejaxError
 
 Architecture = Literal[ARCHITECTURES]  # the one list, kept in core/architectures.py
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 Dtype = Literal["float32", "bfloat16"]
-TopkKernel = Literal["sparse", "dense"]
+TopkKernel = Literal[TOPK_KERNELS]
 LrSchedule = Literal["constant", "cosine", "linear", "wsd"]
 Distributed = Literal["off", "auto"]
 
@@ -115,7 +115,10 @@ class SAEConfig:
     )
     dtype: Dtype = setting("float32", "compute dtype of the matmuls; master weights stay float32")
     topk_kernel: TopkKernel = setting(
-        "sparse", "topk: sparse (gather/scatter on the k selected) or dense matmuls"
+        "sparse",
+        "topk: sparse (gather/scatter on the k selected; C++ on the CPU, XLA's primitives "
+        "elsewhere), pallas (Pallas kernels; interpret mode on the CPU), auto (the measured "
+        "fastest: as sparse until Pallas is measured on an accelerator), or dense matmuls",
     )
 
 

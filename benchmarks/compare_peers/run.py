@@ -2,6 +2,7 @@
 
     python benchmarks/compare_peers/run.py                      # d_in 576, batch 4096, fp32
     python benchmarks/compare_peers/run.py --d-sae 4608 --rounds 2 --steps 2
+    python benchmarks/compare_peers/run.py --dtype bfloat16     # peers under torch.autocast
 
 The peers live in a virtual environment of their own (default ~/.cache/saejax-peers,
 created on first use: the CPU torch 2.13.0, then `sae-lens` and `eai-sparsify` from PyPI).
@@ -107,6 +108,12 @@ def main(argv=None) -> int:
     p.add_argument("--d-sae", default="4608,18432")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: saejax's bf16 compute; the peers under torch.autocast(cpu, bfloat16)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--venv", default=os.path.expanduser("~/.cache/saejax-peers"))
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
     pythons["sparsify"] = pythons["saelens"]
     versions = peer_versions(pythons["saelens"])
     print(
-        f"peers: {versions}; d_in {args.d_in}, batch {args.batch}, float32, CPU threads "
+        f"peers: {versions}; d_in {args.d_in}, batch {args.batch}, {args.dtype}, CPU threads "
         f"{os.cpu_count()}",
         flush=True,
     )
@@ -133,6 +140,7 @@ def main(argv=None) -> int:
                 "d_sae": d_sae,
                 "batch": args.batch,
                 "k": args.k,
+                "dtype": args.dtype,
             }
             r = compare(case, impls, pythons, args.rounds, args.steps)
             results.append(r)
@@ -143,7 +151,7 @@ def main(argv=None) -> int:
             print(f"{arch:<5} d_sae {d_sae:>6}: {shown}   saejax {ratios}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"versions": versions, "results": results}, f, indent=1)
+            json.dump({"versions": versions, "dtype": args.dtype, "results": results}, f, indent=1)
     return 0
 
 

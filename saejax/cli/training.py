@@ -161,7 +161,9 @@ def _bench_arguments(p) -> None:
         "--arch", default="relu,topk", help="comma list of relu, topk, batchtopk, jumprelu"
     )
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--topk-kernel", default="sparse", help="sparse or dense")
+    p.add_argument(
+        "--topk-kernel", default="sparse", help="sparse, pallas, auto or dense (sae.topk_kernel)"
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument(
         "--store",
@@ -179,7 +181,7 @@ def _bench_arguments(p) -> None:
 
 
 def _bench(args) -> int:
-    from saejax.core.architectures import ARCHITECTURES, selects_top_k
+    from saejax.core.architectures import ARCHITECTURES, TOPK_KERNELS, selects_top_k
     from saejax.train.bench import StepShape, run_bench
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -189,8 +191,10 @@ def _bench(args) -> int:
     sizes = _numbers(args.d_sae, int, "--d-sae")
     if args.dtype not in ("float32", "bfloat16"):
         raise SaejaxError(f"unknown --dtype '{args.dtype}'; choose float32 or bfloat16")
-    if args.topk_kernel not in ("sparse", "dense"):
-        raise SaejaxError(f"unknown --topk-kernel '{args.topk_kernel}'; choose sparse or dense")
+    if args.topk_kernel not in TOPK_KERNELS:
+        raise SaejaxError(
+            f"unknown --topk-kernel '{args.topk_kernel}'; choose {', '.join(TOPK_KERNELS)}"
+        )
     if (
         not sizes
         or min(sizes) < 1

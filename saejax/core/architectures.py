@@ -7,6 +7,10 @@ maths in `core.sae` without importing an accelerator runtime.
 from __future__ import annotations
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+# TopK's paths: "dense" matmuls (the reference), or the sparse gather/scatter on the k selected
+# latents through "sparse" (the backend's own kernels: C++ on the CPU, XLA's primitives
+# elsewhere), "pallas", or "auto" (the path measured fastest for the backend)
+TOPK_KERNELS = ("auto", "sparse", "pallas", "dense")
 
 
 def selects_top_k(architecture: str) -> bool:
@@ -22,7 +26,7 @@ def has_threshold(architecture: str) -> bool:
 def uses_sparse_kernels(architecture: str, topk_kernel: str) -> bool:
     """Only TopK trains through the sparse gather/scatter kernels (BatchTopK's per-row
     counts vary, so it trains densely)."""
-    return architecture == "topk" and topk_kernel == "sparse"
+    return architecture == "topk" and topk_kernel != "dense"
 
 
 def has_l1_penalty(architecture: str) -> bool:

@@ -1,15 +1,15 @@
 """Pallas kernels for the sparse TopK step: top-k, row gathers, row dots, row scatter-adds.
 
-The same four operations as the C++ CPU kernels (`saejax.cpu_kernels`), with the same
-signatures, output shapes and dtypes, so that either can stand behind the four dispatch
-points of `saejax/sae.py`:
+The same four operations as the C++ CPU kernels (`saejax.core.cpu_kernels`), with the same
+signatures, output shapes and dtypes, so that either stands behind the four dispatch
+points of `saejax/core/sae.py` (`sae.topk_kernel: pallas` picks these):
 
     _top_k                      -> top_k(x, k, bias)
     _gather_rows_weighted       -> gather_rows(weights, idx, table)
     backward of sparse_decode   -> row_dots(g, idx, W_dec), scatter_rows(acts, idx, g, d_sae)
     backward of selected_preacts-> scatter_rows(g, idx, x - b_dec, d_sae, transposed=True)
 
-(nothing is wired there yet). Every function takes `interpret`: None (the default) runs the
+Every function takes `interpret`: None (the default) runs the
 kernels in Pallas interpret mode when JAX's default backend is the CPU and compiles them
 otherwise; True or False forces it. `available(backend)` says where they can run.
 
@@ -52,7 +52,8 @@ Under jax.shard_map the operands are cast to vary over the same mesh axes and th
 typed to vary over them, so the compiled kernels trace under check_vma=True (tested: the
 trace, not a GPU run). Interpret mode there needs check_vma=False: JAX's Pallas interpreter
 re-evaluates a kernel traced without mesh axes on varying blocks and rejects them, so
-the functions raise NotImplementedError instead.
+the functions raise NotImplementedError instead; sae.py's model-sharded shard_map therefore
+runs with check_vma=False when these kernels are interpreted (`interpret_default()`).
 
 Shapes that do not divide the blocks are padded up (only then: dimensions that are powers of
 two, or multiples of a smaller power-of-two block, are not copied) and results are sliced
@@ -102,9 +103,14 @@ def available(backend: str) -> bool:
     return False
 
 
+def interpret_default() -> bool:
+    """True when the kernels run in interpret mode unless told otherwise (a CPU backend)."""
+    return jax.default_backend() == "cpu"
+
+
 # ---- helpers ------------------------------------------------------------------------
 def _interpret(interpret) -> bool:
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+    return interpret_default() if interpret is None else bool(interpret)
 
 
 def _check_block(name: str, block: int) -> None:

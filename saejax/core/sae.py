@@ -18,8 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.core import cpu_kernels
-from saejax.core.architectures import has_threshold, selects_top_k, uses_sparse_kernels
+from saejax.core import cpu_kernels, pallas_kernels
+from saejax.core.architectures import (
+    TOPK_KERNELS,
+    has_threshold,
+    selects_top_k,
+    uses_sparse_kernels,
+)
 from saejax.core.sharding import LATENT_SPECS, varying_axes
 
 
@@ -34,15 +39,46 @@ class SAESpec:
     aux_k: int = 256
     jumprelu_bandwidth: float = 1e-3
     compute_dtype: str = "float32"
-    sparse_topk: bool = True  # topk trains through the sparse kernels (dense: the reference)
+    # topk: "dense" (the reference), or the sparse path through "sparse" (the backend's own
+    # kernels), "pallas", or "auto" (the measured fastest); see `sparse_kernels`
+    topk_kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.topk_kernel not in TOPK_KERNELS:
+            raise ValueError(f"topk_kernel must be one of {TOPK_KERNELS}, got {self.topk_kernel!r}")
 
     @property
     def uses_sparse_kernels(self) -> bool:
-        return uses_sparse_kernels(self.architecture, "sparse" if self.sparse_topk else "dense")
+        return uses_sparse_kernels(self.architecture, self.topk_kernel)
+
+    @property
+    def kernels(self) -> str:
+        """The sparse kernels a trace uses: "cpp", "pallas" or "xla" (see `sparse_kernels`)."""
+        return sparse_kernels(self.topk_kernel)
 
     @property
     def has_threshold(self) -> bool:
         return has_threshold(self.architecture)
+
+
+def sparse_kernels(topk_kernel: str) -> str:
+    """Which implementation stands behind the sparse TopK step on the default backend.
+
+    "pallas": saejax.core.pallas_kernels (interpret mode on the CPU, Triton on a GPU).
+    "sparse" and "auto": the C++ kernels on the CPU when they build, else XLA's primitives
+    (top_k, gathers, scatter-add). "auto" is the measured fastest: on the CPU the C++
+    kernels (BENCHMARKS.md); on a GPU XLA's primitives stay the default until someone
+    measures the Pallas kernels there (benchmarks/gpu/ does); on TPU Pallas has no kernels
+    (no vector gathers in Mosaic). Returns "cpp", "pallas" or "xla".
+    """
+    if topk_kernel == "pallas":
+        return "pallas"
+    return "cpp" if cpu_kernels.enabled() else "xla"
+
+
+def _kernel_module(kernels: str):
+    """The module with top_k/gather_rows/row_dots/scatter_rows for `kernels`; None for XLA."""
+    return {"cpp": cpu_kernels, "pallas": pallas_kernels}.get(kernels)
 
 
 class SparseAutoencoder(nn.Module):
@@ -126,8 +162,10 @@ step_fn.defvjp(_step_fwd, _step_bwd)
 
 
 # ---- sparse TopK kernels: after the encoder matmul, cost grows with k, not d_sae ----
-@jax.custom_vjp
-def selected_preacts(x, b_dec, W_enc, b_enc, idx, values):
+# Each dispatch point takes `kernels` ("cpp", "pallas" or "xla", from SAESpec.kernels): the
+# C++ and Pallas modules share one signature per operation; "xla" is the pure-JAX reference.
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def selected_preacts(x, b_dec, W_enc, b_enc, idx, values, kernels):
     """Pre-activations `values` [B, k] of the latents `idx` [B, k], with sparse gradients.
 
     The forward pass returns `values` unchanged: they come from the dense encoder matmul,
@@ -148,17 +186,18 @@ def _match_varying_axes(cotangent, primal):
     return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
-def _selected_preacts_fwd(x, b_dec, W_enc, b_enc, idx, values):
+def _selected_preacts_fwd(x, b_dec, W_enc, b_enc, idx, values, kernels):
     return values, (x, b_dec, W_enc, b_enc, idx)
 
 
-def _selected_preacts_bwd(residual, g):
+def _selected_preacts_bwd(kernels, residual, g):
     x, b_dec, W_enc, b_enc, idx = residual
     d_sae = W_enc.shape[1]
     g = g.astype(jnp.float32)
     xc = x - b_dec
-    if cpu_kernels.enabled():  # written as [d_in, d_sae] directly
-        dW_enc, db_enc = cpu_kernels.scatter_rows(g, idx, xc, d_sae, transposed=True)
+    module = _kernel_module(kernels)
+    if module is not None:  # written as [d_in, d_sae] directly
+        dW_enc, db_enc = module.scatter_rows(g, idx, xc, d_sae, transposed=True)
     else:
         flat = idx.reshape(-1)
         updates = (g[:, :, None] * xc[:, None, :]).reshape(-1, xc.shape[-1])
@@ -179,14 +218,15 @@ def _selected_preacts_bwd(residual, g):
 selected_preacts.defvjp(_selected_preacts_fwd, _selected_preacts_bwd)
 
 
-def _gather_rows_weighted(weights, idx, table):
+def _gather_rows_weighted(weights, idx, table, kernels):
     """Σ_j weights[:, j, None]·table[idx[:, j]] as a scan over j.
 
     One [B]-row gather per j fuses with the multiply-add; gathering all [B, k] rows at
     once would materialise a [B, k, d] array (gigabytes at scale) first.
     """
-    if cpu_kernels.enabled():
-        return cpu_kernels.gather_rows(weights, idx, table)
+    module = _kernel_module(kernels)
+    if module is not None:
+        return module.gather_rows(weights, idx, table)
 
     def add_one(total, column):
         w, i = column
@@ -198,25 +238,26 @@ def _gather_rows_weighted(weights, idx, table):
     return jax.lax.scan(add_one, first, (weights[:, 1:].T, idx[:, 1:].T))[0]
 
 
-@jax.custom_vjp
-def sparse_decode(acts, idx, W_dec):
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sparse_decode(acts, idx, W_dec, kernels):
     """Σ_i acts[b, i]·W_dec[idx[b, i]]: only the k selected decoder rows of each input.
 
     Backward: d acts[b, i] = g[b]·W_dec[idx[b, i]] (a gather per i) and
     dW_dec[j] = Σ_{(b,i): idx=j} acts[b, i]·g[b] (a scatter-add into the selected rows).
     """
-    return _gather_rows_weighted(acts, idx, W_dec)
+    return _gather_rows_weighted(acts, idx, W_dec, kernels)
 
 
-def _sparse_decode_fwd(acts, idx, W_dec):
-    return _gather_rows_weighted(acts, idx, W_dec), (acts, idx, W_dec)
+def _sparse_decode_fwd(acts, idx, W_dec, kernels):
+    return _gather_rows_weighted(acts, idx, W_dec, kernels), (acts, idx, W_dec)
 
 
-def _sparse_decode_bwd(residual, g):
+def _sparse_decode_bwd(kernels, residual, g):
     acts, idx, W_dec = residual
-    if cpu_kernels.enabled():
-        d_acts = cpu_kernels.row_dots(g, idx, W_dec)
-        dW_dec = cpu_kernels.scatter_rows(acts, idx, g, W_dec.shape[0])[0]
+    module = _kernel_module(kernels)
+    if module is not None:
+        d_acts = module.row_dots(g, idx, W_dec)
+        dW_dec = module.scatter_rows(acts, idx, g, W_dec.shape[0])[0]
     else:
 
         def dot_one(_, i):
@@ -231,12 +272,62 @@ def _sparse_decode_bwd(residual, g):
 sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
+# ---- matmuls in the compute dtype, accumulated and returned in float32 ----------------
+def matmul(a, b, compute_dtype: str = "float32"):
+    """a @ b → float32, with both operands in `compute_dtype`.
+
+    float32: a plain float32 dot. bfloat16: bf16 × bf16 with float32 accumulation and output
+    (`preferred_element_type`), the fast form on CPUs with bf16 dot instructions (about 2.5x
+    the bf16 → bf16 dot on XLA:CPU, whose output rounding also costs accuracy) and on
+    GPU/TPU. Its gradients go through a custom_vjp (jax.grad of a dot with
+    preferred_element_type would upcast both operands and run float32 dots): g · bᵀ in the
+    same form, aᵀ · g (the weight gradient, contracting the batch) in `_weight_grad_dtype`.
+    """
+    if jnp.dtype(compute_dtype) == jnp.float32:
+        return a.astype(jnp.float32) @ b.astype(jnp.float32)
+    return _mixed_matmul(a, b, compute_dtype)
+
+
+def _dot_f32(a, b, dims, compute_dtype):
+    dt = jnp.dtype(compute_dtype)
+    return jax.lax.dot_general(
+        a.astype(dt), b.astype(dt), (dims, ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(a, b, compute_dtype):
+    return _dot_f32(a, b, ((1,), (0,)), compute_dtype)
+
+
+def _mixed_matmul_fwd(a, b, compute_dtype):
+    return _mixed_matmul(a, b, compute_dtype), (a, b)
+
+
+def _weight_grad_dtype(compute_dtype: str) -> str:
+    """The operand dtype of aᵀ · g, the fastest with float32 accumulation on the backend.
+
+    XLA:CPU has no fast bf16 form for a dot that contracts the leading (batch) axis of both
+    operands: measured at [4096, 576]ᵀ × [4096, 18432], bf16 → float32 runs 15-20% slower
+    than casting both to float32 (BENCHMARKS.md), so the CPU takes float32 there. GPUs and
+    TPUs run bf16 operands at several times the float32 rate."""
+    return "float32" if jax.default_backend() == "cpu" else compute_dtype
+
+
+def _mixed_matmul_bwd(compute_dtype, residual, g):
+    a, b = residual
+    da = _dot_f32(g, b, ((1,), (1,)), compute_dtype)  # g · bᵀ
+    db = _dot_f32(a, g, ((0,), (0,)), _weight_grad_dtype(compute_dtype))  # aᵀ · g
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
 # ---- the forward pass -------------------------------------------------------------
 def encoder_scores(params, x, spec: SAESpec):
     """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias."""
-    dt = jnp.dtype(spec.compute_dtype)
-    xc = (x - params["b_dec"]).astype(dt)
-    return (xc @ params["W_enc"].astype(dt)).astype(jnp.float32)
+    return matmul(x - params["b_dec"], params["W_enc"], spec.compute_dtype)
 
 
 def pre_activations(params, x, spec: SAESpec):
@@ -294,8 +385,7 @@ def activate(params, pre, spec: SAESpec, training: bool = True):
 
 
 def decode(params, f, spec: SAESpec):
-    dt = jnp.dtype(spec.compute_dtype)
-    return (f.astype(dt) @ params["W_dec"].astype(dt)).astype(jnp.float32) + params["b_dec"]
+    return matmul(f, params["W_dec"], spec.compute_dtype) + params["b_dec"]
 
 
 def encode(params, x, spec: SAESpec, training: bool = False):
@@ -319,8 +409,7 @@ def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
     pre = pre_activations(params, x, spec)
     dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
     f_aux = topk_activation(dead_pre, spec.aux_k)
-    dt = jnp.dtype(spec.compute_dtype)
-    residual_hat = (f_aux.astype(dt) @ params["W_dec"].astype(dt)).astype(jnp.float32)
+    residual_hat = matmul(f_aux, params["W_dec"], spec.compute_dtype)
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
@@ -347,8 +436,8 @@ def _model_shards() -> int:
     return 1 if mesh.empty or "model" not in mesh.axis_names else mesh.shape["model"]
 
 
-def _top_k(pre, k: int, bias=None):
-    """lax.top_k(pre + bias) (on CPU, the C++ kernel forms the sum as it scans).
+def _top_k(pre, k: int, bias=None, kernels: str = "xla"):
+    """lax.top_k(pre + bias) (the C++ and Pallas kernels form the sum as they scan).
 
     XLA's top_k sits behind an optimisation barrier: without it XLA:CPU fuses the selection into
     the gathers that consume it and redoes it per element (60x slower at small shapes).
@@ -356,22 +445,25 @@ def _top_k(pre, k: int, bias=None):
     (which its TopK decomposer cannot handle under SPMD)."""
     if bias is not None:  # selection only: gradients flow through selected_preacts
         bias = jax.lax.stop_gradient(bias)
-    if cpu_kernels.enabled():
-        return cpu_kernels.top_k(pre, k, bias)
+    module = _kernel_module(kernels)
+    if module is not None:
+        return module.top_k(pre, k, bias)
     values, idx = jax.lax.top_k(pre if bias is None else pre + bias, k)
     values, idx, _ = jax.lax.optimization_barrier((values, idx, jnp.zeros((), jnp.int32)))
     return values, idx
 
 
-def _select_and_decode_local(params, x, scores, k: int):
+def _select_and_decode_local(params, x, scores, k: int, kernels: str):
     """One device's share: Σ over the selected latents of acts·W_dec rows (no b_dec)."""
-    values, idx = _top_k(scores, k, params["b_enc"])
-    values = selected_preacts(x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values)
+    values, idx = _top_k(scores, k, params["b_enc"], kernels)
+    values = selected_preacts(
+        x, params["b_dec"], params["W_enc"], params["b_enc"], idx, values, kernels
+    )
     acts = jax.nn.relu(values)
-    return sparse_decode(acts, idx, params["W_dec"]), acts, idx
+    return sparse_decode(acts, idx, params["W_dec"], kernels), acts, idx
 
 
-def _select_and_decode_sharded(params, x, scores, k: int):
+def _select_and_decode_sharded(params, x, scores, k: int, kernels: str):
     """Inside shard_map, latents split over "model": each shard's top k, the global top k
     of the candidates, then each shard decodes the selected latents it holds and the
     partial reconstructions are summed over "model".
@@ -381,18 +473,24 @@ def _select_and_decode_sharded(params, x, scores, k: int):
     global top k, and there are k or more candidates whenever d_sae >= k."""
     shard = jax.lax.axis_index("model")
     width = scores.shape[1]
-    local_values, local_idx = _top_k(scores, min(k, width), params["b_enc"])
+    local_values, local_idx = _top_k(scores, min(k, width), params["b_enc"], kernels)
     candidates = jax.lax.all_gather(local_values, "model", axis=1, tiled=True)
     candidate_idx = jax.lax.all_gather(local_idx + shard * width, "model", axis=1, tiled=True)
-    values, pick = _top_k(candidates, k)
+    values, pick = _top_k(candidates, k, kernels=kernels)
     idx = jnp.take_along_axis(candidate_idx, pick, axis=1)  # global latent indices
     mine = (idx >= shard * width) & (idx < (shard + 1) * width)
     local = jnp.clip(idx - shard * width, 0, width - 1)
     values = selected_preacts(
-        x, params["b_dec"], params["W_enc"], params["b_enc"], local, jnp.where(mine, values, 0.0)
+        x,
+        params["b_dec"],
+        params["W_enc"],
+        params["b_enc"],
+        local,
+        jnp.where(mine, values, 0.0),
+        kernels,
     )
     acts_mine = jnp.where(mine, jax.nn.relu(values), 0.0)
-    partial = sparse_decode(acts_mine, local, params["W_dec"])
+    partial = sparse_decode(acts_mine, local, params["W_dec"], kernels)
     # each selected latent lives on exactly one shard: these sums assemble the full values
     # (and give them the replicated type shard_map's out_specs ask for)
     acts = jax.lax.psum(acts_mine, "model")
@@ -409,15 +507,20 @@ def select_and_decode(params, x, scores, k: int, spec: SAESpec):
     would gather every pre-activation onto every device).
     """
     scores = jax.lax.stop_gradient(scores)
+    kernels = spec.kernels
     if _model_shards() == 1:
-        return _select_and_decode_local(params, x, scores, k)
+        return _select_and_decode_local(params, x, scores, k, kernels)
     from jax.sharding import PartitionSpec as P
 
     specs = {name: LATENT_SPECS[name] for name in params}
     return jax.shard_map(
-        partial(_select_and_decode_sharded, k=k),
+        partial(_select_and_decode_sharded, k=k, kernels=kernels),
         in_specs=(specs, P("data", None), P("data", "model")),
         out_specs=(P("data", None), P("data", None), P("data", None)),
+        # Pallas's interpreter cannot type-check blocks that vary over mesh axes (see
+        # pallas_kernels._call): on the CPU that path runs unchecked, and shard_map's own
+        # transpose then sums the weight gradients over "data"
+        check_vma=not (kernels == "pallas" and pallas_kernels.interpret_default()),
     )(params, x, scores)
 
 

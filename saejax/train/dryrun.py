@@ -56,7 +56,7 @@ def _ring(n: int, nbytes: float) -> float:
 
 def _step_kind(architecture: str, topk_kernel: str) -> str:
     if architecture == "topk":
-        return "topk_sparse" if topk_kernel == "sparse" else "topk_dense"
+        return "topk_dense" if topk_kernel == "dense" else "topk_sparse"
     return "batchtopk" if selects_top_k(architecture) else architecture
 
 

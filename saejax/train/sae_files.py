@@ -152,7 +152,10 @@ def read_native(sae_dir: str) -> dict:
     try:
         with open(os.path.join(sae_dir, "sae.json")) as f:
             info = json.load(f)
-        spec = S.SAESpec(**info["spec"])
+        spec_fields = dict(info["spec"])
+        if "sparse_topk" in spec_fields:  # written before the kernel name replaced the flag
+            spec_fields["topk_kernel"] = "sparse" if spec_fields.pop("sparse_topk") else "dense"
+        spec = S.SAESpec(**spec_fields)
         float(info["input_scale"])
         params = load_file(weights)
     except _PARSE_ERRORS as e:

@@ -28,7 +28,7 @@ def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
         min(aux_k, cfg.d_sae),
         cfg.jumprelu_bandwidth,
         cfg.dtype,
-        cfg.topk_kernel == "sparse",
+        cfg.topk_kernel,
     )
 
 

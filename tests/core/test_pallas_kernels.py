@@ -154,16 +154,10 @@ def test_out_of_range_indices_follow_xla():
 
 
 def test_available_and_drop_in_signatures():
-    import importlib.util
     import inspect
 
-    cpu_kernels = importlib.import_module(
-        next(
-            m
-            for m in ("saejax.core.cpu_kernels", "saejax.cpu_kernels")
-            if importlib.util.find_spec(m)
-        )
-    )
+    from saejax.core import cpu_kernels
+
     assert K.available("cpu")
     assert not K.available("tpu")
     for name in ("top_k", "gather_rows", "row_dots", "scatter_rows"):
@@ -260,23 +254,17 @@ def test_kernels_under_shard_map_on_fake_devices():
     assert "mesh ok" in result.stdout
 
 
-def test_drop_in_for_the_cpu_kernels_in_the_training_loss(monkeypatch):
-    """Behind sae.py's four dispatch points (where the C++ kernels are called), the Pallas
-    kernels give the dense reference's loss, fire counts and gradients, AuxK included."""
+def test_wired_into_the_training_loss_as_topk_kernel_pallas():
+    """`topk_kernel="pallas"` puts these kernels behind sae.py's four dispatch points: the
+    dense reference's loss, fire counts and gradients, AuxK included (tests/core/
+    test_sparse_topk.py checks more cases, test_topk_kernels_mesh.py the sharded step)."""
     import dataclasses
-    import importlib.util
 
-    sae = next(
-        (m for m in ("saejax.core.sae", "saejax.sae") if importlib.util.find_spec(m) is not None),
-        None,
-    )
-    S = importlib.import_module(sae)
-    for name in ("top_k", "gather_rows", "row_dots", "scatter_rows"):
-        monkeypatch.setattr(S.cpu_kernels, name, getattr(K, name))
-    monkeypatch.setattr(S.cpu_kernels, "enabled", lambda: True)
-    jax.clear_caches()
-    sparse = S.SAESpec("topk", d_in=16, d_sae=96, k=4, aux_k=12, sparse_topk=True)
-    dense = dataclasses.replace(sparse, sparse_topk=False)
+    from saejax.core import sae as S
+
+    sparse = S.SAESpec("topk", d_in=16, d_sae=96, k=4, aux_k=12, topk_kernel="pallas")
+    assert sparse.kernels == "pallas"
+    dense = dataclasses.replace(sparse, topk_kernel="dense")
     rng = np.random.default_rng(0)
     params = S.init_params(sparse, jax.random.PRNGKey(0))
     params = {
@@ -289,7 +277,11 @@ def test_drop_in_for_the_cpu_kernels_in_the_training_loss(monkeypatch):
     dead = jnp.zeros(96, bool).at[jnp.arange(7) * 13].set(True)
     fn = jax.jit(S.loss_and_grads, static_argnums=2)
     got, ref = fn(params, x, sparse, dead, 0.0, 1 / 32), fn(params, x, dense, dead, 0.0, 1 / 32)
-    jax.clear_caches()
+    traced = str(
+        jax.make_jaxpr(S.loss_and_grads, static_argnums=2)(params, x, sparse, dead, 0.0, 0.1)
+    )
+    for name in ("saejax_top_k", "saejax_gather_rows", "saejax_row_dots", "saejax_scatter_rows"):
+        assert name in traced, name  # each dispatch point called its Pallas kernel
     assert float(ref[0]["aux_loss"]) > 0
     for key in ("loss", "aux_loss", "fvu"):
         np.testing.assert_allclose(got[0][key], ref[0][key], rtol=1e-5, err_msg=key)

@@ -29,9 +29,10 @@ def loss_and_grads(spec, params, x, dead):
     return parts["loss"], parts, fires, smallest, grads
 
 
-@pytest.fixture(params=["cpp", "xla"])
+@pytest.fixture(params=["cpp", "xla", "pallas"])
 def kernels(request, monkeypatch):
-    """Both implementations of the sparse kernels: the C++ CPU kernels and XLA's primitives."""
+    """Every implementation of the sparse kernels: the C++ CPU kernels, XLA's primitives and
+    the Pallas kernels (interpret mode here); yields the SAESpec.topk_kernel that picks it."""
     from saejax.core import cpu_kernels
 
     if request.param == "cpp" and not cpu_kernels.enabled():
@@ -39,14 +40,14 @@ def kernels(request, monkeypatch):
     if request.param == "xla":
         monkeypatch.setattr(cpu_kernels, "enabled", lambda: False)
     jax.clear_caches()
-    yield request.param
+    yield "pallas" if request.param == "pallas" else "sparse"
     jax.clear_caches()
 
 
 @pytest.mark.parametrize("n_dead", [0, 7, 200])
 def test_sparse_topk_equals_dense_reference(n_dead, kernels):
-    sparse = S.SAESpec("topk", d_in=48, d_sae=256, k=8, aux_k=24, sparse_topk=True)
-    dense = dataclasses.replace(sparse, sparse_topk=False)
+    sparse = S.SAESpec("topk", d_in=48, d_sae=256, k=8, aux_k=24, topk_kernel=kernels)
+    dense = dataclasses.replace(sparse, topk_kernel="dense")
     params = random_params(sparse)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(64, 48)), jnp.float32)
     dead = jnp.zeros(256, bool).at[jnp.arange(n_dead) * (256 // max(n_dead, 1))].set(True)
@@ -65,7 +66,7 @@ def test_sparse_topk_equals_dense_reference(n_dead, kernels):
 
 
 def test_sparse_encoder_gradient_touches_only_selected_latents(kernels):
-    spec = S.SAESpec("topk", d_in=16, d_sae=128, k=2, aux_k=8)
+    spec = S.SAESpec("topk", d_in=16, d_sae=128, k=2, aux_k=8, topk_kernel=kernels)
     params = random_params(spec, seed=3)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 16)), jnp.float32)
     *_, grads = loss_and_grads(spec, params, x, jnp.zeros(128, bool))
