@@ -14,7 +14,7 @@ import pytest
 
 from saejax import config as C
 from saejax.cli import main
-from saejax.core.architectures import ARCHITECTURES
+from saejax.core.architectures import ARCHITECTURES, TOPK_KERNELS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SECTIONS = (
@@ -99,7 +99,7 @@ def test_the_readme_table_is_the_output_of_saejax_config_markdown(capsys):
 def test_choices_come_from_the_types_and_architecture_from_core():
     hints = typing.get_type_hints(C.SAEConfig)
     assert C.choices_of(hints["architecture"]) == ARCHITECTURES
-    assert C.choices_of(hints["topk_kernel"]) == ("sparse", "dense")
+    assert C.choices_of(hints["topk_kernel"]) == TOPK_KERNELS
     with pytest.raises(C.SaejaxError, match=r"^sae.architecture must be one of relu, topk, batch"):
         C.load_config(None, ["data.path=x.npy", "sae.architecture=gated"])
 

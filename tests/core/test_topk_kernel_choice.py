@@ -18,7 +18,9 @@ def test_config_names_reach_the_spec(kernel):
 
 
 def test_unknown_kernel_is_one_clear_error():
-    with pytest.raises(SaejaxError, match="sparse, dense, pallas or auto"):
+    with pytest.raises(
+        SaejaxError, match="sae.topk_kernel must be one of auto, sparse, pallas, dense"
+    ):
         with_values(RunConfig(), {"sae.topk_kernel": "triton", "data.path": "x.npy"})
     with pytest.raises(ValueError, match="topk_kernel"):
         S.SAESpec("topk", 4, 8, topk_kernel="triton")
