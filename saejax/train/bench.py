@@ -50,6 +50,7 @@ def run_config(shape: StepShape, data_path: str = "", run_dir: str = ""):
             "sae.topk_kernel": shape.topk_kernel,
             "train.batch_size": shape.batch,
             "train.tokens": 1_000_000_000_000,
+            "train.lr_schedule": "constant",  # no decay to place in an endless run
             "train.log_every": 1_000_000,
             "train.checkpoint_every": 1_000_000,
             "train.resample.enabled": False,
