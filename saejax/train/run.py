@@ -147,7 +147,7 @@ def _train(
         raise SaejaxError(
             f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has d_in {source.d_in}"
         )
-    _check_held_out(source, cfg, is_main)
+    held_out_note = _check_held_out(source, cfg)
     _check_run_dir(cfg, resume)
     changes = check_resume_config(load_run_config(cfg.run_dir), cfg, force) if resume else {}
     if n_procs > 1:  # nobody writes into the run directory before everyone has checked it
@@ -172,6 +172,8 @@ def _train(
             io.write_text(created.add(os.path.join(cfg.run_dir, "config.yaml")), dump_yaml(cfg))
 
         start_step = int(SH.to_host(state.step, mesh))
+        if held_out_note and is_main:  # said once the run has passed its checks
+            print(held_out_note, file=sys.stderr)
         if changes and is_main:
             record_config_change(cfg, changes, start_step)
             print(f"saejax: note: config.yaml updated ({', '.join(changes)})", file=sys.stderr)
@@ -273,15 +275,15 @@ def _logger(cfg: RunConfig, total_steps: int, start_step: int, created: Created,
     return MetricsLogger(cfg, total_steps, start_step, d_in=d_in)
 
 
-def _check_held_out(source: ArraySource, cfg: RunConfig, say: bool) -> None:
-    """Read the held-out rows before training: a NaN there fails now, not after the run; and
-    say when fewer rows are held out than data.validation_tokens asks (at most a fifth)."""
+def _check_held_out(source: ArraySource, cfg: RunConfig) -> str | None:
+    """Read the held-out rows before training: a NaN there fails now, not after the run.
+    Returns a note when fewer rows are held out than data.validation_tokens asks."""
     split = split_rows(source.n_rows, cfg.data.validation_tokens, source.store)
     validation_rows(source, cfg.data)  # raises with the row number of a NaN/Inf row
-    if say and split.validation_rows < cfg.data.validation_tokens:
-        print(
-            f"saejax: note: data.validation_tokens is {cfg.data.validation_tokens:,} but "
-            f"{source.path} has {source.n_rows:,} rows: holding out {split.validation_rows:,} "
-            "(at most a fifth, ending on a sequence boundary) for the final evaluation",
-            file=sys.stderr,
-        )
+    if split.validation_rows >= cfg.data.validation_tokens:
+        return None
+    return (
+        f"saejax: note: data.validation_tokens is {cfg.data.validation_tokens:,} but "
+        f"{source.path} has {source.n_rows:,} rows: holding out {split.validation_rows:,} "
+        "(at most a fifth, ending on a sequence boundary) for the final evaluation"
+    )
