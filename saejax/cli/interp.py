@@ -134,18 +134,15 @@ def _features_arguments(p) -> None:
 
 def _features(args) -> int:
     from saejax.interp.features import latent_examples, latent_report
-    from saejax.train.sae_files import load_sae
 
-    if args.max_rows is not None and args.max_rows < 1:
-        raise SaejaxError(f"--max-rows must be at least 1, got {args.max_rows}")
-    d_sae = load_sae(args.run).spec.d_sae
-    for latent in args.show:
-        if not 0 <= latent < d_sae:
-            raise SaejaxError(
-                f"latent {latent} is out of range: the SAE has latents 0..{d_sae - 1}"
-            )
     result, store, scanned = latent_examples(
-        args.run, args.store, args.top, args.samples, args.max_rows, progress=sys.stderr.isatty()
+        args.run,
+        args.store,
+        args.top,
+        args.samples,
+        args.max_rows,
+        progress=sys.stderr.isatty(),
+        shown=args.show,
     )
     if scanned:
         print(

@@ -191,10 +191,12 @@ def latent_examples(
     samples: int = 64,
     max_rows: int | None = None,
     progress: bool = False,
+    shown: list[int] = (),
 ):
     """(result, store, scanned): the examples of every latent, from RUN/features/ when an
     earlier scan with the same parameters, SAE and store left them there, else from a new
-    scan (then saved there)."""
+    scan (then saved there). `shown` (latents the caller will print) are range-checked
+    before any scan."""
     from saejax.interp.eval import resolve_run_store
     from saejax.train.sae_files import load_sae
 
@@ -203,6 +205,11 @@ def latent_examples(
     if max_rows is not None and max_rows < 1:
         raise SaejaxError(f"--max-rows must be at least 1, got {max_rows}")
     sae = load_sae(run)
+    for latent in shown:
+        if not 0 <= latent < sae.spec.d_sae:
+            raise SaejaxError(
+                f"latent {latent} is out of range: the SAE has latents 0..{sae.spec.d_sae - 1}"
+            )
     store, hook = resolve_run_store(run, sae, store_path)
     rows = len(store) if max_rows is None else min(len(store), max_rows)
     key = examples_key(run, store, hook, top, samples, rows)
