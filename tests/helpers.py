@@ -1,6 +1,8 @@
 """Small builders shared by the tests (fixtures live in conftest.py)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -188,3 +190,23 @@ def trained_tiny_gpt2(model_dir, out_dir):
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+TRAINED_GPT2_HOOK = "blocks.1.hook_resid_post"  # the hook of the trained_gpt2_store fixture
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_fake_devices(args: list[str], devices: int = 8, timeout: float = 900):
+    """`python ARGS` in a fresh process that sees `devices` fake CPU devices (XLA reads the
+    flag once, at start-up, so a test process cannot change it for itself), with the
+    repository on its path. Returns the CompletedProcess (text output captured)."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
+    )
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )

@@ -1,15 +1,13 @@
 """The Pallas kernels (saejax/core/pallas_kernels.py), in interpret mode on the CPU, against
 lax and NumPy: inside jax.jit, and under jax.shard_map on a mesh of fake CPU devices."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_on_fake_devices
 
 from saejax.core import pallas_kernels as K
 
@@ -239,17 +237,7 @@ def test_kernels_under_shard_map_on_fake_devices():
     them: each shard's top k, gathers and scatter-adds of its own latents, with weights
     replicated over "data" next to rows split over it. Interpret mode runs only with
     check_vma=False (see pallas_kernels._call); with check_vma=True it says so."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", MESH_CHECK], capture_output=True, text=True, env=env, timeout=600
-    )
+    result = run_on_fake_devices(["-c", MESH_CHECK], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh ok" in result.stdout
 

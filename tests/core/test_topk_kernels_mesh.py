@@ -2,10 +2,9 @@
 2 model) mesh of 8 fake CPU devices: loss, fire counts and gradients equal the dense
 reference on one device, with 0, 7 and 200 dead latents (AuxK included)."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from helpers import run_on_fake_devices
 
 MESH_CHECK = textwrap.dedent("""
     import dataclasses
@@ -58,17 +57,7 @@ MESH_CHECK = textwrap.dedent("""
 
 
 def test_sparse_kernels_under_model_sharding_equal_dense_reference():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", MESH_CHECK], capture_output=True, text=True, env=env, timeout=900
-    )
+    result = run_on_fake_devices(["-c", MESH_CHECK], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok pallas") == 3, result.stdout
     assert result.stdout.count("ok xla") == 3, result.stdout

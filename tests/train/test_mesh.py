@@ -1,12 +1,10 @@
 """Sharded training on 8 fake CPU devices gives what one device gives."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import superposition_data
+from helpers import run_on_fake_devices, superposition_data
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
@@ -16,24 +14,8 @@ def run_meshes(tmp_path, arch, *runs, raw=False):
     if not data.exists():
         rows, _ = superposition_data(16384, d=32, m=128, p=0.03)
         np.save(data, rows)
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(SCRIPTS, "mesh_runs.py"),
-            str(data),
-            str(tmp_path),
-            arch,
-            *runs,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    result = run_on_fake_devices(
+        [os.path.join(SCRIPTS, "mesh_runs.py"), str(data), str(tmp_path), arch, *runs]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     if raw:

@@ -2,12 +2,10 @@
 1024 and d_sae 16k over 32 shards is the real case) trains, and trains as on one device."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
-from helpers import superposition_data
+from helpers import run_on_fake_devices, superposition_data
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,18 +37,7 @@ SCRIPT = textwrap.dedent(
 def test_topk_on_shards_narrower_than_k_and_aux_k(tmp_path):
     rows, _ = superposition_data(8192, d=32, m=128, p=0.03)
     np.save(tmp_path / "acts.npy", rows)
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "acts.npy"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = run_on_fake_devices(["-c", SCRIPT, str(tmp_path / "acts.npy"), str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 
