@@ -9,14 +9,15 @@ import pytest
 
 pytest.importorskip("torch")
 
-from extract.extractor import ExtractConfig, run_extract  # noqa: E402
+from helpers import TRAINED_GPT2_HOOK  # noqa: E402
+
 from saejax.cli import main  # noqa: E402
 from saejax.config import load_config  # noqa: E402
 from saejax.core import sae as S  # noqa: E402
 from saejax.store import ActivationStore  # noqa: E402
 from saejax.train.sae_files import save_sae  # noqa: E402
 
-HOOK = "blocks.1.hook_resid_post"
+HOOK = TRAINED_GPT2_HOOK
 
 
 def chromium() -> str:
@@ -45,22 +46,9 @@ def browser(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def dashboard(trained_gpt2, corpus_file, tmp_path_factory):
+def dashboard(trained_gpt2_store, tmp_path_factory):
     base = tmp_path_factory.mktemp("dash")
-    store_path = str(base / "store")
-    run_extract(
-        ExtractConfig(
-            out=store_path,
-            model=trained_gpt2,
-            corpus=corpus_file,
-            hooks=[HOOK],
-            tokens=3000,
-            context=32,
-            batch_size=4,
-            dtype="float32",
-        ),
-        progress=False,
-    )
+    store_path = trained_gpt2_store
     store = ActivationStore.open(store_path)
     d = store.d_in
     rng = np.random.default_rng(0)

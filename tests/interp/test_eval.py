@@ -7,34 +7,20 @@ import pytest
 
 pytest.importorskip("torch")
 
-from extract.extractor import ExtractConfig, run_extract  # noqa: E402
+from helpers import TRAINED_GPT2_HOOK  # noqa: E402
+
 from saejax.cli import main  # noqa: E402
 from saejax.config import load_config  # noqa: E402
 from saejax.core import sae as S  # noqa: E402
 from saejax.store import ActivationStore  # noqa: E402
 from saejax.train.sae_files import save_sae  # noqa: E402
 
-HOOK = "blocks.1.hook_resid_post"
+HOOK = TRAINED_GPT2_HOOK
 
 
 @pytest.fixture(scope="module")
-def gpt2_store(trained_gpt2, corpus_file, tmp_path_factory):
-    model_dir = trained_gpt2
-    out = tmp_path_factory.mktemp("lm_eval") / "store"
-    run_extract(
-        ExtractConfig(
-            out=str(out),
-            model=model_dir,
-            corpus=corpus_file,
-            hooks=[HOOK],
-            tokens=3000,
-            context=32,
-            batch_size=4,
-            dtype="float32",
-        ),
-        progress=False,
-    )
-    return str(out)
+def gpt2_store(trained_gpt2_store):
+    return trained_gpt2_store
 
 
 def write_sae(run_dir, store_path, W_enc, W_dec):
