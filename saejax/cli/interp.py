@@ -234,12 +234,20 @@ def _demo_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=250_000, help="rows to extract")
     p.add_argument("--train-tokens", type=int, default=1_000_000, help="tokens per SAE")
     p.add_argument("--quiet", action="store_true")
+    model_device_arguments(p)
 
 
 def _demo(args) -> int:
     from saejax.interp.demo import run_demo
 
-    run_demo(args.out, args.tokens, args.train_tokens, quiet=args.quiet)
+    run_demo(
+        args.out,
+        args.tokens,
+        args.train_tokens,
+        quiet=args.quiet,
+        device=args.device,
+        model_dtype=args.model_dtype,
+    )
     return 0
 
 

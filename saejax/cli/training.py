@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from saejax.cli.command import Command
+from saejax.cli.data import model_device_arguments
 from saejax.errors import SaejaxError
 
 
@@ -112,6 +113,7 @@ def _sweep_arguments(p) -> None:
     p.add_argument("--out", required=True, help="folder of the member runs and the table")
     p.add_argument("--ce", action="store_true", help="also CE loss recovered per member")
     p.add_argument("--ce-sequences", type=int, default=16, help="held-out sequences for --ce")
+    model_device_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
         "--force",
@@ -140,14 +142,22 @@ def _sweep(args) -> int:
         _numbers(args.l1, float, "--l1"),
         _numbers(args.lr, float, "--lr"),
     )
+    if args.ce:  # a device that is not there fails before the sweep trains
+        from extract.models import resolve_device
+
+        resolve_device(args.device)
     rows = run_sweep(base, grid, args.out, progress=not args.quiet, force=args.force)
     if args.ce:
         from saejax.interp.eval import evaluate_run
 
         for r in rows:
-            r["ce_loss_recovered"] = evaluate_run(r["run_dir"], sequences=args.ce_sequences)["lm"][
-                "ce_loss_recovered"
-            ]
+            lm = evaluate_run(
+                r["run_dir"],
+                sequences=args.ce_sequences,
+                device=args.device,
+                model_dtype=args.model_dtype,
+            )["lm"]
+            r["ce_loss_recovered"] = lm["ce_loss_recovered"]
     write_table(rows, args.out)
     return 0
 

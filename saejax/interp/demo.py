@@ -19,18 +19,33 @@ CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
 
 
 def run_demo(
-    out: str = "demo_out", tokens: int = 250_000, train_tokens: int = 1_000_000, quiet: bool = False
+    out: str = "demo_out",
+    tokens: int = 250_000,
+    train_tokens: int = 1_000_000,
+    quiet: bool = False,
+    device: str | None = None,
+    model_dtype: str | None = None,
 ) -> dict:
-    """The whole flow; returns the report (also written to OUT/report.json)."""
+    """The whole flow; returns the report (also written to OUT/report.json).
+
+    `device` and `model_dtype` are the language model's (extraction, CE eval, dashboard,
+    decorrelation); None takes extract.models' defaults (cuda with bfloat16 when torch sees
+    a GPU, else the CPU in float32). The SAEs train on JAX's default backend."""
     from extract.extractor import ExtractConfig, run_extract
+    from extract.models import resolve_device, resolve_model_dtype
     from saejax.store import ActivationStore, describe
     from saejax.train.evaluate import describe_metrics
 
+    device = resolve_device(device)  # a device that is not there fails before any work
+    model_dtype = resolve_model_dtype(model_dtype, device)
+    lm = {"device": device, "model_dtype": model_dtype}
     os.makedirs(out, exist_ok=True)
     store_path = os.path.join(out, "store")
     t0 = time.time()
     print(f"[1] extract {tokens:,} rows of {DEMO_HOOK} from the built-in model -> {store_path}")
-    run_extract(ExtractConfig(out=store_path, hooks=[DEMO_HOOK], tokens=tokens), progress=not quiet)
+    run_extract(
+        ExtractConfig(out=store_path, hooks=[DEMO_HOOK], tokens=tokens, **lm), progress=not quiet
+    )
     store = ActivationStore.open(store_path)
     print(describe(store))
     print(f"    done in {time.time() - t0:.0f}s")
@@ -46,10 +61,10 @@ def run_demo(
             f"    {describe_metrics(m)}   {m['tokens_per_s']:,.0f} tokens/s   "
             f"({time.time() - t1:.0f}s)"
         )
-        lm = _lm_eval_one(run_dir, store_path, quiet)
+        splice = _lm_eval_one(run_dir, store_path, quiet, lm)
         m.update(
             {
-                k: lm[k]
+                k: splice[k]
                 for k in (
                     "ce_clean",
                     "ce_spliced",
@@ -62,9 +77,10 @@ def run_demo(
             }
         )
         print(
-            f"    CE loss recovered {lm['ce_loss_recovered']:.4f}   KL {lm['kl_spliced']:.4f}   "
-            f"(CE clean {lm['ce_clean']:.3f}, with SAE {lm['ce_spliced']:.3f}, "
-            f"zero-ablated {lm['ce_zero']:.3f}; {lm['sequences']} held-out sequences)"
+            f"    CE loss recovered {splice['ce_loss_recovered']:.4f}   "
+            f"KL {splice['kl_spliced']:.4f}   (CE clean {splice['ce_clean']:.3f}, "
+            f"with SAE {splice['ce_spliced']:.3f}, zero-ablated {splice['ce_zero']:.3f}; "
+            f"{splice['sequences']} held-out sequences)"
         )
 
     step = len(DEMO_SAES) + 2
@@ -74,7 +90,7 @@ def run_demo(
         f"({train_tokens // 4:,} tokens) -> {sweep_dir}"
     )
     t1 = time.time()
-    sweep_rows = _sweep(store_path, sweep_dir, train_tokens, quiet)
+    sweep_rows = _sweep(store_path, sweep_dir, train_tokens, quiet, lm)
     print(f"    ({time.time() - t1:.0f}s)")
 
     dash_dir = os.path.join(out, "runs", "topk", "dashboard")
@@ -83,13 +99,13 @@ def run_demo(
         f"member) -> {dash_dir}/index.html"
     )
     t1 = time.time()
-    dashboard = _dashboard(os.path.join(out, "runs", "topk"), sweep_rows, quiet)
+    dashboard = _dashboard(os.path.join(out, "runs", "topk"), sweep_rows, quiet, lm)
     print(f"    ({time.time() - t1:.0f}s)")
 
     decor_dir = os.path.join(out, "decorrelation")
     print(f"[{step + 2}] decorrelation of the built-in model's MLPs over all layers -> {decor_dir}")
     t1 = time.time()
-    decor_plot = _decorrelation(decor_dir)
+    decor_plot = _decorrelation(decor_dir, lm)
     print(f"    ({time.time() - t1:.0f}s)")
 
     report = {
@@ -140,7 +156,7 @@ DEMO_SAES = [
 DEMO_SWEEP = (1152, 2304, 4608)
 
 
-def _sweep(store_path: str, sweep_dir: str, train_tokens: int, quiet: bool) -> list[dict]:
+def _sweep(store_path: str, sweep_dir: str, train_tokens: int, quiet: bool, lm: dict) -> list[dict]:
     from saejax.config import load_config, with_values
     from saejax.interp.eval import evaluate_run
     from saejax.train.sweep import members_of, run_sweep
@@ -158,33 +174,34 @@ def _sweep(store_path: str, sweep_dir: str, train_tokens: int, quiet: bool) -> l
         base, members_of("topk", list(DEMO_SWEEP), [], []), sweep_dir, progress=not quiet
     )
     for r in rows:
-        r["ce_loss_recovered"] = evaluate_run(r["run_dir"], store_path, sequences=8)["lm"][
+        r["ce_loss_recovered"] = evaluate_run(r["run_dir"], store_path, sequences=8, **lm)["lm"][
             "ce_loss_recovered"
         ]
     write_table(rows, sweep_dir)
     return rows
 
 
-def _dashboard(run_dir: str, sweep_rows: list[dict], quiet: bool) -> str:
+def _dashboard(run_dir: str, sweep_rows: list[dict], quiet: bool, lm: dict) -> str:
     from saejax.interp.dashboard import write_dashboard
 
     index = os.path.join(run_dir, "dashboard", "index.html")
     if os.path.exists(index):
         return index
     largest = max(sweep_rows, key=lambda r: r["d_sae"])["run_dir"]
-    return write_dashboard(run_dir, pages=32, split_with=largest, progress=not quiet)
+    return write_dashboard(run_dir, pages=32, split_with=largest, progress=not quiet, **lm)
 
 
-def _decorrelation(out: str) -> str:
+def _decorrelation(out: str, lm: dict) -> str:
     plot = os.path.join(out, "decorrelation.png")
     if not os.path.exists(plot):
-        from saejax.interp.analyze import analyze_decorrelation
+        from saejax.interp.analyze import ModelOptions, analyze_decorrelation
 
-        analyze_decorrelation(["builtin"], "builtin", out, max_prompts=32)
+        opts = ModelOptions(dtype=lm["model_dtype"], device=lm["device"])
+        analyze_decorrelation(["builtin"], "builtin", out, max_prompts=32, opts=opts)
     return plot
 
 
-def _lm_eval_one(run_dir: str, store_path: str, quiet: bool) -> dict:
+def _lm_eval_one(run_dir: str, store_path: str, quiet: bool, lm: dict) -> dict:
     """CE loss recovered and KL with the SAE spliced in (skipped when already done)."""
     from saejax.interp.eval import evaluate_run
 
@@ -192,9 +209,9 @@ def _lm_eval_one(run_dir: str, store_path: str, quiet: bool) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["lm"]
-    return evaluate_run(run_dir, store_path, sequences=DEMO_EVAL_SEQUENCES, progress=not quiet)[
-        "lm"
-    ]
+    return evaluate_run(
+        run_dir, store_path, sequences=DEMO_EVAL_SEQUENCES, progress=not quiet, **lm
+    )["lm"]
 
 
 DEMO_EVAL_SEQUENCES = 32

@@ -94,6 +94,8 @@ def test_steer_on_cpu(identity_run, dtype, capsys):
         ["dashboard", "RUN", "--out", "OUT"],
         ["analyze", "weights", "MODEL", "--out", "OUT"],
         ["analyze", "decorrelation", "MODEL", "--prompts", "PROMPTS", "--out", "OUT"],
+        ["demo", "--out", "OUT", "--quiet"],
+        ["sweep", "--set", "data.path=STORE", "--d-sae", "16", "--out", "OUT", "--ce"],
     ],
     ids=lambda argv: "-".join(argv[:2]) if argv[0] == "analyze" else argv[0],
 )
@@ -104,6 +106,7 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(identity_run, tiny_gpt2, argv
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one prompt\nanother prompt\n")
     names = {"RUN": run, "STORE": store, "MODEL": tiny_gpt2, "PROMPTS": str(prompts)}
+    names["data.path=STORE"] = f"data.path={store}"
     names["OUT"] = str(tmp_path / "out")
     assert main([names.get(a, a) for a in argv] + ["--device", "cuda"]) == 2
     err = capsys.readouterr().err
