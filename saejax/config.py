@@ -23,6 +23,7 @@ import yaml
 
 from saejax.core.architectures import ARCHITECTURES, TOPK_KERNELS, selects_top_k
 from saejax.errors import SaejaxError
+from saejax.io import is_url
 
 Architecture = Literal[ARCHITECTURES]  # the one list, kept in core/architectures.py
 BDecInit = Literal["geometric_median", "mean", "zeros"]
@@ -536,6 +537,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise SaejaxError(f"sae.d_sae {s.d_sae} is not divisible by mesh.model {cfg.mesh.model}")
     if not cfg.data.path:
         raise SaejaxError("data.path is not set (a store directory or a .npy file)")
+    if is_url(cfg.run_dir):
+        raise SaejaxError(
+            f"run_dir {cfg.run_dir} is an object-storage URL; run directories must be local "
+            "(or a mounted bucket) for now — the store (data.path) may be on gs:// or s3://"
+        )
     return cfg
 
 

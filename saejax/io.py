@@ -103,6 +103,23 @@ class OutputRefused(OSError):
         super().__init__(errno.EEXIST, message)
 
 
+def is_url(path: str) -> bool:
+    """`gs://bucket/x`, `s3://...`, `https://...`: a path only TensorStore's drivers reach."""
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and scheme.isalnum()
+
+
+def check_local(path: str, what: str) -> None:
+    """Run folders, exports and dashboards are written with plain file operations (atomic
+    renames, locks, orbax's local paths), so an object-storage URL would end in a local
+    folder named `gs:` or a crash at the first checkpoint: refuse it before any work."""
+    if is_url(path):
+        raise OutputRefused(
+            f"{what} {path} is an object-storage URL; {what}s must be local (or a mounted "
+            "bucket) for now — only activation stores are read and written on gs:// and s3://"
+        )
+
+
 def output_kind(folder: str) -> str | None:
     """The kind atomic_dir recorded in `folder` (None when saejax did not create it)."""
     try:
@@ -122,6 +139,7 @@ def check_output_dir(out: str, kind: str, reads=(), allowed=()) -> str:
     command `reads` (nor inside one, nor an ancestor of one) unless listed in `allowed`, and
     not an existing folder that saejax did not create as the same kind (an empty one is fine:
     nothing is lost)."""
+    check_local(out, f"the {kind} folder")
     final = os.path.realpath(out)
     if final not in {os.path.realpath(a) for a in allowed}:
         for src in reads:

@@ -313,3 +313,34 @@ def test_features_show_escapes_store_text(runs, capsys):
     assert len(lines) == 6
     assert all("\x1b" not in line and "\x07" not in line for line in lines)
     assert "\\x1b]0;title\\x07" in lines[2]
+
+
+# ---- outputs on object storage -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["{train}", "--set=run_dir=gs://bucket/run"],
+        ["sweep", "--set=data.path={store}", "--d-sae", "32", "--out", "s3://bucket/sweep"],
+        ["export", "{run}", "--out", "gs://bucket/export"],
+        ["dashboard", "{run}", "--out", "gs://bucket/dash"],
+    ],
+    ids=["train", "sweep", "export", "dashboard"],
+)
+def test_outputs_on_object_storage_are_refused_before_any_work(runs, capsys, argv, monkeypatch):
+    """A run directory on gs:// used to train to the end, then crash at its checkpoint with a
+    local folder named `gs:` left behind; now it is one line before anything starts."""
+    monkeypatch.chdir(runs["root"])
+    before = set(os.listdir(runs["root"]))
+    names = {"{run}": runs["run"], "{store}": str(runs["root"] / "store")}
+    full = []
+    for a in argv:
+        if a == "{train}":
+            full += train_args(runs["root"] / "store", runs["root"] / "unused")
+        else:
+            full.append(
+                a.replace("{store}", names["{store}"]) if "{store}" in a else names.get(a, a)
+            )
+    fails_cleanly(capsys, full, "object-storage URL")
+    assert set(os.listdir(runs["root"])) == before, "no local gs:/s3: folder"

@@ -34,7 +34,7 @@ RULES = [  # (module prefix, what it may import); the first matching prefix deci
     ("saejax.__main__", None),
     ("saejax.errors", ()),
     ("saejax.io", ()),
-    ("saejax.config", ("saejax.errors", "saejax.core.architectures")),
+    ("saejax.config", ("saejax.errors", "saejax.io", "saejax.core.architectures")),
     ("saejax.store", ("saejax.errors", "saejax.io")),
     ("saejax.core", ("saejax.errors", "saejax.core")),
     ("saejax.train", TRAIN_MAY),
