@@ -108,6 +108,7 @@ class HostCopies:
 
 def _check_output_path(path: str) -> None:
     if st.is_remote(path):
+        st.probe_remote(path)
         return
     if os.path.exists(path) and not os.path.isdir(path):
         raise SaejaxError(f"output {path} exists and is not a directory")

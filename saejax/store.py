@@ -39,13 +39,70 @@ def is_remote(path: str) -> bool:
     return path.startswith(("gs://", "s3://"))
 
 
+REMOTE_MAX_DELAY = "4s"
+
+
+def remote_retries() -> int:
+    """How often each object-storage request is retried (with backoff up to REMOTE_MAX_DELAY)
+    before it fails: a missing endpoint is one error line in seconds, not a silent wait.
+    SAEJAX_REMOTE_RETRIES overrides the default 5."""
+    return int(os.environ.get("SAEJAX_REMOTE_RETRIES", "5"))
+
+
 def kvstore_spec(path: str) -> dict:
-    """The TensorStore kvstore spec for a local directory or a bucket prefix."""
+    """The TensorStore kvstore spec for a local directory or a bucket prefix.
+
+    Buckets are reached the way their own tools are configured: GCS through Google's
+    application-default credentials (TensorStore's `TENSORSTORE_GCS_HTTP_URL` points it at an
+    emulator); S3 through the AWS environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    `AWS_REGION`), with `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for an S3-compatible
+    server (MinIO, R2, a local test server)."""
     for scheme, driver in (("gs://", "gcs"), ("s3://", "s3")):
         if path.startswith(scheme):
             bucket, _, prefix = path[len(scheme) :].partition("/")
-            return {"driver": driver, "bucket": bucket, "path": prefix.rstrip("/") + "/"}
+            retries = {"max_retries": remote_retries(), "max_delay": REMOTE_MAX_DELAY}
+            spec = {
+                "driver": driver,
+                "bucket": bucket,
+                "path": prefix.rstrip("/") + "/",
+                "context": {f"{driver}_request_retries": retries},
+            }
+            if driver == "s3":
+                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                    "AWS_ENDPOINT_URL"
+                )
+                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                if endpoint:
+                    spec["endpoint"] = endpoint
+                if region:
+                    spec["aws_region"] = region
+            return spec
     return {"driver": "file", "path": os.path.abspath(path) + "/"}
+
+
+def remote_failure(path: str, error: Exception) -> SaejaxError:
+    """One line for an object-storage request that failed: which store and why, in words."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "NoSuchBucket" in text or ("NOT_FOUND" in text and "404" in text):
+        reason = "the bucket does not exist (or these credentials cannot see it)"
+    elif any(w in text for w in ("retry attempts failed", "UNAVAILABLE", "Could not connect")):
+        reason = f"its endpoint cannot be reached (gave up after {remote_retries()} retries)"
+    elif any(w in text for w in ("PERMISSION_DENIED", "UNAUTHENTICATED", "403", "401")):
+        reason = "the credentials were refused"
+    else:
+        reason = text[:300]
+    return SaejaxError(f"store {path}: {reason}")
+
+
+def probe_remote(path: str) -> None:
+    """Write and delete a small object under `path`: a missing bucket, refused credentials
+    or an unreachable endpoint fail here, before a model is loaded or anything is written."""
+    try:
+        kv = ts.KvStore.open(kvstore_spec(path)).result()
+        kv.write(".saejax-write-probe", b"").result()
+        kv.write(".saejax-write-probe", None).result()  # None deletes
+    except ValueError as e:
+        raise remote_failure(path, e) from None
 
 
 def _join(spec: dict, sub: str) -> dict:
@@ -61,8 +118,10 @@ def read_meta(path: str) -> dict | None:
         with open(meta_path) as f:
             text = f.read()
     else:
-        kv = ts.KvStore.open(kvstore_spec(path)).result()
-        result = kv.read("meta.json").result()
+        try:
+            result = ts.KvStore.open(kvstore_spec(path)).result().read("meta.json").result()
+        except ValueError as e:
+            raise remote_failure(path, e) from None
         if result.state != "value":
             return None
         text = bytes(result.value).decode()
@@ -76,8 +135,10 @@ def write_meta(path: str, meta: dict) -> None:
     """Replace meta.json atomically (a local file is fsynced before the rename)."""
     text = json_text(meta, indent=2, sort_keys=True)
     if is_remote(path):
-        kv = ts.KvStore.open(kvstore_spec(path)).result()
-        kv.write("meta.json", text.encode()).result()  # object writes are atomic
+        try:  # object writes are atomic
+            ts.KvStore.open(kvstore_spec(path)).result().write("meta.json", text.encode()).result()
+        except ValueError as e:
+            raise remote_failure(path, e) from None
         return
     write_text(os.path.join(path, "meta.json"), text, fsync=True)
 
@@ -120,7 +181,12 @@ def create_array(path: str, name: str, shape: list[int], chunk_shape: list[int],
         # crc32c: every chunk carries its checksum, so a damaged chunk fails to read
         "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
     }
-    return ts.open(spec, create=True, open=True).result()
+    try:
+        return ts.open(spec, create=True, open=True).result()
+    except ValueError as e:
+        if is_remote(path):
+            raise remote_failure(path, e) from None
+        raise
 
 
 def new_meta(
