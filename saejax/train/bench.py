@@ -169,7 +169,8 @@ def synthetic_store(path: str, n_rows: int, d_in: int, dtype: str = "bfloat16") 
     meta = st.new_meta(
         "synthetic (saejax bench)", {"bench": d_in}, dtype, 128, chunk, vocab_size=1, complete=False
     )
-    os.makedirs(path, exist_ok=True)
+    if not st.is_remote(path):
+        os.makedirs(path, exist_ok=True)
     acts, tokens, doc = st.create_arrays(path, meta, n_rows)
     acts = acts["bench"]
     for first in range(0, n_rows, chunk):
@@ -185,19 +186,22 @@ def synthetic_store(path: str, n_rows: int, d_in: int, dtype: str = "bfloat16") 
 
 
 def bench_loader(
-    store_path: str, shape: StepShape, batches: int, data_module=None
+    store_path: str, shape: StepShape, batches: int, data_module=None, loader_threads: int = 0
 ) -> tuple[float, float]:
     """(tokens/s, host CPU ms per batch) of the loader alone: reads, NaN/Inf check, shuffle
     gather, device transfer. The CPU figure is what a faster device would ask of the host.
     Timed from the loader's start, so work done once per shuffle group counts: time several
     epochs of a small store, or many groups of a large one. `data_module` times another
-    version of saejax.data (benchmarks/bench_loader.py)."""
+    version of saejax.data (benchmarks/bench_loader.py); `loader_threads` sets
+    data.loader_threads (0: the default)."""
     import jax
+
+    from saejax.config import with_values
 
     if data_module is None:
         from saejax.train import data as data_module
 
-    cfg = run_config(shape, store_path)
+    cfg = with_values(run_config(shape, store_path), {"data.loader_threads": loader_threads})
     source = data_module.ArraySource(store_path, None)
     cpu, wall = time.process_time(), time.perf_counter()
     loader = data_module.Loader(source, cfg.data, shape.batch, transform=jax.device_put)
