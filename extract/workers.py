@@ -231,6 +231,18 @@ def join_store(cfg: ExtractConfig, workers: int) -> tuple[ExtractConfig, dict]:
     return cfg, grown
 
 
+def parts_of(path: str, top: dict, workers: int, worker: int) -> list[dict]:
+    """Worker `worker`'s parts: one in each segment dealt to `workers` workers."""
+    mine = [seg["parts"][worker] for seg in top["segments"] if seg["workers"] == workers]
+    if not mine:
+        dealt = sorted({seg["workers"] for seg in top["segments"]})
+        raise SaejaxError(
+            f"store {path} is dealt to {' and '.join(map(str, dealt))} workers, not {workers}; "
+            "pass the same --workers or more --tokens to grow it"
+        )
+    return mine
+
+
 def run_worker(
     cfg: ExtractConfig, workers: int, worker: int, progress: bool = True, loaded=None
 ) -> dict:
@@ -239,14 +251,7 @@ def run_worker(
     if not 0 <= worker < workers:
         raise SaejaxError(f"--worker must be 0..{workers - 1}, got {worker}")
     cfg, top = join_store(cfg, workers)
-    mine = [seg["parts"][worker] for seg in top["segments"] if seg["workers"] == workers]
-    if not mine:
-        dealt = sorted({seg["workers"] for seg in top["segments"]})
-        raise SaejaxError(
-            f"store {cfg.out} is dealt to {' and '.join(map(str, dealt))} workers, not {workers}; "
-            "pass the same --workers or more --tokens to grow it"
-        )
-    for part in mine:
+    for part in parts_of(cfg.out, top, workers, worker):
         if part["rows"] == 0:
             continue  # more workers than contexts: this one has none here
         path = st.part_path(cfg.out, part["path"])
@@ -301,6 +306,7 @@ def launch_local(
     """Start the N workers as subprocesses of this host and wait for them all. A worker that
     fails: its last line of output, and one SaejaxError naming it."""
     cfg, top = join_store(cfg, workers)  # the top meta once, before N processes race for it
+    parts_of(cfg.out, top, workers, 0)  # a store dealt otherwise fails here, not N times
     devices = local_devices(cfg, workers)
     env = dict(os.environ)
     if not any(d and d.startswith("cuda") for d in devices) and "OMP_NUM_THREADS" not in env:

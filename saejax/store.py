@@ -11,6 +11,11 @@ Arrays may be allocated beyond `n_tokens`; only the first `n_tokens` rows are
 valid. `meta.json` is replaced atomically, and only after the rows it counts are
 flushed, so a reader never sees a torn row and a writer can resume from it.
 
+A store written by extraction workers (extract/workers.py) holds no arrays of its own: its
+meta.json (layout "worker-parts") lists parts, each an ordinary store under parts/, and
+`ActivationStore.open` returns a `PartedStore` that reads their rows concatenated in order
+(see its docstring for which rows count).
+
 This module needs NumPy and TensorStore only (no JAX, no torch).
 """
 
@@ -697,9 +702,11 @@ def describe(store: ActivationStore) -> str:
         lines.append(f"mean norm    {hook}: " + ("not finite" if norm is None else f"{norm:.4g}"))
     for p in m.get("parts") or []:
         state = "complete" if p["complete"] else "in progress"
+        first, stop = p["contexts"]
+        span = f"contexts {first}..{stop - 1}" if stop > first else "no contexts"
         lines.append(
             f"worker {p['worker']}/{p['workers']}   {p['part']}: {p['rows']:,} of {p['target']:,} "
-            f"rows, contexts {p['contexts'][0]}..{p['contexts'][1] - 1}, {state}"
+            f"rows, {span}, {state}"
         )
     if m.get("parts") and not m.get("complete"):
         lines.append(

@@ -232,3 +232,18 @@ def test_growing_adds_a_segment_in_row_order(tiny_gpt2, corpus_file, one_process
     grown = _rows(out)
     for key in ("acts", "tokens", "doc"):
         np.testing.assert_array_equal(grown[key], one_process[key][:2000], err_msg=key)
+
+
+def test_a_damaged_chunk_of_a_part_is_named_and_repaired_by_its_worker(
+    three_workers, tiny_gpt2, corpus_file, one_process, tmp_path, capsys
+):
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(three_workers, out)
+    os.remove(out / "parts/0/worker-1-of-3/tokens/c/1")  # the part's second chunk of tokens
+    assert main(["store", "info", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "chunk 1 of part parts/0/worker-1-of-3" in captured.out
+    run_worker(_config(tiny_gpt2, corpus_file, out), 3, 1, progress=False)
+    _assert_same(one_process, _rows(out))
