@@ -311,7 +311,7 @@ def launch_local(
     env = dict(os.environ)
     if not any(d and d.startswith("cuda") for d in devices) and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    total = sum(p["rows"] for seg in top["segments"] for p in seg["parts"])
+    total = int(top["target_tokens"])
     bar = None
     if progress:
         from tqdm import tqdm
@@ -337,7 +337,7 @@ def launch_local(
                 )
             while any(p.poll() is None for p, _ in procs):
                 if bar is not None:
-                    bar.n = _progress_rows(cfg.out)
+                    bar.n = min(total, _progress_rows(cfg.out))
                     bar.refresh()
                 time.sleep(poll_s)
         finally:
