@@ -245,5 +245,25 @@ def test_a_damaged_chunk_of_a_part_is_named_and_repaired_by_its_worker(
     assert main(["store", "info", str(out)]) == 2
     captured = capsys.readouterr()
     assert "chunk 1 of part parts/0/worker-1-of-3" in captured.out
+    with pytest.raises(SaejaxError, match="worker-1-of-3: tokens chunk 1 .* missing"):
+        ActivationStore.open(str(out)).tokens()  # a read names the part and its own rows
     run_worker(_config(tiny_gpt2, corpus_file, out), 3, 1, progress=False)
     _assert_same(one_process, _rows(out))
+
+
+def test_parts_beyond_the_end_of_the_corpus_are_complete_and_empty(
+    tiny_gpt2, corpus_file, one_process, tmp_path
+):
+    from extract.models import load_model
+
+    loaded = load_model(tiny_gpt2)
+    out, far = tmp_path / "short", 100_000  # far more rows than the corpus holds
+    for i in range(2):
+        run_worker(_config(tiny_gpt2, corpus_file, out, tokens=far), 2, i, False, loaded)
+    store = ActivationStore.open(str(out))
+    worker_0, worker_1 = store.meta["parts"]
+    assert worker_0["complete"] and 0 < worker_0["rows"] < worker_0["target"]
+    assert worker_1["complete"] and worker_1["rows"] == 0
+    assert store.meta["complete"] and store.meta["corpus_exhausted"]
+    assert len(store) == worker_0["rows"]
+    np.testing.assert_array_equal(store.read(0, TOKENS), one_process["acts"])
