@@ -540,6 +540,8 @@ def part_path(path: str, name: str) -> str:
 
 def read_parts(path: str, top: dict) -> list[Part]:
     """Every part of a store written by extraction workers, in row order."""
+    if not isinstance(top.get("segments"), list) or "target_tokens" not in top:
+        raise SaejaxError(f"{path}/meta.json lists no worker parts; the store is corrupt")
     parts = []
     for segment in top["segments"]:
         for worker, p in enumerate(segment["parts"]):
