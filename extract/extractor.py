@@ -271,6 +271,7 @@ def _repair(cfg, meta, bad, contexts, capture, arrays, tokens_arr, doc_arr, drop
 
     c, n = int(meta["chunk_rows"]), int(meta["n_tokens"])
     rpc, bs = drop_rows["rows_per_ctx"], cfg.batch_size
+    first = drop_rows.get("first_ctx", 0)  # a worker's part starts at its first context
     spans = {i: (i * c, min((i + 1) * c, n)) for i in sorted(bad) if i * c < n}
     dtype = st.DTYPES[cfg.dtype]
     out = {
@@ -290,7 +291,7 @@ def _repair(cfg, meta, bad, contexts, capture, arrays, tokens_arr, doc_arr, drop
             captured = capture.run(ids)
         for k, ctx in enumerate(batch):
             pos = stored_positions(ctx, drop_rows["drop_bos"])
-            rows = ctx.index * rpc + np.arange(len(pos))
+            rows = (ctx.index - first) * rpc + np.arange(len(pos))
             for i, (lo, hi) in spans.items():
                 sel = (rows >= lo) & (rows < hi)
                 if not sel.any():
@@ -305,14 +306,16 @@ def _repair(cfg, meta, bad, contexts, capture, arrays, tokens_arr, doc_arr, drop
     batch = []
     last = max(wanted_batches)
     for ctx in contexts:
-        if batch and ctx.index // bs != batch[0].index // bs:
-            if batch[0].index // bs in wanted_batches:
+        if ctx.index < first:
+            continue
+        if batch and (ctx.index - first) // bs != (batch[0].index - first) // bs:
+            if (batch[0].index - first) // bs in wanted_batches:
                 run(batch)
             batch = []
-            if ctx.index // bs > last:
+            if (ctx.index - first) // bs > last:
                 break
         batch.append(ctx)
-    if batch and batch[0].index // bs in wanted_batches:
+    if batch and (batch[0].index - first) // bs in wanted_batches:
         run(batch)
     futures = []
     for i, (lo, hi) in spans.items():
@@ -328,11 +331,15 @@ def run_extract(
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
     loaded=None,
+    context_range: tuple[int, int] | None = None,
 ) -> dict:
     """Extract (or resume extracting) activations into `cfg.out`; returns the final meta.
 
     `loaded` (a LoadedModel for `cfg.model`) skips loading the model again. The device and
-    model dtype used are recorded in meta.json's extract_config.
+    model dtype used are recorded in meta.json's extract_config. `context_range` (first,
+    stop) extracts only the corpus's contexts first..stop-1 (an extraction worker's part,
+    extract/workers.py): row 0 is context `first`'s first row, and `doc` keeps the corpus's
+    own context index, so parts concatenated in order are the one-process store.
     """
     import torch
 
@@ -419,6 +426,8 @@ def run_extract(
             "mean_norm": {h: 0.0 for h in cfg.hooks},
             "extract_config": asdict(cfg),
         }
+        if context_range is not None:
+            meta["context_range"] = list(context_range)
         st.write_meta(cfg.out, meta)  # meta first: a crash after this leaves a resumable store
 
     capacity = math.ceil(cfg.tokens / chunk_rows) * chunk_rows
@@ -426,7 +435,8 @@ def run_extract(
         arrays, tokens_arr, doc_arr = st.create_arrays(cfg.out, identity, capacity)
     except ValueError as e:
         raise SaejaxError(f"cannot create the arrays of store {cfg.out}: {e}") from None
-    drop_rows = {"drop_bos": drop_bos, "rows_per_ctx": rows_per_ctx}
+    first_ctx = context_range[0] if context_range is not None else 0
+    drop_rows = {"drop_bos": drop_bos, "rows_per_ctx": rows_per_ctx, "first_ctx": first_ctx}
     if bad:
         if progress:
             print(
@@ -441,6 +451,7 @@ def run_extract(
 
     start_row = int(meta["n_tokens"])
     start_ctx, skip_rows = divmod(start_row, rows_per_ctx)
+    start_ctx += first_ctx
     committer = _ChunkCommitter(cfg.out, meta)
 
     bar = None
@@ -544,6 +555,9 @@ def run_extract(
             for ctx in contexts:
                 if ctx.index < start_ctx:
                     continue
+                if context_range is not None and ctx.index >= context_range[1]:
+                    exhausted = False
+                    break
                 batch.append(ctx)
                 if len(batch) == per_forward:
                     run_batch(batch)

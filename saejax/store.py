@@ -11,6 +11,11 @@ Arrays may be allocated beyond `n_tokens`; only the first `n_tokens` rows are
 valid. `meta.json` is replaced atomically, and only after the rows it counts are
 flushed, so a reader never sees a torn row and a writer can resume from it.
 
+A store written by extraction workers (extract/workers.py) holds no arrays of its own: its
+meta.json (layout "worker-parts") lists parts, each an ordinary store under parts/, and
+`ActivationStore.open` returns a `PartedStore` that reads their rows concatenated in order
+(see its docstring for which rows count).
+
 This module needs NumPy and TensorStore only (no JAX, no torch).
 """
 
@@ -32,6 +37,7 @@ from saejax.errors import SaejaxError
 from saejax.io import json_text, write_text
 
 STORE_FORMAT_VERSION = 1
+PARTS_LAYOUT = "worker-parts"  # top meta.json of a store written by extraction workers
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
 
@@ -320,9 +326,8 @@ class StoreRead:
         try:
             return self.future.result()
         except ValueError as e:
-            s = self.store
             raise SaejaxError(
-                read_failure(s.path, self.name, self.start, self.stop, s.chunk_rows, e)
+                self.store.read_failure(self.name, self.start, self.stop, e)
             ) from None
 
 
@@ -358,6 +363,8 @@ class ActivationStore:
         meta = read_meta(path)
         if meta is None:
             raise SaejaxError(f"{path} is not an activation store (no meta.json)")
+        if meta.get("layout") == PARTS_LAYOUT:
+            return PartedStore.from_top(path, meta)
         for key in ("hooks", "d_in", "dtype", "n_tokens"):
             if key not in meta:
                 raise SaejaxError(f"{path}/meta.json lacks '{key}'; the store is corrupt")
@@ -402,10 +409,18 @@ class ActivationStore:
         return hook
 
     # ---- arrays --------------------------------------------------------------
+    def _open(self, name: str):
+        """The array `name` over this store's rows (a store of worker parts concatenates)."""
+        return open_array(self.path, name)
+
+    def read_failure(self, name: str, start: int, stop: int, error) -> str:
+        """The one line a failed read of rows [start, stop) of array `name` raises."""
+        return read_failure(self.path, name, start, stop, self.chunk_rows, error)
+
     def acts_array(self, hook: str | None = None):
         hook = self.default_hook(hook)
         if hook not in self._acts:
-            arr = open_array(self.path, hook_array_name(hook))
+            arr = self._open(hook_array_name(hook))
             if arr.shape[0] < len(self) or arr.shape[1] != self.d_in_of(hook):
                 raise SaejaxError(
                     f"store {self.path}: acts/{hook} has shape {list(arr.shape)} but meta.json "
@@ -467,7 +482,7 @@ class ActivationStore:
         stop = len(self) if stop is None else stop
         self._check_range(start, stop)
         if self._tokens is None:
-            self._tokens = open_array(self.path, "tokens")
+            self._tokens = self._open("tokens")
         return StoreRead(self._tokens[start:stop].read(), self, "tokens", start, stop).result()
 
     def doc(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -475,7 +490,7 @@ class ActivationStore:
         stop = len(self) if stop is None else stop
         self._check_range(start, stop)
         if self._doc is None:
-            self._doc = open_array(self.path, "doc")
+            self._doc = self._open("doc")
         return StoreRead(self._doc[start:stop].read(), self, "doc", start, stop).result()
 
     def context(self, row: int, before: int = 16, after: int = 4) -> tuple[np.ndarray, int]:
@@ -571,6 +586,166 @@ class ActivationStore:
         return {p.index for name in names for _, _, p in self.chunks(name) if p is not None}
 
 
+@dataclass
+class Part:
+    """One extraction worker's part of a store, as the whole store's meta.json lists it."""
+
+    path: str  # the part's own store
+    name: str  # its folder within the store: parts/<segment>/worker-<i>-of-<n>
+    worker: int
+    workers: int
+    contexts: tuple[int, int]  # the corpus's contexts first..stop-1
+    target: int  # rows the part holds when complete
+    meta: dict | None  # the part's meta.json; None until its worker begins
+    complete: bool
+
+
+def part_path(path: str, name: str) -> str:
+    return path.rstrip("/") + "/" + name if is_remote(path) else os.path.join(path, name)
+
+
+def read_parts(path: str, top: dict) -> list[Part]:
+    """Every part of a store written by extraction workers, in row order."""
+    if not isinstance(top.get("segments"), list) or "target_tokens" not in top:
+        raise SaejaxError(f"{path}/meta.json lists no worker parts; the store is corrupt")
+    parts = []
+    for segment in top["segments"]:
+        for worker, p in enumerate(segment["parts"]):
+            where = part_path(path, p["path"])
+            meta = read_meta(where) if p["rows"] else None
+            rows = int(meta["n_tokens"]) if meta else 0
+            complete = p["rows"] == 0 or bool(
+                meta
+                and meta.get("complete")
+                and (rows >= p["rows"] or meta.get("corpus_exhausted"))
+            )
+            parts.append(
+                Part(
+                    where,
+                    p["path"],
+                    worker,
+                    int(segment["workers"]),
+                    tuple(p["contexts"]),
+                    int(p["rows"]),
+                    meta,
+                    complete,
+                )
+            )
+    return parts
+
+
+class PartedStore(ActivationStore):
+    """A store written by extraction workers, read as one dataset.
+
+    Each worker writes an ordinary store under parts/<segment>/worker-<i>-of-<n>/ holding a
+    contiguous range of the corpus's contexts; the top meta.json (layout "worker-parts")
+    lists the parts in corpus order. Rows are the parts' rows concatenated in that order,
+    which is exactly the row order of a one-process extraction. What counts is the longest
+    prefix of that order whose rows are written: every part up to the first incomplete one,
+    plus that part's counted rows, cut at the store's target. So a store some workers are
+    still writing reads (and trains) like a one-process store that is still being written,
+    and a later part's rows appear once every part before it is complete. The arrays are
+    TensorStore virtual concatenations (`ts.concat`) of the parts' counted rows.
+    """
+
+    def __init__(self, path: str, meta: dict, pieces: list[tuple[Part, int]]):
+        super().__init__(path, meta)
+        self.pieces = pieces  # (part, rows of it counted), in row order
+
+    @classmethod
+    def from_top(cls, path: str, top: dict) -> PartedStore:
+        parts = read_parts(path, top)
+        begun = [p for p in parts if p.meta is not None]
+        if not begun:
+            raise SaejaxError(
+                f"store {path}: none of its {len(parts)} extraction worker parts has begun"
+            )
+        cap, total, pieces = int(top["target_tokens"]), 0, []
+        for part in parts:
+            take = min(int(part.meta["n_tokens"]) if part.meta else 0, cap - total)
+            if take > 0:
+                pieces.append((part, take))
+                total += take
+            if not part.complete or total >= cap:
+                break
+        meta = {k: v for k, v in begun[0].meta.items() if k != "context_range"}
+        rows = sum(int(p.meta["n_tokens"]) for p, _ in pieces)
+        norm = {
+            h: sum(p.meta["norm_sum"][h] for p, _ in pieces) / max(1, rows)
+            for h in meta.get("norm_sum", {})
+        }
+        complete = all(p.complete for p in parts)
+        meta.update(
+            layout=PARTS_LAYOUT,
+            n_tokens=total,
+            target_tokens=cap,
+            complete=complete,
+            corpus_exhausted=complete and total < cap,
+            mean_norm=norm,
+            norm_sum={h: v * total for h, v in norm.items()},
+            parts=[
+                {
+                    "part": p.name,
+                    "worker": p.worker,
+                    "workers": p.workers,
+                    "contexts": list(p.contexts),
+                    "rows": int(p.meta["n_tokens"]) if p.meta else 0,
+                    "target": p.target,
+                    "complete": p.complete,
+                }
+                for p in parts
+            ],
+        )
+        for key in ("hooks", "d_in", "dtype", "n_tokens"):
+            if key not in meta:
+                raise SaejaxError(f"{begun[0].path}/meta.json lacks '{key}'; the store is corrupt")
+        return cls(path, meta, pieces)
+
+    def _open(self, name: str):
+        arrays = [open_array(part.path, name)[:rows] for part, rows in self.pieces]
+        if arrays:
+            return ts.concat(arrays, axis=0)
+        width = {"tokens": (), "doc": (2,)}.get(name)
+        if width is None:
+            width, dtype = (self.d_in_of(name.removeprefix("acts/")),), DTYPES[self.dtype]
+        else:
+            dtype = np.int32
+        return ts.array(np.zeros((0, *width), dtype))
+
+    def read_failure(self, name: str, start: int, stop: int, error) -> str:
+        """Names the part whose chunk failed, with that part's own row numbers."""
+        for part, _ in self.pieces:
+            if os.path.abspath(part.path) in str(error) or part.path in str(error):
+                chunk_rows = int(part.meta.get("chunk_rows", self.chunk_rows))
+                return read_failure(part.path, name, start, stop, chunk_rows, error)
+        return read_failure(self.path, name, start, stop, self.chunk_rows, error)
+
+    def chunks(self, name: str, window: int = 8):
+        """Each counted part's chunks in turn, with row numbers of the whole store."""
+        offset = 0
+        for part, rows in self.pieces:
+            own = ActivationStore(part.path, {**part.meta, "n_tokens": rows})
+            for first, data, bad in own.chunks(name, window):
+                if bad is not None:
+                    bad = BadChunk(
+                        bad.array,
+                        bad.index,
+                        bad.start + offset,
+                        bad.stop + offset,
+                        f"{bad.reason} (chunk {bad.index} of part {part.name})",
+                    )
+                yield first + offset, data, bad
+            offset += rows
+
+    def checksummed(self) -> bool:
+        return all(ActivationStore(p.path, p.meta).checksummed() for p, _ in self.pieces)
+
+    def bad_chunk_indices(self) -> set[int]:
+        raise SaejaxError(
+            f"store {self.path} is written by extraction workers; each worker repairs its own part"
+        )
+
+
 def describe(store: ActivationStore) -> str:
     """Human-readable summary for `saejax store info`."""
     m = store.meta
@@ -593,6 +768,19 @@ def describe(store: ActivationStore) -> str:
     ]
     for hook, norm in (m.get("mean_norm") or {}).items():
         lines.append(f"mean norm    {hook}: " + ("not finite" if norm is None else f"{norm:.4g}"))
+    for p in m.get("parts") or []:
+        state = "complete" if p["complete"] else "in progress"
+        first, stop = p["contexts"]
+        span = f"contexts {first}..{stop - 1}" if stop > first else "no contexts"
+        lines.append(
+            f"worker {p['worker']}/{p['workers']}   {p['part']}: {p['rows']:,} of {p['target']:,} "
+            f"rows, {span}, {state}"
+        )
+    if m.get("parts") and not m.get("complete"):
+        lines.append(
+            "note         rows shown: the parts before the first incomplete one, and its "
+            "written rows; later parts show once it completes"
+        )
     return "\n".join(lines)
 
 

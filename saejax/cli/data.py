@@ -76,6 +76,20 @@ def _extract_arguments(p) -> None:
     p.add_argument("--chunk-mib", type=float, default=4.0, help="store chunk size per hook")
     p.add_argument("--out", required=True, help="store directory (or gs:// / s3:// prefix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--workers",
+        type=whole_number,
+        default=None,
+        help="split the corpus's contexts over N extraction workers writing one store; "
+        "without --worker (and outside a launcher) start the N workers here, one per GPU",
+    )
+    p.add_argument(
+        "--worker",
+        type=whole_number,
+        default=None,
+        help="this process is worker I (0..N-1) (default: from SLURM_ARRAY_TASK_ID, RANK "
+        "or SLURM_PROCID when a launcher started several processes)",
+    )
 
 
 def _extract(args) -> int:
@@ -103,7 +117,13 @@ def _extract(args) -> int:
         batch_tokens=args.batch_tokens,
         skip_positions=args.skip_positions,
     )
-    meta = run_extract(cfg, progress=not args.quiet)
+    if args.workers is None and args.worker is None:
+        from extract.workers import refuse_worker_store
+
+        refuse_worker_store(args.out)
+        meta = run_extract(cfg, progress=not args.quiet)
+    else:
+        meta = _extract_workers(cfg, args.workers, args.worker, progress=not args.quiet)
     print(describe(ActivationStore.open(args.out)))
     if meta.get("corpus_exhausted"):
         print(
@@ -111,6 +131,17 @@ def _extract(args) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _extract_workers(cfg, workers: int | None, worker: int | None, progress: bool) -> dict:
+    import os
+
+    from extract.workers import launch_local, resolve_worker, run_worker
+
+    workers, worker = resolve_worker(workers, worker, os.environ)
+    if worker is None:
+        return launch_local(cfg, workers, progress=progress)
+    return run_worker(cfg, workers, worker, progress=progress)
 
 
 def _info_arguments(p) -> None:
