@@ -26,9 +26,19 @@ import numpy as np
 MARKER = ".saejax-output"  # in every folder atomic_dir creates; holds the folder's kind
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _temp_beside(path: str) -> tuple[int, str]:
+    """A temporary file beside `path` with the mode a plain open() would give it (mkstemp
+    makes it 0600, which would leave a shared store's meta.json unreadable to others)."""
     parent = os.path.dirname(os.path.abspath(path))
-    return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def write_bytes(path: str, data: bytes, fsync: bool = False) -> None:
@@ -173,6 +183,7 @@ def atomic_dir(final: str, kind: str = "output") -> Iterator[str]:
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide an export from other users
     try:
         yield tmp
         write_text(os.path.join(tmp, MARKER), kind + "\n")
