@@ -270,7 +270,7 @@ def _repair(cfg, meta, bad, contexts, capture, arrays, tokens_arr, doc_arr, drop
     import torch
 
     c, n = int(meta["chunk_rows"]), int(meta["n_tokens"])
-    rpc, bs = drop_rows["rows_per_ctx"], cfg.batch_size
+    rpc, bs = drop_rows["rows_per_ctx"], contexts_per_forward(cfg)
     first = drop_rows.get("first_ctx", 0)  # a worker's part starts at its first context
     spans = {i: (i * c, min((i + 1) * c, n)) for i in sorted(bad) if i * c < n}
     dtype = st.DTYPES[cfg.dtype]
@@ -290,7 +290,7 @@ def _repair(cfg, meta, bad, contexts, capture, arrays, tokens_arr, doc_arr, drop
         with torch.inference_mode():
             captured = capture.run(ids)
         for k, ctx in enumerate(batch):
-            pos = stored_positions(ctx, drop_rows["drop_bos"])
+            pos = stored_positions(ctx, drop_rows["drop_bos"], cfg.skip_positions)
             rows = (ctx.index - first) * rpc + np.arange(len(pos))
             for i, (lo, hi) in spans.items():
                 sel = (rows >= lo) & (rows < hi)

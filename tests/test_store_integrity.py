@@ -135,3 +135,22 @@ def test_all_zero_chunks_are_stored(tmp_path):
     make_store(str(tmp_path / "s"), np.zeros((40, 4), np.float32))
     assert sorted(os.listdir(tmp_path / "s" / "acts" / "h" / "c")) == ["0", "1", "2"]
     assert ActivationStore.open(str(tmp_path / "s")).check(verify=True).ok
+
+
+def test_repair_of_a_store_with_skipped_positions_and_token_batches(
+    tiny_llama, corpus_file, tmp_path, capsys
+):
+    """Repair re-forms the rows as the extraction formed them: with --skip-positions the
+    stored positions start later, and with --batch-tokens a forward holds N // context
+    contexts (repair used to assume position 1 on and --batch-size)."""
+    args = [a for a in extract_args(tiny_llama, corpus_file, "") if a != "--batch-size=4"]
+    args = [a for a in args if not a.startswith("--out=")]
+    args += ["--skip-positions=3", "--batch-tokens=96"]
+    original, store = str(tmp_path / "original"), str(tmp_path / "store")
+    assert main([*args, f"--out={original}"]) == 0
+    shutil.copytree(original, store)
+    os.remove(os.path.join(store, "acts", HOOK, "c", "2", "0"))
+    os.remove(os.path.join(store, "doc", "c", "1", "0"))
+    assert main([*args, f"--out={store}"]) == 0
+    capsys.readouterr()
+    assert_same_store(original, store)
