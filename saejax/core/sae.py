@@ -25,7 +25,7 @@ from saejax.core.architectures import (
     selects_top_k,
     uses_sparse_kernels,
 )
-from saejax.core.sharding import LATENT_SPECS, varying_axes
+from saejax.core.sharding import LATENT_BLOCK, LATENT_SPECS, ROW_BLOCK, constrain, varying_axes
 
 
 @dataclass(frozen=True)
@@ -326,19 +326,54 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 # ---- the forward pass -------------------------------------------------------------
 def encoder_scores(params, x, spec: SAESpec):
-    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias."""
-    return matmul(x - params["b_dec"], params["W_enc"], spec.compute_dtype)
+    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias.
+    On a mesh the [rows, d_sae] result stays split over ("data", "model") (`constrain`).
+
+    b_dec's gradient through the encoder, −W_enc·Σ_rows g, comes from a term whose value is
+    exactly zero, (sg(b_dec) − b_dec)·sg(W_enc): differentiating (x − b_dec) itself would
+    form g·W_encᵀ for every row, a third [rows, d_sae] × [d_sae, d_in] matmul, only to sum
+    it over the rows, and on a latent-split mesh all-reduce that [rows, d_in] block over
+    "model" first.
+    """
+    b_dec, W_enc = params["b_dec"], params["W_enc"]
+    fixed_b_dec = jax.lax.stop_gradient(b_dec)
+    scores = matmul(x - fixed_b_dec, W_enc, spec.compute_dtype)
+    zero = (fixed_b_dec - b_dec) @ jax.lax.stop_gradient(W_enc)
+    return constrain(scores + zero, LATENT_BLOCK)
 
 
 def pre_activations(params, x, spec: SAESpec):
-    return encoder_scores(params, x, spec) + params["b_enc"]
+    return constrain(encoder_scores(params, x, spec) + params["b_enc"], LATENT_BLOCK)
 
 
 def topk_activation(pre, k: int):
-    """Keep each row's k largest pre-activations (ReLU'd), zero the rest."""
-    values, indices = jax.lax.top_k(pre, k)
-    rows = jnp.arange(pre.shape[0])[:, None]
-    return jnp.zeros_like(pre).at[rows, indices].set(jax.nn.relu(values))
+    """Keep each row's k largest pre-activations (ReLU'd), zero the rest.
+
+    Kept as "at least the row's k-th largest", which a latent-split mesh computes without
+    gathering the row (`_kth_largest_per_row`); an exact tie at the k-th value keeps every
+    tied entry (the ReLU makes ties at zero or −inf, AuxK's masked latents, harmless)."""
+    kth = _kth_largest_per_row(jax.lax.stop_gradient(pre), k)
+    return constrain(jnp.where(pre >= kth, jax.nn.relu(pre), 0.0), LATENT_BLOCK)
+
+
+def _kth_largest_per_row(pre, k: int):
+    """[rows, 1]: each row's k-th largest entry. With latents split over "model" each shard
+    offers its top min(k, width) and the k-th largest of these candidates is the row's (exact,
+    as in `_select_and_decode_sharded`); only [rows, k·model] candidates move."""
+    if _model_shards() == 1:
+        return jax.lax.top_k(pre, k)[0][:, -1:]
+    from jax.sharding import PartitionSpec as P
+
+    def local(block):
+        top = jax.lax.top_k(block, min(k, block.shape[1]))[0]
+        candidates = jax.lax.all_gather(top, "model", axis=1, tiled=True)
+        return jax.lax.top_k(candidates, k)[0][:, -1:]
+
+    # the all_gather makes the result equal on every "model" shard, which check_vma cannot see
+    # through top_k
+    return jax.shard_map(local, in_specs=LATENT_BLOCK, out_specs=P("data", None), check_vma=False)(
+        pre
+    )
 
 
 def batchtopk_activation(pre, k: int):
@@ -351,9 +386,11 @@ def batchtopk_activation(pre, k: int):
 def _batchtopk_cutoff(relu_pre, n_keep: int):
     """The n_keep-th largest entry of the whole (global) batch.
 
-    On a mesh, each device takes the top n_keep of its own block, the candidates are
-    gathered, and the cutoff is the n_keep-th largest of them: the same value, without
-    gathering every pre-activation onto every device.
+    On a mesh, each device takes the top n_keep of its own block; the candidates are merged
+    over "model" (the top n_keep of them kept), then over "data", and the cutoff is the
+    n_keep-th largest of the last merge: the same value, without gathering every
+    pre-activation onto every device. Merging one axis at a time sends
+    (model − 1 + data − 1) candidate lists per device instead of (data·model − 1).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -362,8 +399,10 @@ def _batchtopk_cutoff(relu_pre, n_keep: int):
 
     def local(block):
         top = jax.lax.top_k(block.reshape(-1), min(n_keep, block.size))[0]
-        candidates = jax.lax.all_gather(top, ("data", "model"), tiled=True)
-        return jax.lax.top_k(candidates, n_keep)[0][-1:]
+        for axis in ("model", "data"):
+            candidates = jax.lax.all_gather(top, axis, tiled=True)
+            top = jax.lax.top_k(candidates, min(n_keep, candidates.size))[0]
+        return top[n_keep - 1 : n_keep]
 
     cutoff = jax.shard_map(local, in_specs=P("data", "model"), out_specs=P(), check_vma=False)(
         relu_pre
@@ -372,6 +411,10 @@ def _batchtopk_cutoff(relu_pre, n_keep: int):
 
 
 def activate(params, pre, spec: SAESpec, training: bool = True):
+    return constrain(_activate(params, pre, spec, training), LATENT_BLOCK)
+
+
+def _activate(params, pre, spec: SAESpec, training: bool):
     a = spec.architecture
     if a == "relu":
         return jax.nn.relu(pre)
@@ -385,7 +428,8 @@ def activate(params, pre, spec: SAESpec, training: bool = True):
 
 
 def decode(params, f, spec: SAESpec):
-    return matmul(f, params["W_dec"], spec.compute_dtype) + params["b_dec"]
+    """On a mesh: per-shard partial reconstructions summed over "model" (`constrain`)."""
+    return constrain(matmul(f, params["W_dec"], spec.compute_dtype), ROW_BLOCK) + params["b_dec"]
 
 
 def encode(params, x, spec: SAESpec, training: bool = False):
@@ -409,7 +453,7 @@ def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
     pre = pre_activations(params, x, spec)
     dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
     f_aux = topk_activation(dead_pre, spec.aux_k)
-    residual_hat = matmul(f_aux, params["W_dec"], spec.compute_dtype)
+    residual_hat = constrain(matmul(f_aux, params["W_dec"], spec.compute_dtype), ROW_BLOCK)
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
@@ -586,6 +630,7 @@ def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coe
     differentiating through the cond instead would keep both branches' residuals alive and
     cost as much as the AuxK pass itself on every step.
     """
+    x = constrain(x, ROW_BLOCK)  # on a mesh: the rows regathered over "model" once, here
     (_, (parts, fires, smallest, pre, err)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, x, spec, sparsity_coefficient
     )

@@ -27,6 +27,27 @@ LATENT_SPECS = {
     "threshold": P("model"),
 }
 PER_LATENT_STATE = ("tokens_since_fired", "fire_count")
+# inside the step: [rows, d_sae] blocks (pre-activations, latents and their gradients) split
+# both ways, [rows, d_in] blocks (inputs, reconstructions) split over "data" only
+LATENT_BLOCK = P("data", "model")
+ROW_BLOCK = P("data", None)
+
+
+def constrain(value, spec: P):
+    """Pin `value` to `spec` on the mesh being traced under (jax.set_mesh).
+
+    Without these pins XLA's partitioner may choose, from the shapes alone, to gather whole
+    weight matrices (or a whole [rows, d_sae] block) onto every device rather than keep the
+    latents split: a dictionary that only fits split could not train. The pins also apply to
+    the gradients. No mesh, a mesh without the ("data", "model") axes, or inside shard_map:
+    `value` unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return value
+    if not {"data", "model"} <= set(mesh.axis_names):
+        return value
+    return jax.lax.with_sharding_constraint(value, spec)
 
 
 def varying_axes(*values) -> tuple:
