@@ -358,22 +358,51 @@ def topk_activation(pre, k: int):
 
 def _kth_largest_per_row(pre, k: int):
     """[rows, 1]: each row's k-th largest entry. With latents split over "model" each shard
-    offers its top min(k, width) and the k-th largest of these candidates is the row's (exact,
-    as in `_select_and_decode_sharded`); only [rows, k·model] candidates move."""
+    takes its top min(k, width) (the row's k largest are among them) and the k-th largest of
+    the union is found by `kth_largest_across`, without moving the candidates."""
     if _model_shards() == 1:
         return jax.lax.top_k(pre, k)[0][:, -1:]
     from jax.sharding import PartitionSpec as P
 
     def local(block):
-        top = jax.lax.top_k(block, min(k, block.shape[1]))[0]
-        candidates = jax.lax.all_gather(top, "model", axis=1, tiled=True)
-        return jax.lax.top_k(candidates, k)[0][:, -1:]
+        return kth_largest_across(jax.lax.top_k(block, min(k, block.shape[1]))[0], k, "model")
 
-    # the all_gather makes the result equal on every "model" shard, which check_vma cannot see
-    # through top_k
+    # the psums make the result equal on every "model" shard, which check_vma cannot see
+    # through the bit arithmetic
     return jax.shard_map(local, in_specs=LATENT_BLOCK, out_specs=P("data", None), check_vma=False)(
         pre
     )
+
+
+KTH_ROUNDS = 32  # one all-reduce of a per-row count per bit of a float32
+
+
+def _sortable(values):
+    """float32 → uint32 in the same order (−inf lowest; the caller has no NaNs)."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _unsortable(keys):
+    bits = jnp.where(keys >> 31 == 1, keys ^ jnp.uint32(0x80000000), ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def kth_largest_across(values, k: int, axes):
+    """Inside shard_map: [rows, 1], the k-th largest of each row of `values` [rows, c] taken
+    over every shard of the mesh `axes` (the union of the shards' rows), exactly.
+
+    Built bit by bit from the top as the largest key T whose count of values ≥ T over all
+    shards is still ≥ k: KTH_ROUNDS all-reduces of a [rows] count, where gathering the
+    candidates would move [rows, c] from every shard (AuxK on a 64-way split of 16M latents:
+    4 GiB per device per step, against 1 MiB here)."""
+    keys = _sortable(values)
+    answer = jnp.zeros((values.shape[0], 1), jnp.uint32)
+    for bit in range(KTH_ROUNDS - 1, -1, -1):
+        trial = answer | jnp.uint32(1 << bit)
+        count = jnp.sum(keys >= trial, axis=1, keepdims=True, dtype=jnp.int32)
+        answer = jnp.where(jax.lax.psum(count, axes) >= k, trial, answer)
+    return _unsortable(answer)
 
 
 def batchtopk_activation(pre, k: int):
@@ -386,11 +415,9 @@ def batchtopk_activation(pre, k: int):
 def _batchtopk_cutoff(relu_pre, n_keep: int):
     """The n_keep-th largest entry of the whole (global) batch.
 
-    On a mesh, each device takes the top n_keep of its own block; the candidates are merged
-    over "model" (the top n_keep of them kept), then over "data", and the cutoff is the
-    n_keep-th largest of the last merge: the same value, without gathering every
-    pre-activation onto every device. Merging one axis at a time sends
-    (model − 1 + data − 1) candidate lists per device instead of (data·model − 1).
+    On a mesh, each device takes the top n_keep of its own block, and `kth_largest_across`
+    finds the n_keep-th largest of all these candidates with a count summed over the mesh
+    per bit: the same value, without moving any pre-activation or candidate.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -399,10 +426,7 @@ def _batchtopk_cutoff(relu_pre, n_keep: int):
 
     def local(block):
         top = jax.lax.top_k(block.reshape(-1), min(n_keep, block.size))[0]
-        for axis in ("model", "data"):
-            candidates = jax.lax.all_gather(top, axis, tiled=True)
-            top = jax.lax.top_k(candidates, min(n_keep, candidates.size))[0]
-        return top[n_keep - 1 : n_keep]
+        return kth_largest_across(top[None, :], n_keep, ("data", "model"))[0]
 
     cutoff = jax.shard_map(local, in_specs=P("data", "model"), out_specs=P(), check_vma=False)(
         relu_pre
@@ -460,7 +484,7 @@ def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
 def _auxk_sparse(params, x, scores, residual, dead, spec: SAESpec, variance):
     """`scores` without b_enc (select_and_decode adds it): −inf + b_enc stays −inf."""
     dead_scores = jnp.where(dead[None, :], scores, -jnp.inf)
-    residual_hat, _, _ = select_and_decode(params, x, dead_scores, spec.aux_k, spec)
+    residual_hat = decode_top_k(params, x, dead_scores, spec.aux_k, spec)
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
@@ -564,6 +588,45 @@ def select_and_decode(params, x, scores, k: int, spec: SAESpec):
         # Pallas's interpreter cannot type-check blocks that vary over mesh axes (see
         # pallas_kernels._call): on the CPU that path runs unchecked, and shard_map's own
         # transpose then sums the weight gradients over "data"
+        check_vma=not (kernels == "pallas" and pallas_kernels.interpret_default()),
+    )(params, x, scores)
+
+
+def _decode_above_kth_sharded(params, x, scores, k: int, kernels: str):
+    """Inside shard_map, latents split over "model": the row's k-th largest from every
+    shard's own top k (`kth_largest_across`), then each shard decodes its candidates at or
+    above it and the partial reconstructions are summed over "model". No candidate moves:
+    what AuxK needs, whose aux_k is large and whose selection is used only to decode."""
+    width = scores.shape[1]
+    values, idx = _top_k(scores, min(k, width), params["b_enc"], kernels)
+    keep = values >= kth_largest_across(values, k, "model")
+    values = selected_preacts(
+        x,
+        params["b_dec"],
+        params["W_enc"],
+        params["b_enc"],
+        idx,
+        jnp.where(keep, values, 0.0),
+        kernels,
+    )
+    acts = jnp.where(keep, jax.nn.relu(values), 0.0)
+    return jax.lax.psum(sparse_decode(acts, idx, params["W_dec"], kernels), "model")
+
+
+def decode_top_k(params, x, scores, k: int, spec: SAESpec):
+    """Σ_i acts·W_dec[idx] over the top k of scores + b_enc per row: `select_and_decode`'s
+    reconstruction alone (an exact tie at the k-th value keeps every tied latent)."""
+    scores = jax.lax.stop_gradient(scores)
+    kernels = spec.kernels
+    if _model_shards() == 1:
+        return _select_and_decode_local(params, x, scores, k, kernels)[0]
+    from jax.sharding import PartitionSpec as P
+
+    specs = {name: LATENT_SPECS[name] for name in params}
+    return jax.shard_map(
+        partial(_decode_above_kth_sharded, k=k, kernels=kernels),
+        in_specs=(specs, P("data", None), P("data", "model")),
+        out_specs=P("data", None),
         check_vma=not (kernels == "pallas" and pallas_kernels.interpret_default()),
     )(params, x, scores)
 

@@ -3,11 +3,12 @@
 Batches are split over `data`. Latents are split over `model`: W_enc columns, b_enc,
 W_dec rows, the threshold, their Adam moments and the per-latent counters. Everything
 else is replicated. The step itself is one jit-compiled program that XLA's SPMD
-partitioner splits from these placements: TopK on a latent-sharded pre-activation
-becomes each shard's top k followed by the global top k of the candidates, a
-reconstruction becomes per-shard partial sums added over `model`, and gradients of
-replicated parameters are summed over `data`. The same code runs on 1 device, on fake
-CPU devices, on a GPU host and on a TPU pod slice.
+partitioner splits from these placements, with the [rows, d_sae] blocks pinned split
+(`constrain`) so that no whole weight matrix or [rows, d_sae] block is ever gathered:
+TopK's selection runs per shard under shard_map (`core.sae`), a reconstruction becomes
+per-shard partial sums added over `model`, and gradients of replicated parameters are
+summed over `data`. `train.collectives` lists what the compiled step exchanges. The same
+code runs on 1 device, on fake CPU devices, on a GPU host and on a TPU pod slice.
 """
 
 from __future__ import annotations
