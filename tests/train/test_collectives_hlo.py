@@ -70,6 +70,7 @@ def test_latents_stay_split_in_the_compiled_step(compiled_steps, name):
         for _, dims in c.shapes:
             assert D_SAE not in dims, f"{name}: {c.describe()} carries a whole latent axis"
         assert c.op != "all-to-all", f"{name}: {c.describe()}"
+        assert not c.loop, f"{name}: {c.describe()} runs an unknown number of times"
     if name in ("topk", "topk_dense", "batchtopk"):  # AuxK is compiled in, and split too
         assert any(c.conditional for c in ops), name
 
