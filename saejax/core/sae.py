@@ -25,7 +25,7 @@ from saejax.core.architectures import (
     selects_top_k,
     uses_sparse_kernels,
 )
-from saejax.core.sharding import LATENT_SPECS, varying_axes
+from saejax.core.sharding import LATENT_BLOCK, LATENT_SPECS, ROW_BLOCK, constrain, varying_axes
 
 
 @dataclass(frozen=True)
@@ -326,19 +326,83 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 # ---- the forward pass -------------------------------------------------------------
 def encoder_scores(params, x, spec: SAESpec):
-    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias."""
-    return matmul(x - params["b_dec"], params["W_enc"], spec.compute_dtype)
+    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias.
+    On a mesh the [rows, d_sae] result stays split over ("data", "model") (`constrain`).
+
+    b_dec's gradient through the encoder, −W_enc·Σ_rows g, comes from a term whose value is
+    exactly zero, (sg(b_dec) − b_dec)·sg(W_enc): differentiating (x − b_dec) itself would
+    form g·W_encᵀ for every row, a third [rows, d_sae] × [d_sae, d_in] matmul, only to sum
+    it over the rows, and on a latent-split mesh all-reduce that [rows, d_in] block over
+    "model" first.
+    """
+    b_dec, W_enc = params["b_dec"], params["W_enc"]
+    fixed_b_dec = jax.lax.stop_gradient(b_dec)
+    scores = matmul(x - fixed_b_dec, W_enc, spec.compute_dtype)
+    zero = (fixed_b_dec - b_dec) @ jax.lax.stop_gradient(W_enc)
+    return constrain(scores + zero, LATENT_BLOCK)
 
 
 def pre_activations(params, x, spec: SAESpec):
-    return encoder_scores(params, x, spec) + params["b_enc"]
+    return constrain(encoder_scores(params, x, spec) + params["b_enc"], LATENT_BLOCK)
 
 
 def topk_activation(pre, k: int):
-    """Keep each row's k largest pre-activations (ReLU'd), zero the rest."""
-    values, indices = jax.lax.top_k(pre, k)
-    rows = jnp.arange(pre.shape[0])[:, None]
-    return jnp.zeros_like(pre).at[rows, indices].set(jax.nn.relu(values))
+    """Keep each row's k largest pre-activations (ReLU'd), zero the rest.
+
+    Kept as "at least the row's k-th largest", which a latent-split mesh computes without
+    gathering the row (`_kth_largest_per_row`); an exact tie at the k-th value keeps every
+    tied entry (the ReLU makes ties at zero or −inf, AuxK's masked latents, harmless)."""
+    kth = _kth_largest_per_row(jax.lax.stop_gradient(pre), k)
+    return constrain(jnp.where(pre >= kth, jax.nn.relu(pre), 0.0), LATENT_BLOCK)
+
+
+def _kth_largest_per_row(pre, k: int):
+    """[rows, 1]: each row's k-th largest entry. With latents split over "model" each shard
+    takes its top min(k, width) (the row's k largest are among them) and the k-th largest of
+    the union is found by `kth_largest_across`, without moving the candidates."""
+    if _model_shards() == 1:
+        return jax.lax.top_k(pre, k)[0][:, -1:]
+    from jax.sharding import PartitionSpec as P
+
+    def local(block):
+        return kth_largest_across(jax.lax.top_k(block, min(k, block.shape[1]))[0], k, "model")
+
+    # the psums make the result equal on every "model" shard, which check_vma cannot see
+    # through the bit arithmetic
+    return jax.shard_map(local, in_specs=LATENT_BLOCK, out_specs=P("data", None), check_vma=False)(
+        pre
+    )
+
+
+KTH_ROUNDS = 32  # one all-reduce of a per-row count per bit of a float32
+
+
+def _sortable(values):
+    """float32 → uint32 in the same order (−inf lowest; the caller has no NaNs)."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _unsortable(keys):
+    bits = jnp.where(keys >> 31 == 1, keys ^ jnp.uint32(0x80000000), ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def kth_largest_across(values, k: int, axes):
+    """Inside shard_map: [rows, 1], the k-th largest of each row of `values` [rows, c] taken
+    over every shard of the mesh `axes` (the union of the shards' rows), exactly.
+
+    Built bit by bit from the top as the largest key T whose count of values ≥ T over all
+    shards is still ≥ k: KTH_ROUNDS all-reduces of a [rows] count, where gathering the
+    candidates would move [rows, c] from every shard (AuxK on a 64-way split of 16M latents:
+    4 GiB per device per step, against 1 MiB here)."""
+    keys = _sortable(values)
+    answer = jnp.zeros((values.shape[0], 1), jnp.uint32)
+    for bit in range(KTH_ROUNDS - 1, -1, -1):
+        trial = answer | jnp.uint32(1 << bit)
+        count = jnp.sum(keys >= trial, axis=1, keepdims=True, dtype=jnp.int32)
+        answer = jnp.where(jax.lax.psum(count, axes) >= k, trial, answer)
+    return _unsortable(answer)
 
 
 def batchtopk_activation(pre, k: int):
@@ -351,9 +415,9 @@ def batchtopk_activation(pre, k: int):
 def _batchtopk_cutoff(relu_pre, n_keep: int):
     """The n_keep-th largest entry of the whole (global) batch.
 
-    On a mesh, each device takes the top n_keep of its own block, the candidates are
-    gathered, and the cutoff is the n_keep-th largest of them: the same value, without
-    gathering every pre-activation onto every device.
+    On a mesh, each device takes the top n_keep of its own block, and `kth_largest_across`
+    finds the n_keep-th largest of all these candidates with a count summed over the mesh
+    per bit: the same value, without moving any pre-activation or candidate.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -362,8 +426,7 @@ def _batchtopk_cutoff(relu_pre, n_keep: int):
 
     def local(block):
         top = jax.lax.top_k(block.reshape(-1), min(n_keep, block.size))[0]
-        candidates = jax.lax.all_gather(top, ("data", "model"), tiled=True)
-        return jax.lax.top_k(candidates, n_keep)[0][-1:]
+        return kth_largest_across(top[None, :], n_keep, ("data", "model"))[0]
 
     cutoff = jax.shard_map(local, in_specs=P("data", "model"), out_specs=P(), check_vma=False)(
         relu_pre
@@ -372,6 +435,10 @@ def _batchtopk_cutoff(relu_pre, n_keep: int):
 
 
 def activate(params, pre, spec: SAESpec, training: bool = True):
+    return constrain(_activate(params, pre, spec, training), LATENT_BLOCK)
+
+
+def _activate(params, pre, spec: SAESpec, training: bool):
     a = spec.architecture
     if a == "relu":
         return jax.nn.relu(pre)
@@ -385,7 +452,8 @@ def activate(params, pre, spec: SAESpec, training: bool = True):
 
 
 def decode(params, f, spec: SAESpec):
-    return matmul(f, params["W_dec"], spec.compute_dtype) + params["b_dec"]
+    """On a mesh: per-shard partial reconstructions summed over "model" (`constrain`)."""
+    return constrain(matmul(f, params["W_dec"], spec.compute_dtype), ROW_BLOCK) + params["b_dec"]
 
 
 def encode(params, x, spec: SAESpec, training: bool = False):
@@ -409,14 +477,14 @@ def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
     pre = pre_activations(params, x, spec)
     dead_pre = jnp.where(dead[None, :], pre, -jnp.inf)
     f_aux = topk_activation(dead_pre, spec.aux_k)
-    residual_hat = matmul(f_aux, params["W_dec"], spec.compute_dtype)
+    residual_hat = constrain(matmul(f_aux, params["W_dec"], spec.compute_dtype), ROW_BLOCK)
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
 def _auxk_sparse(params, x, scores, residual, dead, spec: SAESpec, variance):
     """`scores` without b_enc (select_and_decode adds it): −inf + b_enc stays −inf."""
     dead_scores = jnp.where(dead[None, :], scores, -jnp.inf)
-    residual_hat, _, _ = select_and_decode(params, x, dead_scores, spec.aux_k, spec)
+    residual_hat = decode_top_k(params, x, dead_scores, spec.aux_k, spec)
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
@@ -524,6 +592,45 @@ def select_and_decode(params, x, scores, k: int, spec: SAESpec):
     )(params, x, scores)
 
 
+def _decode_above_kth_sharded(params, x, scores, k: int, kernels: str):
+    """Inside shard_map, latents split over "model": the row's k-th largest from every
+    shard's own top k (`kth_largest_across`), then each shard decodes its candidates at or
+    above it and the partial reconstructions are summed over "model". No candidate moves:
+    what AuxK needs, whose aux_k is large and whose selection is used only to decode."""
+    width = scores.shape[1]
+    values, idx = _top_k(scores, min(k, width), params["b_enc"], kernels)
+    keep = values >= kth_largest_across(values, k, "model")
+    values = selected_preacts(
+        x,
+        params["b_dec"],
+        params["W_enc"],
+        params["b_enc"],
+        idx,
+        jnp.where(keep, values, 0.0),
+        kernels,
+    )
+    acts = jnp.where(keep, jax.nn.relu(values), 0.0)
+    return jax.lax.psum(sparse_decode(acts, idx, params["W_dec"], kernels), "model")
+
+
+def decode_top_k(params, x, scores, k: int, spec: SAESpec):
+    """Σ_i acts·W_dec[idx] over the top k of scores + b_enc per row: `select_and_decode`'s
+    reconstruction alone (an exact tie at the k-th value keeps every tied latent)."""
+    scores = jax.lax.stop_gradient(scores)
+    kernels = spec.kernels
+    if _model_shards() == 1:
+        return _select_and_decode_local(params, x, scores, k, kernels)[0]
+    from jax.sharding import PartitionSpec as P
+
+    specs = {name: LATENT_SPECS[name] for name in params}
+    return jax.shard_map(
+        partial(_decode_above_kth_sharded, k=k, kernels=kernels),
+        in_specs=(specs, P("data", None), P("data", "model")),
+        out_specs=P("data", None),
+        check_vma=not (kernels == "pallas" and pallas_kernels.interpret_default()),
+    )(params, x, scores)
+
+
 def _sparse_forward(params, x, spec: SAESpec):
     """TopK through the sparse kernels: (reconstruction, values [B,k], idx [B,k], scores),
     scores being the pre-activations without b_enc."""
@@ -586,6 +693,7 @@ def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coe
     differentiating through the cond instead would keep both branches' residuals alive and
     cost as much as the AuxK pass itself on every step.
     """
+    x = constrain(x, ROW_BLOCK)  # on a mesh: the rows regathered over "model" once, here
     (_, (parts, fires, smallest, pre, err)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, x, spec, sparsity_coefficient
     )

@@ -3,11 +3,12 @@
 Batches are split over `data`. Latents are split over `model`: W_enc columns, b_enc,
 W_dec rows, the threshold, their Adam moments and the per-latent counters. Everything
 else is replicated. The step itself is one jit-compiled program that XLA's SPMD
-partitioner splits from these placements: TopK on a latent-sharded pre-activation
-becomes each shard's top k followed by the global top k of the candidates, a
-reconstruction becomes per-shard partial sums added over `model`, and gradients of
-replicated parameters are summed over `data`. The same code runs on 1 device, on fake
-CPU devices, on a GPU host and on a TPU pod slice.
+partitioner splits from these placements, with the [rows, d_sae] blocks pinned split
+(`constrain`) so that no whole weight matrix or [rows, d_sae] block is ever gathered:
+TopK's selection runs per shard under shard_map (`core.sae`), a reconstruction becomes
+per-shard partial sums added over `model`, and gradients of replicated parameters are
+summed over `data`. `train.collectives` lists what the compiled step exchanges. The same
+code runs on 1 device, on fake CPU devices, on a GPU host and on a TPU pod slice.
 """
 
 from __future__ import annotations
@@ -27,6 +28,27 @@ LATENT_SPECS = {
     "threshold": P("model"),
 }
 PER_LATENT_STATE = ("tokens_since_fired", "fire_count")
+# inside the step: [rows, d_sae] blocks (pre-activations, latents and their gradients) split
+# both ways, [rows, d_in] blocks (inputs, reconstructions) split over "data" only
+LATENT_BLOCK = P("data", "model")
+ROW_BLOCK = P("data", None)
+
+
+def constrain(value, spec: P):
+    """Pin `value` to `spec` on the mesh being traced under (jax.set_mesh).
+
+    Without these pins XLA's partitioner may choose, from the shapes alone, to gather whole
+    weight matrices (or a whole [rows, d_sae] block) onto every device rather than keep the
+    latents split: a dictionary that only fits split could not train. The pins also apply to
+    the gradients. No mesh, a mesh without the ("data", "model") axes, or inside shard_map:
+    `value` unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return value
+    if not {"data", "model"} <= set(mesh.axis_names):
+        return value
+    return jax.lax.with_sharding_constraint(value, spec)
 
 
 def varying_axes(*values) -> tuple:

@@ -21,17 +21,31 @@ Host memory (not on the device): the loader holds two shuffle groups (the one se
 the one read ahead: 2 × shuffle_blocks × block_rows × d_in in the store's dtype) and up to
 prefetch + loader_threads ready batches.
 
-Communication, bytes each device sends per step (ring all-reduce ≈ 2·(n−1)/n of the
-buffer): the gradient all-reduce over "data", the reconstruction sums over "model" (forward
-and backward), and for TopK the candidate exchange over "model".
+Communication, bytes each device sends per step: every collective the compiled step runs
+(`collectives` below), costed as `train.collectives` costs the compiled step's own HLO
+(all-gather (n−1)/n of the result, all-reduce 2(n−1)/n of the buffer), and split into bytes
+that stay within a process and bytes that cross to another for a layout of processes ×
+devices per process (mesh.num_processes, else data.slices, else 1). A test holds the total
+within 20% of the compiled step's inventory on a (4, 2) mesh for every architecture.
+The rows of a batch are regathered over "model"; the reconstruction (and TopK's selected
+values) are summed over "model"; the gradients of the split parameters are all-reduced
+over "data"; sparse TopK exchanges [rows, k] candidates per shard over "model"; a k-th
+largest over shards (dense TopK per row, BatchTopK's cutoff over the whole mesh) is 32
+all-reduces of a count, one per bit. AuxK, which runs only while some latent is dead,
+repeats the selection (a k-th largest per row), the reconstruction sum and the gradient
+all-reduce (XLA reduces AuxK's gradients apart, inside the lax.cond): it is counted in
+the total and shown apart.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from saejax.config import RunConfig
-from saejax.core.architectures import has_threshold, selects_top_k
+from saejax.core.architectures import has_threshold, selects_top_k, uses_sparse_kernels
+from saejax.train.collectives import Collective, traffic
 
 F32 = 4
 
@@ -43,15 +57,95 @@ STEP_BUFFERS = {
     ("jumprelu", "bfloat16"): (6.0, 1.0, 2.0),
     ("topk_sparse", "float32"): (1.92, 1.3, 4.37),
     ("topk_sparse", "bfloat16"): (1.92, 1.3, 4.37),
-    ("topk_dense", "float32"): (3.83, 1.6, 5.24),
-    ("topk_dense", "bfloat16"): (3.83, 3.58, 5.24),  # as batchtopk (f32 alike)
-    ("batchtopk", "float32"): (3.83, 1.6, 5.24),
-    ("batchtopk", "bfloat16"): (3.83, 3.58, 5.24),
+    # refitted when dense TopK and AuxK kept "at least the k-th largest" (no scatter)
+    ("topk_dense", "float32"): (3.97, 0.95, 2.61),
+    ("topk_dense", "bfloat16"): (4.41, 0.79, 3.21),
+    ("batchtopk", "float32"): (3.11, 1.38, 3.84),
+    ("batchtopk", "bfloat16"): (3.61, 1.32, 3.99),
 }
 
 
-def _ring(n: int, nbytes: float) -> float:
-    return 2.0 * (n - 1) / n * nbytes if n > 1 else 0.0
+KTH_ROUNDS = 32  # core.sae.KTH_ROUNDS: a k-th largest over shards is one count per bit
+
+
+def _groups(data: int, model: int, axis: str) -> tuple:
+    """Device groups of one mesh axis ("all": the whole mesh); ids are mesh positions,
+    process-major."""
+    ids = np.arange(data * model).reshape(data, model)
+    if axis == "all":
+        return (tuple(range(data * model)),)
+    return tuple(tuple(int(v) for v in row) for row in (ids if axis == "model" else ids.T))
+
+
+def collectives(cfg: RunConfig, d_in: int) -> dict:
+    """{term: [Collective, ...]}: what the compiled step exchanges per step, as predicted from
+    the config (terms whose names start with "auxk" run only while some latent is dead)."""
+    s, data, model = cfg.sae, cfg.mesh.data, cfg.mesh.model
+    latents, rows = s.d_sae // model, cfg.train.batch_size // data
+    over = {axis: _groups(data, model, axis) for axis in ("data", "model", "all")}
+
+    def op(kind, axis, *shapes):
+        shapes = tuple(((dtype, tuple(dims))) for dtype, dims in shapes)
+        nbytes = sum(F32 * int(np.prod(dims)) for _, dims in shapes)
+        return Collective(kind, shapes, nbytes, over[axis], "predicted", False, False)
+
+    params = [("f32", (d_in, latents)), ("f32", (latents, d_in)), ("f32", (latents,))]
+    params += [("f32", (d_in,))] + ([("f32", (latents,))] if has_threshold(s.architecture) else [])
+    gradients = op("all-reduce", "data", *params)
+    rows_d_in = ("f32", (rows, d_in))
+    recon = op("all-reduce", "model", rows_d_in)
+    terms = {
+        "inputs_regathered_over_model": [op("all-gather", "model", rows_d_in)],
+        "reconstruction_sum_over_model": [recon],
+        "gradient_all_reduce_over_data": [gradients],
+        # per-row sums over the latents: L0 (and relu's L1 penalty); per-latent fire counts
+        "row_sums_over_model": [op("all-reduce", "model", ("s32", (rows,)))]
+        + ([op("all-reduce", "model", ("f32", (rows,)))] if s.architecture == "relu" else []),
+        "fire_counts_over_data": [op("all-reduce", "data", ("s32", (latents,)))],
+    }
+    sparse = uses_sparse_kernels(s.architecture, s.topk_kernel)
+
+    # the k-th largest of each row over the shards: one count per row and bit (dense TopK,
+    # and AuxK on every path)
+    kth_per_row = [op("all-reduce", "model", ("s32", (rows, 1)))] * KTH_ROUNDS
+    if s.architecture == "topk" and sparse:
+        # values and indices of every shard's top k, then the selection summed over "model"
+        width = min(s.k, latents) * model
+        terms["topk_candidates_over_model"] = [
+            op("all-gather", "model", ("f32", (rows, width)), ("s32", (rows, width))),
+            op("all-reduce", "model", ("f32", (rows, s.k)), ("s32", (rows, s.k))),
+        ]
+    elif s.architecture == "topk":
+        terms["topk_kth_largest_over_model"] = kth_per_row
+    if s.architecture == "batchtopk":  # the batch's cutoff: one count per bit, whole mesh
+        terms["batchtopk_cutoff_over_mesh"] = [op("all-reduce", "all", ("s32", ()))] * KTH_ROUNDS
+    if selects_top_k(s.architecture):
+        terms["auxk_selection_over_model"] = kth_per_row
+        terms["auxk_reconstruction_sum_over_model"] = [recon]
+        terms["auxk_gradient_all_reduce_over_data"] = [gradients]
+    return terms
+
+
+def processes_of(cfg: RunConfig) -> int:
+    """Processes the dry run lays the devices over: mesh.num_processes, else data.slices
+    (one per process by default), else 1."""
+    return max(1, cfg.mesh.num_processes or cfg.data.slices or 1)
+
+
+def communication(cfg: RunConfig, d_in: int, processes: int | None = None) -> dict:
+    """Bytes one device sends per step, per term, with the total split into within-host and
+    across-host bytes for `processes` processes of mesh.data·mesh.model/processes devices."""
+    n = cfg.mesh.data * cfg.mesh.model
+    processes = processes or processes_of(cfg)
+    per_process = max(1, n // processes)
+    terms = collectives(cfg, d_in)
+    out = {name: traffic(ops, n, per_process)["total"] for name, ops in terms.items()}
+    split = traffic([c for ops in terms.values() for c in ops], n, per_process)
+    out["total"] = split["total"]
+    out["of_which_auxk"] = sum(v for k, v in out.items() if k.startswith("auxk"))
+    out["within_host"] = split["within_host"]
+    out["across_host"] = split["across_host"]
+    return out
 
 
 def _step_kind(architecture: str, topk_kernel: str) -> str:
@@ -60,9 +154,12 @@ def _step_kind(architecture: str, topk_kernel: str) -> str:
     return "batchtopk" if selects_top_k(architecture) else architecture
 
 
-def estimate(cfg: RunConfig, d_in: int, store_itemsize: int = F32) -> dict:
+def estimate(
+    cfg: RunConfig, d_in: int, store_itemsize: int = F32, processes: int | None = None
+) -> dict:
     """Bytes per device and per host, and bytes sent per step; `store_itemsize` is the size
-    of one stored value (2 for a bfloat16 store, 4 for float32 and .npy float32)."""
+    of one stored value (2 for a bfloat16 store, 4 for float32 and .npy float32);
+    `processes` lays the devices over that many processes (default: `processes_of`)."""
     s, data, model = cfg.sae, cfg.mesh.data, cfg.mesh.model
     latents = s.d_sae // model
     rows = cfg.train.batch_size // data
@@ -84,24 +181,16 @@ def estimate(cfg: RunConfig, d_in: int, store_itemsize: int = F32) -> dict:
         "ready_batches": (d.prefetch + threads) * cfg.train.batch_size * d_in * store_itemsize,
     }
     host["total"] = sum(host.values())
-    communication = {
-        "gradient_all_reduce_over_data": _ring(data, params),
-        "reconstruction_sum_over_model": 2 * _ring(model, rows * d_in * F32),
-        "topk_candidates_over_model": (
-            (model - 1) * rows * s.k * (F32 + 4) + _ring(model, 2 * rows * s.k * (F32 + 4))
-            if selects_top_k(s.architecture) and model > 1
-            else 0.0
-        ),
-    }
-    communication["total"] = sum(communication.values())
+    processes = processes or processes_of(cfg)
     return {
         "mesh": {"data": data, "model": model},
+        "processes": processes,
         "d_in": d_in,
         "d_sae": s.d_sae,
         "batch_size": cfg.train.batch_size,
         "bytes_per_device": per_device,
         "host_bytes": host,
-        "bytes_sent_per_device_per_step": communication,
+        "bytes_sent_per_device_per_step": communication(cfg, d_in, processes),
     }
 
 
@@ -125,7 +214,10 @@ def describe(est: dict) -> str:
     lines.append("per host (the loader's buffers, not on the device)")
     for key, value in est["host_bytes"].items():
         lines.append(f"  {key:<15}{_size(value):>12}")
-    lines.append("sent per device per step")
+    n = m["data"] * m["model"]
+    p = est["processes"]
+    lines.append(f"sent per device per step ({p} process(es) × {max(1, n // p)} devices)")
     for key, value in est["bytes_sent_per_device_per_step"].items():
-        lines.append(f"  {key:<33}{_size(value):>14}")
+        if value or key in ("total", "within_host", "across_host"):  # terms that send nothing: off
+            lines.append(f"  {key:<36}{_size(value):>12}")
     return "\n".join(lines)
