@@ -77,7 +77,8 @@ def main() -> None:
         store = args.store or synthetic_store(
             where, args.batch * (args.batches // 3 + 2), args.d_in
         )
-        block = current.ArraySource(store).read(0, 8192)  # one read block, as the loader checks it
+        source = current.ArraySource(store)
+        block = source.read(0, min(8192, source.n_rows))  # one read block, as the loader checks
         runs = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, module in loaders.items():
