@@ -19,6 +19,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from saejax.errors import SaejaxError
@@ -144,6 +145,10 @@ class Checkpointer:
                 f"configuration ({'; '.join(diffs)})"
             )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
+        added = self._metrics_added_since(step, abstract)
+        if added:
+            sums = {k: v for k, v in abstract.metric_sums.items() if k not in added}
+            abstract = abstract.replace(metric_sums=sums)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
@@ -152,7 +157,34 @@ class Checkpointer:
             raise CheckpointDamaged(
                 f"cannot restore step {step} in {self.directory}: {_first_line(e)}"
             ) from None
-        return restored["state"], info
+        state = restored["state"]
+        if added:  # a window sum starts at 0: that metric's first fetch undercounts, once
+            zeros = {
+                k: jax.device_put(jnp.zeros(v.shape, v.dtype), v.sharding)
+                for k, v in state_template.metric_sums.items()
+                if k in added
+            }
+            state = state.replace(metric_sums={**state.metric_sums, **zeros})
+        return state, info
+
+    def _metrics_added_since(self, step: int, abstract) -> set:
+        """The metric sums the state has and the checkpoint at `step` lacks: it was written by
+        an earlier saejax, before that metric was logged (fvu_without_outliers). One that
+        holds sums this saejax does not know is refused (not deleted as damaged)."""
+        sums = getattr(abstract, "metric_sums", None)
+        if not isinstance(sums, dict):
+            return set()
+        try:
+            on_disk = set(self.manager.item_metadata(step)["state"].tree["metric_sums"])
+        except Exception:  # unreadable metadata: the restore itself reports it
+            return set()
+        if on_disk - set(sums):
+            raise SaejaxError(
+                f"the checkpoint at step {step} in {self.directory} was written by a newer "
+                f"saejax (it logs {', '.join(sorted(on_disk - set(sums)))}); resume it with that "
+                "version"
+            )
+        return set(sums) - on_disk
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
