@@ -11,10 +11,18 @@ Saving a step that is already saved is a no-op: a run stopped (or killed) at a c
 step, or one resumed at its final step to finish, saves that step again. The sidecar also
 records which data the run trains on (`data_identity`), so a resume on a store that has
 changed since is refused unless forced.
+
+A save that fails for want of space (orbax writes in the background, so the error surfaces at
+the next save or wait) is one SaejaxError naming the checkpoint kept. The unfinished save is
+a temporary folder, never taken for a checkpoint; the next run removes it (orbax's
+cleanup_tmp_directories: not at the failure, where orbax's writers may still be at work in it),
+and the same resume works once space is freed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 
@@ -22,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from saejax.errors import SaejaxError
+from saejax.errors import SaejaxError, disk_full
 from saejax.train.data import split_rows
 
 DATA_KEYS = ("data_rows", "train_rows", "validation_rows")  # absent from older checkpoints
@@ -39,6 +47,20 @@ def data_identity(source, data_cfg) -> dict:
     }
 
 
+class _QuietDiskFull(logging.Filter):
+    """orbax logs a failed background write, with its traceback, from each thread it passes
+    through; the Checkpointer reports it once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (disk_full(error) or disk_full(ValueError(record.getMessage())))
+
+
+logging.getLogger("absl").addFilter(_QuietDiskFull())
+
+
 class CheckpointDamaged(SaejaxError):
     """A checkpoint that does not read back whole."""
 
@@ -52,9 +74,13 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # what a killed or failed save left behind
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.failed = False  # a save failed for want of space (reported once)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -67,13 +93,34 @@ class Checkpointer:
         batch b is a pure function of the seed and b)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), info=ocp.args.JsonSave(info)
-            ),
-            force=True,
-        )
+        with self._reporting_disk_full():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), info=ocp.args.JsonSave(info)
+                ),
+                force=True,
+            )
+
+    @contextlib.contextmanager
+    def _reporting_disk_full(self):
+        """A write that failed for want of space -> one SaejaxError naming what is kept."""
+        try:
+            yield
+        except Exception as e:
+            error = disk_full(e)
+            if error is None:
+                raise
+            self.failed = True
+            kept = self.manager.latest_step()
+            tail = (
+                f"the checkpoint at step {kept} is kept: free some space and resume"
+                if kept is not None
+                else "free some space and run it again"
+            )
+            raise SaejaxError(
+                f"cannot write a checkpoint in {self.directory} ({error.strerror}); {tail}"
+            ) from None
 
     def delete_after(self, step: int) -> int | None:
         """Delete every checkpoint after `step` (states nobody checked); the latest left."""
@@ -187,8 +234,20 @@ class Checkpointer:
         return set(sums) - on_disk
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting_disk_full():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the last save and close; a failure already reported is not raised again."""
+        reported = self.failed
+        try:
+            self.wait()
+        except SaejaxError:
+            if not reported:
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self.failed:
+                    raise
