@@ -266,7 +266,7 @@ def _out_of_space(cfg: ExtractConfig, meta: dict, error: BaseException) -> Saeja
         return None
     return SaejaxError(
         f"cannot write to the store {cfg.out} ({failure.strerror}); its first "
-        f"{int(meta['n_tokens']):,} rows are kept: free some space and run the same command "
+        f"{int(meta.get('n_tokens', 0)):,} rows are kept: free some space and run the same command "
         "again to continue"
     )
 
