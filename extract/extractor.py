@@ -26,7 +26,7 @@ from extract.hooks import Capture, hook_width, parse_hooks, validate_hooks
 from extract.models import BUILTIN_MODEL, load_model, resolve_device, resolve_model_dtype
 from extract.packing import first_stored_position, pack_contexts, stored_positions, token_stream
 from saejax import store as st
-from saejax.errors import SaejaxError
+from saejax.errors import SaejaxError, disk_full
 
 # Fields that define a store: a resumed run must agree on all of them.
 IDENTITY_KEYS = (
@@ -251,6 +251,26 @@ class _ChunkCommitter:
         while self.pending:
             self.advance(block=True)
 
+    def settle(self) -> None:
+        """After a failure: advance meta.json over the writes that completed, up to the first
+        that failed (its rows and the later ones are written again on resume)."""
+        try:
+            self.drain()
+        except Exception:  # that write failed; meta.json stays before it
+            pass
+
+
+def _out_of_space(cfg: ExtractConfig, meta: dict, error: BaseException) -> SaejaxError | None:
+    """A write that failed for want of space, as one line saying what is kept."""
+    failure = disk_full(error)
+    if failure is None:
+        return None
+    return SaejaxError(
+        f"cannot write to the store {cfg.out} ({failure.strerror}); its first "
+        f"{int(meta.get('n_tokens', 0)):,} rows are kept: free some space and run the same command "
+        "again to continue"
+    )
+
 
 def _damaged_chunks(path: str, meta: dict | None) -> set[int]:
     """Chunk numbers of an existing store where some array's chunk is missing or damaged
@@ -434,7 +454,9 @@ def run_extract(
     try:
         arrays, tokens_arr, doc_arr = st.create_arrays(cfg.out, identity, capacity)
     except ValueError as e:
-        raise SaejaxError(f"cannot create the arrays of store {cfg.out}: {e}") from None
+        raise _out_of_space(cfg, meta, e) or SaejaxError(
+            f"cannot create the arrays of store {cfg.out}: {e}"
+        ) from None
     first_ctx = context_range[0] if context_range is not None else 0
     drop_rows = {"drop_bos": drop_bos, "rows_per_ctx": rows_per_ctx, "first_ctx": first_ctx}
     if bad:
@@ -572,8 +594,11 @@ def run_extract(
             if buffered:
                 flush(buffered)
         committer.drain()
-    except BaseException:
-        committer.drain()  # keep every chunk that made it to disk
+    except BaseException as e:
+        committer.settle()  # keep every chunk that made it to disk
+        out_of_space = _out_of_space(cfg, meta, e)
+        if out_of_space is not None:
+            raise out_of_space from None
         raise
     finally:
         if bar is not None:

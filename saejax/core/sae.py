@@ -472,6 +472,24 @@ def total_variance(x):
     return jnp.sum(jnp.square(x - x.mean(0)))
 
 
+OUTLIER_NORM_RATIO = 10.0  # a row is an outlier when its norm exceeds this × the median norm
+
+
+def fvu_without_outliers(x, err):
+    """FVU over the rows of the batch whose norm is at most OUTLIER_NORM_RATIO × the batch's
+    median row norm (attention-sink rows can carry most of the variance). Elementwise work
+    and a sort of the row norms only: no matmul."""
+    row_sq = jnp.sum(jnp.square(x), axis=-1)
+    norms = jnp.sqrt(row_sq)
+    inlier = norms <= OUTLIER_NORM_RATIO * jnp.median(norms)
+    m = jnp.maximum(jnp.sum(inlier), 1)
+    mean = jnp.sum(jnp.where(inlier[:, None], x, 0.0), axis=0) / m
+    # Σ‖x − mean‖² over the inliers as Σ‖x‖² − m‖mean‖²: one pass over x fewer
+    variance = jnp.sum(jnp.where(inlier, row_sq, 0.0)) - m * jnp.sum(jnp.square(mean))
+    sq = jnp.sum(jnp.where(inlier, jnp.sum(jnp.square(err), axis=-1), 0.0))
+    return sq / jnp.maximum(variance, 1e-12)
+
+
 def _auxk_dense(params, x, residual, dead, spec: SAESpec, variance):
     """The reference: the encoder recomputed and differentiated densely."""
     pre = pre_activations(params, x, spec)
@@ -667,6 +685,7 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     parts = {
         "mse": sq / x.shape[0],
         "fvu": sq / variance,
+        "fvu_without_outliers": fvu_without_outliers(x, err),
         "l0": jnp.mean(jnp.sum(active, axis=-1)),
         "aux_loss": jnp.float32(0.0),
         "sparsity_loss": jnp.float32(0.0),

@@ -349,6 +349,7 @@ def write_dashboard(
     <style>{_CSS}</style></head><body><h1>{html.escape(os.path.basename(os.path.abspath(run)))}</h1>
     <p>{sae.spec.architecture} SAE, d_in {sae.spec.d_in}, d_sae {d_sae:,}, hook {html.escape(hook)};
     {n_rows:,} rows scanned; {dead:,} latents never fired; pages for the {len(paged)} densest.</p>
+    {eval_summary(run)}
     <input id="q" placeholder="search latents, tokens, explanations"><table id="latents"><thead><tr>
     <th>latent</th><th>density</th><th>mean act.</th><th>title</th><th>summary</th></tr></thead>
     <tbody>{"".join(rows_html)}</tbody></table><script>{_INDEX_JS}</script></body></html>"""
@@ -368,6 +369,28 @@ def write_dashboard(
     return os.path.join(final, "index.html")
 
 
+def eval_summary(run: str) -> str:
+    """The held-out figures of RUN/eval.json as a paragraph: FVU overall and without outlier
+    rows side by side (attention-sink rows can carry most of the variance), L0; "" when the
+    run has no eval.json (an SAE folder, or a run not finished)."""
+    try:
+        with open(os.path.join(run, "eval.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(m, dict) or not isinstance(m.get("fvu"), (int, float)):
+        return ""
+    parts = [f"held-out FVU {m['fvu']:.4f}"]
+    if isinstance(m.get("fvu_without_outliers"), (int, float)):
+        parts.append(
+            f"without outliers {m['fvu_without_outliers']:.4f} ({m.get('outlier_rows', 0):,} "
+            f"rows with norm &gt; {m.get('outlier_norm_ratio', 10):g}× the median left out)"
+        )
+    if isinstance(m.get("l0"), (int, float)):
+        parts.append(f"L0 {m['l0']:.1f}")
+    return f'<p id="eval">{"; ".join(parts)}</p>'
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of metrics.jsonl that have tokens; a line that is not a whole JSON record
     (the partial last line of a run killed mid-write) is skipped."""
@@ -385,7 +408,8 @@ def read_metrics(path: str) -> list[dict]:
 
 def _write_plots(run: str, density: np.ndarray, folder: str) -> list[str]:
     """density.png (log10 firing frequency over latents) and, for a run, training.png
-    (FVU, L0 and dead fraction against tokens from metrics.jsonl). Needs matplotlib."""
+    (FVU overall and without outlier rows, L0 and dead fraction against tokens from
+    metrics.jsonl). Needs matplotlib."""
     try:
         import matplotlib
 
@@ -415,9 +439,16 @@ def _write_plots(run: str, density: np.ndarray, folder: str) -> list[str]:
             tokens = [r["tokens"] for r in records]
             fig, axes = plt.subplots(1, 3, figsize=(9, 2.8), dpi=110)
             for ax, key in zip(axes, ("fvu", "l0", "dead_fraction")):
-                ax.plot(tokens, [r.get(key) for r in records])
+                ax.plot(tokens, [r.get(key) for r in records], label=key)
                 ax.set_title(key)
                 ax.set_xlabel("tokens")
+            if any("fvu_without_outliers" in r for r in records):  # runs logged before lack it
+                axes[0].plot(
+                    tokens,
+                    [r.get("fvu_without_outliers") for r in records],
+                    label="without outliers",
+                )
+                axes[0].legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(os.path.join(folder, "training.png"))
             plt.close(fig)

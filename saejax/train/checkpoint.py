@@ -11,17 +11,26 @@ Saving a step that is already saved is a no-op: a run stopped (or killed) at a c
 step, or one resumed at its final step to finish, saves that step again. The sidecar also
 records which data the run trains on (`data_identity`), so a resume on a store that has
 changed since is refused unless forced.
+
+A save that fails for want of space (orbax writes in the background, so the error surfaces at
+the next save or wait) is one SaejaxError naming the checkpoint kept. The unfinished save is
+a temporary folder, never taken for a checkpoint; the next run removes it (orbax's
+cleanup_tmp_directories: not at the failure, where orbax's writers may still be at work in it),
+and the same resume works once space is freed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from saejax.errors import SaejaxError
+from saejax.errors import SaejaxError, disk_full
 from saejax.train.data import split_rows
 
 DATA_KEYS = ("data_rows", "train_rows", "validation_rows")  # absent from older checkpoints
@@ -38,6 +47,20 @@ def data_identity(source, data_cfg) -> dict:
     }
 
 
+class _QuietDiskFull(logging.Filter):
+    """orbax logs a failed background write, with its traceback, from each thread it passes
+    through; the Checkpointer reports it once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (disk_full(error) or disk_full(ValueError(record.getMessage())))
+
+
+logging.getLogger("absl").addFilter(_QuietDiskFull())
+
+
 class CheckpointDamaged(SaejaxError):
     """A checkpoint that does not read back whole."""
 
@@ -51,9 +74,13 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # what a killed or failed save left behind
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.failed = False  # a save failed for want of space (reported once)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -66,13 +93,34 @@ class Checkpointer:
         batch b is a pure function of the seed and b)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), info=ocp.args.JsonSave(info)
-            ),
-            force=True,
-        )
+        with self._reporting_disk_full():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), info=ocp.args.JsonSave(info)
+                ),
+                force=True,
+            )
+
+    @contextlib.contextmanager
+    def _reporting_disk_full(self):
+        """A write that failed for want of space -> one SaejaxError naming what is kept."""
+        try:
+            yield
+        except Exception as e:
+            error = disk_full(e)
+            if error is None:
+                raise
+            self.failed = True
+            kept = self.manager.latest_step()
+            tail = (
+                f"the checkpoint at step {kept} is kept: free some space and resume"
+                if kept is not None
+                else "free some space and run it again"
+            )
+            raise SaejaxError(
+                f"cannot write a checkpoint in {self.directory} ({error.strerror}); {tail}"
+            ) from None
 
     def delete_after(self, step: int) -> int | None:
         """Delete every checkpoint after `step` (states nobody checked); the latest left."""
@@ -144,6 +192,10 @@ class Checkpointer:
                 f"configuration ({'; '.join(diffs)})"
             )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
+        added = self._metrics_added_since(step, abstract)
+        if added:
+            sums = {k: v for k, v in abstract.metric_sums.items() if k not in added}
+            abstract = abstract.replace(metric_sums=sums)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
@@ -152,11 +204,50 @@ class Checkpointer:
             raise CheckpointDamaged(
                 f"cannot restore step {step} in {self.directory}: {_first_line(e)}"
             ) from None
-        return restored["state"], info
+        state = restored["state"]
+        if added:  # a window sum starts at 0: that metric's first fetch undercounts, once
+            zeros = {
+                k: jax.device_put(jnp.zeros(v.shape, v.dtype), v.sharding)
+                for k, v in state_template.metric_sums.items()
+                if k in added
+            }
+            state = state.replace(metric_sums={**state.metric_sums, **zeros})
+        return state, info
+
+    def _metrics_added_since(self, step: int, abstract) -> set:
+        """The metric sums the state has and the checkpoint at `step` lacks: it was written by
+        an earlier saejax, before that metric was logged (fvu_without_outliers). One that
+        holds sums this saejax does not know is refused (not deleted as damaged)."""
+        sums = getattr(abstract, "metric_sums", None)
+        if not isinstance(sums, dict):
+            return set()
+        try:
+            on_disk = set(self.manager.item_metadata(step)["state"].tree["metric_sums"])
+        except Exception:  # unreadable metadata: the restore itself reports it
+            return set()
+        if on_disk - set(sums):
+            raise SaejaxError(
+                f"the checkpoint at step {step} in {self.directory} was written by a newer "
+                f"saejax (it logs {', '.join(sorted(on_disk - set(sums)))}); resume it with that "
+                "version"
+            )
+        return set(sums) - on_disk
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting_disk_full():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the last save and close; a failure already reported is not raised again."""
+        reported = self.failed
+        try:
+            self.wait()
+        except SaejaxError:
+            if not reported:
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self.failed:
+                    raise

@@ -31,7 +31,9 @@ from saejax.core import sae as S
 from saejax.train.data import validation_rows
 from saejax.train.step import DENSITY_EDGES
 
-OUTLIER_NORM_RATIO = 10.0  # a row is an outlier when its norm exceeds this × the median norm
+# a row is an outlier when its norm exceeds this × the median norm (the training metric
+# fvu_without_outliers applies the same rule within each batch)
+OUTLIER_NORM_RATIO = S.OUTLIER_NORM_RATIO
 
 
 def evaluate_rows(

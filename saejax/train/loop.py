@@ -3,7 +3,9 @@ members in lockstep on the same batches).
 
 The loop only dispatches work: it takes the next prefetched batch, runs the compiled step
 of every member (`advance`), and at each member's cadence resamples dead latents on a pool
-of recent batches already on the device, fetches the metric sums (one transfer) and writes
+of recent batches already on the device (`pool_batches` of them; a resumed run refills it
+from the data stream, see `refill_batches`, so it resamples exactly as an uninterrupted run
+would), fetches the metric sums (one transfer) and writes
 a checkpoint. SIGINT/SIGTERM set a flag; the loop then stops after the current step and
 writes a checkpoint, so running the same command again resumes. `finish` evaluates a
 member on its held-out rows and writes its SAE and eval.json.
@@ -22,7 +24,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +104,17 @@ class LoopResult:
     last_batch: Any  # the last batch trained on (None when no step ran)
 
 
+def refill_batches(resample_at: Iterable[int], start_step: int, pool_batches: int) -> int:
+    """How many batches before `start_step` a run must read again to resample as an
+    uninterrupted run does: the pool at resampling step r holds batches r - pool_batches ..
+    r - 1, so a run (re)started less than `pool_batches` steps before r lacks some of them.
+    0 when no resampling step is that near (the pool fills up on its own first)."""
+    pool_batches = max(1, pool_batches)
+    if not any(start_step < r < start_step + pool_batches for r in resample_at):
+        return 0
+    return min(start_step, pool_batches)
+
+
 def run_loop(
     members: list[Member],
     advance: Callable,
@@ -111,11 +124,17 @@ def run_loop(
     pool_batches: int,
     mesh=None,
     bar=None,
+    refill: int = 0,
 ) -> LoopResult:
     """Train every member from `start_step` to `end_step`; `advance(states, batch)` returns the
-    members' next states. Ends with a checkpoint of every member at the step reached."""
+    members' next states. Ends with a checkpoint of every member at the step reached.
+
+    `loader` starts at batch `start_step - refill`: those first `refill` batches (see
+    `refill_batches`) only refill the resampling pool, they are not trained on."""
     pool = collections.deque(maxlen=max(1, pool_batches))
     keep_pool = any(m.resample_at for m in members)
+    for _ in range(refill):
+        pool.append(next(loader))
     step, stopped, last_batch = start_step, False, None
     t_start, t_steady = time.perf_counter(), None
     # the SAE's shard_map kernels read the mesh from jax.set_mesh

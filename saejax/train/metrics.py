@@ -5,6 +5,11 @@ get the same numbers under namespaced tags, with the step as the x-axis: `train/
 (loss, fvu, l0, dead_fraction, ...), `perf/tokens_per_s`, the feature-density histogram as
 a histogram (`train/feature_density`), and after the run `val/<metric>` for the held-out
 evaluation (`log_final`). Both also get the resolved config.
+
+A resumed run holds each step once in metrics.jsonl: a run killed after its last checkpoint
+had already logged steps it will train (and log) again, so on resume the lines after the
+restored step, and a line torn by the kill, are dropped first (`drop_records_after`, one
+atomic rewrite). Readers can take the file as it is.
 """
 
 from __future__ import annotations
@@ -99,6 +104,30 @@ def _histogram(counts) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(counts, np.float64), np.asarray(DENSITY_EDGES, np.float64)
 
 
+def _kept(line: str, step: int) -> bool:
+    """A whole JSON line of a step up to `step` (lines without a step are kept)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # torn by a kill in the middle of a write
+        return False
+    return not (isinstance(record, dict) and (record.get("step") or 0) > step)
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Drop the lines of metrics.jsonl logged after `step` (the checkpoint a run resumes
+    from) and any torn line; the file is rewritten atomically, and only when something goes.
+    Returns the number of lines dropped."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = [line for line in lines if line.endswith("\n") and _kept(line, step)]
+    if len(kept) < len(lines):
+        io.write_text(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
     """Writes one JSON line per fetch to run_dir/metrics.jsonl, updates the progress bar and
     mirrors the numbers to wandb/TensorBoard when `cfg.log` asks for them.
@@ -113,6 +142,7 @@ class MetricsLogger:
         summary_writer = _import_summary_writer() if cfg.log.tensorboard else None
         self.cfg, self.total_steps = cfg, total_steps
         self.path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        drop_records_after(self.path, start_step)  # what a killed run logged past its checkpoint
         self.file = open(self.path, "a")
         self.batch_size = cfg.train.batch_size
         self.last_time, self.last_step = time.perf_counter(), start_step

@@ -26,7 +26,7 @@ from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.checkpoint import Checkpointer, data_identity
 from saejax.train.data import ArraySource, Loader, split_rows, validation_rows
-from saejax.train.loop import Member, finish, run_loop
+from saejax.train.loop import Member, finish, refill_batches, run_loop
 from saejax.train.metrics import MetricsLogger
 from saejax.train.rundir import (
     Created,
@@ -179,11 +179,13 @@ def _train(
             print(f"saejax: note: config.yaml updated ({', '.join(changes)})", file=sys.stderr)
         per_proc = n_slices // n_procs
         batch_on_mesh = SH.batch_sharding(mesh)
+        resample_at = T.resample_steps(cfg.train, total_steps) if resample_enabled(cfg) else set()
+        refill = refill_batches(resample_at, start_step, cfg.train.resample.pool_batches)
         loader = Loader(
             source,
             cfg.data,
             cfg.train.batch_size,
-            start_batch=start_step,
+            start_batch=start_step - refill,  # the first `refill` batches refill the pool
             transform=lambda rows: SH.put_batch(rows, batch_on_mesh, cfg.train.batch_size),
             n_slices=n_slices,
             slices=list(range(proc * per_proc, (proc + 1) * per_proc)),
@@ -208,9 +210,7 @@ def _train(
             ),
             ckpt=ckpt,
             info=info,
-            resample_at=T.resample_steps(cfg.train, total_steps)
-            if resample_enabled(cfg)
-            else set(),
+            resample_at=resample_at,
             logger=logger,
             shardings=shardings,
         )
@@ -223,6 +223,7 @@ def _train(
             end_step,
             cfg.train.resample.pool_batches,
             mesh=mesh,
+            refill=refill,
         )
     except BaseException:
         if logger is not None:

@@ -22,7 +22,18 @@ from saejax.core import sae as S
 
 TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
 DENSITY_EDGES = tuple(float(e) for e in np.linspace(-8.0, 0.0, 17))  # log10 firing frequency
-METRIC_NAMES = ("loss", "mse", "fvu", "l0", "aux_loss", "sparsity_loss", "grad_norm")
+# fvu_without_outliers: the FVU over the batch's rows with norm <= 10× the batch's median row
+# norm (core.sae.fvu_without_outliers), eval.json's outlier rule applied per batch
+METRIC_NAMES = (
+    "loss",
+    "mse",
+    "fvu",
+    "fvu_without_outliers",
+    "l0",
+    "aux_loss",
+    "sparsity_loss",
+    "grad_norm",
+)
 
 
 @flax.struct.dataclass

@@ -32,7 +32,7 @@ from saejax.train import step as T
 from saejax.train.bench import time_steps
 from saejax.train.checkpoint import Checkpointer, data_identity
 from saejax.train.data import ArraySource, Loader
-from saejax.train.loop import Member, finish, run_loop
+from saejax.train.loop import Member, finish, refill_batches, run_loop
 from saejax.train.metrics import MetricsLogger
 from saejax.train.run import has_checkpoint, load_run_config
 from saejax.train.rundir import (
@@ -168,8 +168,14 @@ def _sweep(
             record_config_change(m.cfg, changes[m.name], start)
         created.add(os.path.join(m.cfg.run_dir, "metrics.jsonl"))
         m.logger = MetricsLogger(m.cfg, total_steps, start, d_in=source.d_in)
-    loader = Loader(
-        source, base.data, base.train.batch_size, start_batch=start, transform=jax.device_put
+    resample_at = set().union(*(m.resample_at for m in members))
+    refill = refill_batches(resample_at, start, base.train.resample.pool_batches)
+    loader = Loader(  # its first `refill` batches refill the resampling pool
+        source,
+        base.data,
+        base.train.batch_size,
+        start_batch=start - refill,
+        transform=jax.device_put,
     )
     from tqdm import tqdm
 
@@ -196,6 +202,7 @@ def _sweep(
             end_step,
             base.train.resample.pool_batches,
             bar=bar,
+            refill=refill,
         )
     except BaseException:
         for m in members:
