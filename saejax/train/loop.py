@@ -39,6 +39,7 @@ from saejax.train.checkpoint import Checkpointer
 from saejax.train.evaluate import evaluate
 from saejax.train.metrics import MetricsLogger
 from saejax.train.sae_files import save_sae
+from saejax.train.watchdog import must_pace
 
 DIVERGED_FVU = 100.0  # an SAE that reconstructs 100× worse than the mean has diverged
 
@@ -111,9 +112,13 @@ def run_loop(
     pool_batches: int,
     mesh=None,
     bar=None,
+    watchdog=None,
 ) -> LoopResult:
     """Train every member from `start_step` to `end_step`; `advance(states, batch)` returns the
-    members' next states. Ends with a checkpoint of every member at the step reached."""
+    members' next states. Ends with a checkpoint of every member at the step reached.
+    `watchdog` (train.watchdog.StepWatchdog) hears a beat after each step; where
+    `must_pace()`, each step is waited for before the next is dispatched (no deadlock)."""
+    pace = must_pace()
     pool = collections.deque(maxlen=max(1, pool_batches))
     keep_pool = any(m.resample_at for m in members)
     step, stopped, last_batch = start_step, False, None
@@ -139,6 +144,10 @@ def run_loop(
                 pool.append(batch)
             for m in members:
                 _member_cadence(m, step, end_step, pool)
+            if pace:
+                jax.block_until_ready([m.state.step for m in members])
+            if watchdog is not None:
+                watchdog.beat(step)
             if bar is not None:
                 bar.update(1)
             if stop.signum is not None:
