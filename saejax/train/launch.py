@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import jax
@@ -33,6 +34,7 @@ from saejax.errors import SaejaxError
 
 ENV_PREFIX = "SAEJAX_"
 DEFAULT_INIT_TIMEOUT = 300  # seconds for every process to arrive (JAX's own default)
+HEARTBEAT_TIMEOUT = 60  # seconds of silence after which a process counts as dead
 
 
 @dataclass(frozen=True)
@@ -143,15 +145,13 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             check_port_free(launch.coordinator)
         # CPU processes talk over gloo; accelerators use their own collectives regardless
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        started = time.monotonic()
         try:
-            jax.distributed.initialize(
-                launch.coordinator,
-                num_processes=launch.num_processes,
-                process_id=launch.process_id,
-                initialization_timeout=launch.init_timeout,
-            )
+            _initialize(launch)
         except Exception as e:  # noqa: BLE001 - JAX raises several types here
-            raise SaejaxError(_init_failure(launch, e)) from None
+            _forget_client()  # nothing for JAX's exit handler to shut down (or complain about)
+            timed_out = time.monotonic() - started >= launch.init_timeout - 1
+            raise SaejaxError(_init_failure(launch, e, timed_out)) from None
     elif mode == "auto":
         try:
             jax.distributed.initialize(initialization_timeout=launch.init_timeout)
@@ -161,14 +161,64 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             ) from None
 
 
+def _on_service_error(status) -> None:
+    """Given to JAX's coordination client as its fatal-error callback. JAX 0.10 cannot pass it
+    the status (nanobind has no caster: std::bad_cast), but having one makes a failed start
+    (connect) raise, which `init_distributed` turns into one line, where JAX's own handler
+    aborts with a C++ stack trace. Later fatal errors (a lost heartbeat) still abort."""
+
+
+def _initialize(launch: Launch) -> None:
+    """jax.distributed.initialize(), but with a client that has a fatal-error callback
+    (`_on_service_error`; initialize() offers no way to pass one) and a 60 s heartbeat
+    timeout. Falls back to initialize() when this JAX lacks the pieces."""
+    from jax._src import distributed as jax_distributed  # JAX's process-wide state
+
+    state, native = jax_distributed.global_state, getattr(jax_distributed, "_jax", None)
+    if native is None or not hasattr(native, "get_distributed_runtime_client"):
+        jax.distributed.initialize(
+            launch.coordinator,
+            num_processes=launch.num_processes,
+            process_id=launch.process_id,
+            initialization_timeout=launch.init_timeout,
+        )
+        return
+    port = launch.coordinator.rpartition(":")[2]
+    state.coordinator_address, state.process_id = launch.coordinator, launch.process_id
+    state.num_processes = launch.num_processes
+    if launch.process_id == 0:
+        state.service = native.get_distributed_runtime_service(
+            f"[::]:{port}", launch.num_processes, heartbeat_timeout=HEARTBEAT_TIMEOUT
+        )
+    state.client = native.get_distributed_runtime_client(
+        launch.coordinator,
+        launch.process_id,
+        init_timeout=launch.init_timeout,
+        use_compression=True,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        missed_heartbeat_callback=_on_service_error,
+    )
+    state.client.connect()
+    state.initialize_preemption_sync_manager()
+
+
 def _first(error: Exception) -> str:
     text = str(error).strip()
     return " ".join(text.splitlines()[0].split())[:300] if text else type(error).__name__
 
 
-def _init_failure(launch: Launch, error: Exception) -> str:
+def _forget_client() -> None:
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client = None
+    jax_distributed.global_state.service = None
+
+
+def _init_failure(launch: Launch, error: Exception, timed_out: bool = False) -> str:
     text = str(error)
     me = f"process {launch.process_id} of {launch.num_processes}"
+    if timed_out:
+        text = "DEADLINE_EXCEEDED"
     if "uplicate" in text or "already registered" in text or "restarted" in text:
         why = f"another process already registered as id {launch.process_id} (a duplicated id?)"
     elif "DEADLINE_EXCEEDED" in text or "timed out" in text.lower() or "Timeout" in text:
