@@ -39,7 +39,7 @@ from saejax.train.checkpoint import Checkpointer
 from saejax.train.evaluate import evaluate
 from saejax.train.metrics import MetricsLogger
 from saejax.train.sae_files import save_sae
-from saejax.train.watchdog import must_pace
+from saejax.train.watchdog import must_pace, stop_agreed
 
 DIVERGED_FVU = 100.0  # an SAE that reconstructs 100× worse than the mean has diverged
 
@@ -150,7 +150,7 @@ def run_loop(
                 watchdog.beat(step)
             if bar is not None:
                 bar.update(1)
-            if stop.signum is not None:
+            if stop_agreed(stop.signum is not None, step, members[0].cfg.train.log_every):
                 stopped = True
                 break
     jax.block_until_ready([m.state.step for m in members])

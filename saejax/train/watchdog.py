@@ -30,6 +30,7 @@ import time
 from collections import deque
 
 import jax
+import numpy as np
 
 RESTART_EXIT = 75  # EX_TEMPFAIL: try again (resume); what an orchestrator restarts on
 PROCESS_0_GRACE = 10.0  # seconds process 0 (the coordinator) waits before ending
@@ -41,6 +42,21 @@ def must_pace() -> bool:
     return (
         jax.process_count() > 1 and jax.local_device_count() > 1 and jax.default_backend() == "cpu"
     )
+
+
+def stop_agreed(requested: bool, step: int, every: int) -> bool:
+    """Whether to stop after `step` for a SIGINT/SIGTERM. One process stops at once; several
+    agree at every `every`-th step (one small all-gather of the flags), so that all of them
+    stop at the same step and write the same checkpoint (a signal reaches them at different
+    steps, and a checkpoint written at different steps would wait forever)."""
+    if jax.process_count() == 1:
+        return requested
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(requested))
+    return bool(np.asarray(flags).any())
 
 
 def resume_hint(run_dir: str) -> str:

@@ -281,3 +281,21 @@ def test_bad_launches_end_with_one_line(data, tmp_path, processes):
             assert code == 2, (name, err[-2000:])
             assert len(errors(err)) == 1, (name, err[-2000:])
     assert "in use" in errors(results["port"][0][1])[0]
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(data, tmp_path, processes):
+    run = str(tmp_path / "run")
+    args = run_args(data, run, "mesh.data=2", "train.tokens=1000000", "train.log_every=4")
+    p0, p1 = processes.start(2, args)
+    metrics = os.path.join(run, "metrics.jsonl")
+    deadline = time.monotonic() + TIMEOUT
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+        assert time.monotonic() < deadline and p0.poll() is None, "the run did not start"
+        time.sleep(0.5)
+    os.kill(p1.pid, signal.SIGTERM)  # the other process hears nothing
+    results = processes.wait([p0, p1], timeout=120)
+    for code, err in results:
+        assert code == 130, err[-2000:]
+        assert "checkpoint saved" in err and f"--resume {run}" in err
+    steps = [int(n) for n in os.listdir(os.path.join(run, "checkpoints")) if n.isdigit()]
+    assert max(steps) % 4 == 0  # agreed at a metrics step, written by both
