@@ -74,16 +74,16 @@ def resolve_launch(
     timeout = DEFAULT_INIT_TIMEOUT if timeout is None else timeout
     if timeout < 1:
         raise SaejaxError(f"the initialization timeout must be at least 1 s, got {timeout}")
-    if coordinator or num_processes is not None or process_id is not None:
-        source = "--coordinator/--num-processes/--process-id"
-        found = (coordinator or "", num_processes, process_id)
-    elif env.get(f"{ENV_PREFIX}COORDINATOR"):
-        source = "SAEJAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID"
-        found = (
-            env[f"{ENV_PREFIX}COORDINATOR"],
-            _int(env.get(f"{ENV_PREFIX}NUM_PROCESSES"), f"{ENV_PREFIX}NUM_PROCESSES"),
-            _int(env.get(f"{ENV_PREFIX}PROCESS_ID"), f"{ENV_PREFIX}PROCESS_ID"),
-        )
+    ours = (
+        env.get(f"{ENV_PREFIX}COORDINATOR") or "",
+        _int(env.get(f"{ENV_PREFIX}NUM_PROCESSES"), f"{ENV_PREFIX}NUM_PROCESSES"),
+        _int(env.get(f"{ENV_PREFIX}PROCESS_ID"), f"{ENV_PREFIX}PROCESS_ID"),
+    )
+    flags = (coordinator or "", num_processes, process_id)
+    if any(v not in ("", None) for v in flags) or ours[0]:
+        # each flag, else its SAEJAX_ variable (a launcher may export the shared ones)
+        source = "--coordinator/--num-processes/--process-id or SAEJAX_* variables"
+        found = tuple(f if f not in ("", None) else o for f, o in zip(flags, ours))
     elif env.get("MASTER_ADDR") and env.get("WORLD_SIZE"):
         source = "torchrun's MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK"
         port = _int(env.get("MASTER_PORT"), "MASTER_PORT") or 29500

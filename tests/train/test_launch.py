@@ -126,3 +126,9 @@ def test_a_signal_that_is_not_acted_on_ends_the_process(monkeypatch):
     dog._check(101.0)
     with pytest.raises(Fired, match="stopped by a signal.*no checkpoint yet"):
         dog._check(102.5)
+
+
+def test_a_flag_fills_in_what_the_environment_leaves_out():
+    env = {"SAEJAX_COORDINATOR": "h0:1234", "SAEJAX_NUM_PROCESSES": "4"}
+    launch = resolve_launch(process_id=2, environ=env)
+    assert (launch.coordinator, launch.num_processes, launch.process_id) == ("h0:1234", 4, 2)
