@@ -28,11 +28,11 @@ ARCHS = ["topk", "relu", "batchtopk"]
 TINY = [
     "sae.d_sae=64",
     "sae.k=4",
-    "train.tokens=8192",
+    "train.tokens=16384",  # 64 steps
     "train.batch_size=256",
     "train.lr=1e-2",
     "train.lr_warmup_steps=0",
-    "train.checkpoint_every=8",
+    "train.checkpoint_every=100",  # no checkpoint (which waits) within the run
     "data.validation_tokens=1024",
     "data.block_rows=256",
     "data.shuffle_blocks=2",
@@ -91,7 +91,7 @@ def max_diff(a, b) -> float:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--log-every", type=int, default=100, help="100: no sync in 32 steps")
+    p.add_argument("--log-every", type=int, default=100, help="100: no sync in 64 steps")
     p.add_argument("--timeout", type=float, default=300)
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="mp_repeat_")

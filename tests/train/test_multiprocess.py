@@ -150,8 +150,9 @@ def test_several_devices_per_process_train_what_one_process_trains(
     data, tmp_path, processes, n, devices, mesh, arch, slices
 ):
     # these layouts deadlocked before each step was waited for (issue 22): the host ran more
-    # than 32 programs ahead (train.log_every=100 here: no metrics fetch in 32 steps)
-    sets = [f"sae.architecture={arch}", f"data.slices={slices}", "train.log_every=100"]
+    # than 32 programs ahead (no metrics fetch nor checkpoint, which wait, in 64 steps here)
+    sets = [f"sae.architecture={arch}", f"data.slices={slices}", "train.tokens=16384"]
+    sets += ["train.log_every=100", "train.checkpoint_every=100"]
     on_mesh = [f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}"]
     run = str(tmp_path / "mp")
     results = processes.wait(processes.start(n, run_args(data, run, *sets, *on_mesh), devices))
