@@ -14,6 +14,7 @@ import decimal
 import math
 import numbers
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,9 +163,14 @@ class MeshConfig:
     distributed: Distributed = setting(
         "off", "auto: jax.distributed.initialize() finds the cluster"
     )
-    coordinator: str = setting("", "host:port of process 0, for an explicit multi-process launch")
-    num_processes: int = setting(0, "processes of an explicit multi-process launch")
-    process_id: int = setting(-1, "this process's index in an explicit multi-process launch")
+    step_timeout_factor: float = setting(
+        20.0,
+        "multi-process: a step that takes this many times the recent median step ends every "
+        "process with one line and exit 75 (restart with --resume)",
+    )
+    step_timeout_min_seconds: float = setting(
+        300.0, "multi-process: the step watchdog never fires before this many seconds"
+    )
 
 
 @dataclass
@@ -470,9 +476,13 @@ AT_LEAST_ZERO = (
     "sae.jumprelu_init_threshold",
     "train.lr_warmup_steps",
     "train.grad_clip",
-    "mesh.num_processes",
 )
-POSITIVE = ("sae.jumprelu_bandwidth", "train.resample.encoder_scale")
+POSITIVE = (
+    "sae.jumprelu_bandwidth",
+    "train.resample.encoder_scale",
+    "mesh.step_timeout_factor",
+    "mesh.step_timeout_min_seconds",
+)
 
 
 def _check_numbers(cfg: RunConfig) -> None:
@@ -577,6 +587,27 @@ def _read_yaml(path: str) -> dict:
     return values
 
 
+# launch settings that older config.yaml files recorded as run settings; they now come from
+# the launch every time (`saejax train --coordinator/--num-processes/--process-id`)
+LAUNCH_KEYS = ("coordinator", "num_processes", "process_id")
+
+
+def _without_launch_keys(values: dict, path: str) -> dict:
+    """`values` without mesh.coordinator/num_processes/process_id (noted once): a run written
+    before they became launch settings resumes on any launch."""
+    mesh = values.get("mesh")
+    if not isinstance(mesh, dict) or not any(k in mesh for k in LAUNCH_KEYS):
+        return values
+    dropped = [f"mesh.{k}" for k in LAUNCH_KEYS if k in mesh]
+    values = {**values, "mesh": {k: v for k, v in mesh.items() if k not in LAUNCH_KEYS}}
+    print(
+        f"saejax: note: ignoring {', '.join(dropped)} in {path}: launch settings come from "
+        "the launch (--coordinator/--num-processes/--process-id or SAEJAX_* variables)",
+        file=sys.stderr,
+    )
+    return values
+
+
 def load_config(path: str | None, overrides: list[str] = (), check: bool = True) -> RunConfig:
     """Defaults, then the YAML file at `path`, then each `--set key=value`.
 
@@ -591,8 +622,15 @@ def load_config(path: str | None, overrides: list[str] = (), check: bool = True)
     if path and is_data_path(path):
         cfg.data.path = path
     elif path:
-        _apply(cfg, _read_yaml(path))
+        _apply(cfg, _without_launch_keys(_read_yaml(path), path))
     for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in tuple(f"mesh.{k}" for k in LAUNCH_KEYS):
+            flag = "--" + key.split(".")[1].replace("_", "-")
+            raise SaejaxError(
+                f"{key} is a launch setting, not a run setting: give {flag} to `saejax train` "
+                f"(or SAEJAX_{key.split('.')[1].upper()})"
+            )
         _apply(cfg, parse_override(text))
     return validate(cfg) if check else cfg
 

@@ -39,6 +39,20 @@ def _train_arguments(p) -> None:
         action="store_true",
         help="print memory per device and communication per step; do not train",
     )
+    launch = p.add_argument_group(
+        "multi-process launch (never saved with the run; default: SAEJAX_COORDINATOR, "
+        "SAEJAX_NUM_PROCESSES, SAEJAX_PROCESS_ID, else torchrun's variables, else "
+        "mesh.distributed auto)"
+    )
+    launch.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    launch.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    launch.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    launch.add_argument(
+        "--init-timeout",
+        type=int,
+        metavar="S",
+        help="seconds for every process to arrive (default 300, or SAEJAX_INIT_TIMEOUT)",
+    )
 
 
 def _train(args) -> int:
@@ -63,7 +77,14 @@ def _train(args) -> int:
             d_in = ArraySource(cfg.data.path, cfg.data.hook).d_in
         print(describe(estimate(cfg, d_in)))
         return 0
-    result = train(cfg, resume=bool(args.resume), max_steps=args.max_steps, force=args.force)
+    from saejax.train.launch import resolve_launch
+
+    launch = resolve_launch(
+        args.coordinator, args.num_processes, args.process_id, args.init_timeout
+    )
+    result = train(
+        cfg, resume=bool(args.resume), max_steps=args.max_steps, force=args.force, launch=launch
+    )
     if result.stopped_early:
         return 130
     m = result.final_metrics

@@ -41,6 +41,7 @@ from saejax.train.checkpoint import Checkpointer
 from saejax.train.evaluate import evaluate
 from saejax.train.metrics import MetricsLogger
 from saejax.train.sae_files import save_sae
+from saejax.train.watchdog import must_pace, stop_agreed
 
 DIVERGED_FVU = 100.0  # an SAE that reconstructs 100× worse than the mean has diverged
 
@@ -125,12 +126,16 @@ def run_loop(
     mesh=None,
     bar=None,
     refill: int = 0,
+    watchdog=None,
 ) -> LoopResult:
     """Train every member from `start_step` to `end_step`; `advance(states, batch)` returns the
     members' next states. Ends with a checkpoint of every member at the step reached.
 
     `loader` starts at batch `start_step - refill`: those first `refill` batches (see
-    `refill_batches`) only refill the resampling pool, they are not trained on."""
+    `refill_batches`) only refill the resampling pool, they are not trained on.
+    `watchdog` (train.watchdog.StepWatchdog) hears a beat after each step; where
+    `must_pace()`, each step is waited for before the next is dispatched (no deadlock)."""
+    pace = must_pace()
     pool = collections.deque(maxlen=max(1, pool_batches))
     keep_pool = any(m.resample_at for m in members)
     for _ in range(refill):
@@ -158,9 +163,13 @@ def run_loop(
                 pool.append(batch)
             for m in members:
                 _member_cadence(m, step, end_step, pool)
+            if pace:
+                jax.block_until_ready([m.state.step for m in members])
+            if watchdog is not None:
+                watchdog.beat(step)
             if bar is not None:
                 bar.update(1)
-            if stop.signum is not None:
+            if stop_agreed(stop.signum is not None, step, members[0].cfg.train.log_every):
                 stopped = True
                 break
     jax.block_until_ready([m.state.step for m in members])

@@ -11,6 +11,7 @@ only finishes: evaluation, RUN/sae/ and eval.json, with no training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.checkpoint import Checkpointer, data_identity
 from saejax.train.data import ArraySource, Loader, split_rows, validation_rows
+from saejax.train.launch import Launch, check_same_config, flat_config
 from saejax.train.loop import Member, finish, refill_batches, run_loop
 from saejax.train.metrics import MetricsLogger
 from saejax.train.rundir import (
@@ -43,6 +45,7 @@ from saejax.train.setup import (
     prepare,
     resample_enabled,
 )
+from saejax.train.watchdog import StepWatchdog, peer_lost
 
 
 @dataclass
@@ -90,21 +93,27 @@ def load_run_config(run_dir: str, overrides: list[str] = ()) -> RunConfig:
 
 
 def train(
-    cfg: RunConfig, resume: bool = False, max_steps: int | None = None, force: bool = False
+    cfg: RunConfig,
+    resume: bool = False,
+    max_steps: int | None = None,
+    force: bool = False,
+    launch: Launch | None = None,
 ) -> TrainResult:
     """Train (or resume) the run described by `cfg`. `max_steps` stops early (tests, benches);
     `force` lets a resume change what is trained (config.yaml is rewritten, the change
     recorded in metrics.jsonl) or continue on data that changed since the checkpoint.
 
     On a mesh (cfg.mesh) the state is placed by `sharding.state_shardings` and the step is
-    partitioned by XLA.
+    partitioned by XLA. `launch` (train.launch.resolve_launch: flags, environment) says how
+    the processes of a multi-process run meet; None reads the environment.
     """
     validate(cfg)
     if cfg.train.tokens // cfg.train.batch_size == 0:
         raise SaejaxError(
             f"train.tokens ({cfg.train.tokens}) is less than one batch ({cfg.train.batch_size})"
         )
-    init_distributed(cfg.mesh)
+    init_distributed(cfg.mesh, launch)
+    check_same_config(flat_config(cfg))  # every process trains the same config (or exit 2)
     is_main = jax.process_index() == 0
     created = Created()
     lock = RunLock(cfg.run_dir, created) if is_main else None
@@ -119,6 +128,10 @@ def train(
     failed = False
     try:
         return _train(cfg, resume, max_steps, force, created)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() > 1:  # a collective failed: a peer died (or was stopped)
+            peer_lost(cfg.run_dir, lambda: last_checkpoint(cfg.run_dir), e)
+        raise
     except BaseException:
         failed = is_main and not has_checkpoint(cfg.run_dir)
         if failed:  # nothing to resume: leave the directory as it was before this call
@@ -215,16 +228,18 @@ def _train(
             shardings=shardings,
         )
         end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
-        loop = run_loop(
-            [member],
-            lambda states, batch: [step_fn(states[0], batch)[0]],
-            loader,
-            start_step,
-            end_step,
-            cfg.train.resample.pool_batches,
-            mesh=mesh,
-            refill=refill,
-        )
+        with _watchdog(cfg, n_procs) as watchdog:
+            loop = run_loop(
+                [member],
+                lambda states, batch: [step_fn(states[0], batch)[0]],
+                loader,
+                start_step,
+                end_step,
+                cfg.train.resample.pool_batches,
+                mesh=mesh,
+                refill=refill,
+                watchdog=watchdog,
+            )
     except BaseException:
         if logger is not None:
             logger.close()
@@ -267,6 +282,25 @@ def _train(
             logger.log_final(final)  # the held-out evaluation reaches TensorBoard/wandb too
         logger.close()
     return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s, steady)
+
+
+def last_checkpoint(run_dir: str) -> int | None:
+    """The newest completed checkpoint's step (orbax names them by their step), or None."""
+    folder = os.path.join(run_dir, "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def _watchdog(cfg: RunConfig, n_procs: int):
+    """A step watchdog for multi-process runs (train.watchdog); nothing on one process."""
+    if n_procs == 1:
+        return contextlib.nullcontext()
+    return StepWatchdog(
+        cfg.run_dir,
+        lambda: last_checkpoint(cfg.run_dir),
+        cfg.mesh.step_timeout_factor,
+        cfg.mesh.step_timeout_min_seconds,
+    )
 
 
 def _logger(cfg: RunConfig, total_steps: int, start_step: int, created: Created, d_in: int):

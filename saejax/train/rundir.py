@@ -44,9 +44,8 @@ SAFE_TO_CHANGE = frozenset(
         "log.wandb_project",
         "log.tensorboard",
         "mesh.distributed",
-        "mesh.coordinator",
-        "mesh.num_processes",
-        "mesh.process_id",
+        "mesh.step_timeout_factor",
+        "mesh.step_timeout_min_seconds",
     }
 )
 

@@ -5,7 +5,6 @@ dry run, so they all start a run the same way."""
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import numpy as np
@@ -13,9 +12,10 @@ import numpy as np
 from saejax.config import MeshConfig, RunConfig, SAEConfig
 from saejax.core import sae as S
 from saejax.core.sharding import make_mesh
-from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.data import ArraySource, sample_rows, split_rows
+from saejax.train.launch import Launch, resolve_launch
+from saejax.train.launch import init_distributed as init_distributed_launch
 
 
 def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
@@ -88,30 +88,11 @@ def prepare(cfg: RunConfig, source: ArraySource, stats: tuple | None = None):
     return spec, tx, state, total_steps
 
 
-def init_distributed(cfg: MeshConfig) -> None:
-    """jax.distributed.initialize() from the config, or from the environment of a launcher
-    (SAEJAX_COORDINATOR, SAEJAX_NUM_PROCESSES, SAEJAX_PROCESS_ID; on TPU pods and SLURM, JAX
-    finds them itself when `mesh.distributed: auto`)."""
-    coordinator = cfg.coordinator or os.environ.get("SAEJAX_COORDINATOR")
-    if jax.distributed.is_initialized():
-        return
-    if coordinator:
-        num = cfg.num_processes or int(os.environ.get("SAEJAX_NUM_PROCESSES", "0"))
-        pid = (
-            cfg.process_id
-            if cfg.process_id >= 0
-            else int(os.environ.get("SAEJAX_PROCESS_ID", "-1"))
-        )
-        if num < 1 or pid < 0:
-            raise SaejaxError(
-                "multi-process training needs mesh.num_processes and mesh.process_id "
-                "(or SAEJAX_NUM_PROCESSES / SAEJAX_PROCESS_ID) with the coordinator"
-            )
-        # CPU processes talk over gloo; accelerators use their own collectives regardless
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
-    elif cfg.distributed == "auto":
-        jax.distributed.initialize()
+def init_distributed(cfg: MeshConfig, launch: Launch | None = None) -> None:
+    """jax.distributed.initialize() for this process's launch (`train.launch`: flags, SAEJAX_*
+    or torchrun variables, read at every start), or JAX's own cluster detection (SLURM, TPU
+    pods) with `mesh.distributed: auto`."""
+    init_distributed_launch(launch if launch is not None else resolve_launch(), cfg.distributed)
 
 
 def mesh_for(cfg: MeshConfig):

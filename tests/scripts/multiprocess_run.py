@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import small_config  # noqa: E402
 
 import saejax.train.data as D  # noqa: E402
+from saejax.train.launch import resolve_launch  # noqa: E402
 from saejax.train.run import train  # noqa: E402
 
 
@@ -37,13 +38,8 @@ def main():
         "data.shuffle_blocks=2",
         f"mesh.data={nproc}",
     ]
-    if int(nproc) > 1:
-        sets += [
-            f"mesh.coordinator=localhost:{port}",
-            f"mesh.num_processes={nproc}",
-            f"mesh.process_id={pid}",
-        ]
-    train(small_config(data, run_dir, *sets))
+    launch = resolve_launch(f"localhost:{port}", int(nproc), int(pid), 120)
+    train(small_config(data, run_dir, *sets), launch=launch)
     with open(read_log, "w") as f:
         json.dump(reads, f)
 

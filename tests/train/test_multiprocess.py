@@ -1,16 +1,43 @@
-"""Two local processes with jax.distributed train the run one process trains."""
+"""Multi-process runs on the CPU: local processes, each with its own fake CPU devices, meet
+through a coordinator on a free port. Every process runs under a timeout and is killed at the
+end of its test, so a hang fails the test instead of stalling CI.
+
+benchmarks/multiprocess_repeat.py repeats the layout runs by hand (several times each)."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
-from helpers import superposition_data
+import pytest
+from helpers import REPO_ROOT, small_config, superposition_data
 from safetensors.numpy import load_file
 
+from saejax.train.run import train
+
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+TIMEOUT = 240  # seconds for one multi-process run on a loaded 2-core machine
+
+# the run of tests/helpers.small_config, as --set values for `saejax train` (32 steps)
+TINY = [
+    "sae.d_sae=64",
+    "sae.k=4",
+    "train.tokens=8192",
+    "train.batch_size=256",
+    "train.lr=1e-2",
+    "train.lr_warmup_steps=0",
+    "train.log_every=8",
+    "train.checkpoint_every=8",
+    "data.validation_tokens=1024",
+    "data.block_rows=256",
+    "data.shuffle_blocks=2",
+    "log.progress=false",
+    "sae.dead_tokens=2048",
+]
 
 
 def free_port() -> int:
@@ -19,52 +46,257 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(data, run_dir, logs, n):
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows, _ = superposition_data(8192 + 1024, d=32, m=128, p=0.03)
+    path = str(tmp_path_factory.mktemp("mp") / "acts.npy")
+    np.save(path, rows)
+    return path
+
+
+class Processes:
+    """`saejax train` in N local processes with `devices` fake CPU devices each."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, n, args, devices=1, ids=None, count=None, port=None, extra=None):
+        port = port or free_port()
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
+        )
+        started = []
+        for i in ids if ids is not None else range(n):
+            launch = [f"--coordinator=localhost:{port}", f"--num-processes={count or n}"]
+            launch += [f"--process-id={i}", "--init-timeout=20"]
+            more = (extra or {}).get(i, [])
+            p = subprocess.Popen(
+                [sys.executable, "-m", "saejax", "train", *args, *launch, *more],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            self.procs.append(p)
+            started.append(p)
+        return started
+
+    def wait(self, procs, timeout=TIMEOUT):
+        """[(returncode, stderr)] of each process, killing all of them past `timeout`."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for p in procs:
+            try:
+                _, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"a process did not end within {timeout} s (a hang)")
+            out.append((p.returncode, err))
+        return out
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def processes():
+    group = Processes()
+    yield group
+    group.kill()
+
+
+def run_args(data, run_dir, *sets):
+    args = [f"--set=data.path={data}", f"--set=run_dir={run_dir}"]
+    return args + [f"--set={s}" for s in (*TINY, *sets)]
+
+
+def errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("saejax: error:")]
+
+
+def weights(run_dir) -> dict:
+    return load_file(os.path.join(run_dir, "sae", "sae_weights.safetensors"))
+
+
+def assert_same_sae(a, b, atol=1e-5):
+    wa, wb = weights(a), weights(b)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-4, atol=atol, err_msg=name)
+
+
+def one_process(data, run_dir, *sets):
+    """The reference: the same run in this (one-device) test process."""
+    sets = [*TINY, *sets]
+    return train(small_config(data, run_dir, *sets))
+
+
+@pytest.mark.parametrize(
+    "n, devices, mesh, arch, slices",
+    [
+        (2, 4, (4, 2), "topk", 2),
+        (2, 4, (2, 4), "relu", 2),
+        (4, 2, (2, 4), "batchtopk", 4),
+    ],
+)
+def test_several_devices_per_process_train_what_one_process_trains(
+    data, tmp_path, processes, n, devices, mesh, arch, slices
+):
+    # these layouts deadlocked before each step was waited for (issue 22): the host ran more
+    # than 32 programs ahead (no metrics fetch nor checkpoint, which wait, in 64 steps here)
+    sets = [f"sae.architecture={arch}", f"data.slices={slices}", "train.tokens=16384"]
+    sets += ["train.log_every=100", "train.checkpoint_every=100"]
+    on_mesh = [f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}"]
+    run = str(tmp_path / "mp")
+    results = processes.wait(processes.start(n, run_args(data, run, *sets, *on_mesh), devices))
+    assert all(code == 0 for code, _ in results), [err[-2000:] for _, err in results]
+    one_process(data, str(tmp_path / "one"), *sets)
+    assert_same_sae(str(tmp_path / "one"), run)
+
+
+def test_two_processes_read_only_their_own_slices(data, tmp_path):
+    """The original one-device-per-process run (tests/scripts/multiprocess_run.py), which
+    records every row range each process reads."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)
     port = free_port()
+    logs = [str(tmp_path / f"p{i}.json") for i in range(2)]
+    script = os.path.join(SCRIPTS, "multiprocess_run.py")
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(SCRIPTS, "multiprocess_run.py"),
-                data,
-                run_dir,
-                logs[i],
-                str(i),
-                str(n),
-                str(port),
-            ],
+            [sys.executable, script, data, str(tmp_path / "two"), logs[i], str(i), "2", str(port)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(n)
+        for i in range(2)
     ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-
-
-def test_two_processes_train_what_one_trains(tmp_path):
-    rows, _ = superposition_data(8192 + 1024, d=32, m=128, p=0.03)
-    data = str(tmp_path / "acts.npy")
-    np.save(data, rows)
-    launch(data, str(tmp_path / "one"), [str(tmp_path / "one.json")], 1)
-    logs = [str(tmp_path / f"p{i}.json") for i in range(2)]
-    launch(data, str(tmp_path / "two"), logs, 2)
-
-    one = load_file(str(tmp_path / "one" / "sae" / "sae_weights.safetensors"))
-    two = load_file(str(tmp_path / "two" / "sae" / "sae_weights.safetensors"))
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        np.testing.assert_allclose(two[name], one[name], rtol=2e-3, atol=2e-5, err_msg=name)
-
-    # the training reads (whole blocks) of each process stay inside its own half of the rows
-    train_rows = len(rows) - 1024
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=TIMEOUT)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    train_rows = 8192
     half = train_rows // 2
     for i, log in enumerate(logs):
         blocks = [(a, b) for a, b in json.load(open(log)) if b - a == 256]
         assert blocks, "no training reads recorded"
         assert all(i * half <= a and b <= (i + 1) * half for a, b in blocks), (i, blocks[:5])
     assert os.path.exists(tmp_path / "two" / "eval.json")
+
+
+def test_a_killed_process_ends_its_peer_with_one_line_and_resume_finishes(
+    data, tmp_path, processes
+):
+    run = str(tmp_path / "run")
+    # a long run (the kill lands mid-training), mesh (2, 1): one device per process
+    # a constant lr: the resume may shorten the run (--force) without changing any step
+    sets = ["mesh.data=2", "train.log_every=4", "train.lr_schedule=constant"]
+    args = run_args(data, run, *sets, "train.tokens=1000000", "mesh.step_timeout_min_seconds=30")
+    p0, p1 = processes.start(2, args)
+    metrics = os.path.join(run, "metrics.jsonl")
+    deadline = time.monotonic() + TIMEOUT
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+        assert time.monotonic() < deadline and p0.poll() is None, "the run did not start"
+        time.sleep(0.5)
+    killed = time.monotonic()
+    os.killpg(p1.pid, signal.SIGKILL)
+    ((code, err),) = processes.wait([p0], timeout=150)
+    assert code == 75, err[-3000:]  # EX_TEMPFAIL: an orchestrator restarts on it
+    (line,) = errors(err)
+    assert "--resume" in line and "checkpoint" in line, line
+    assert time.monotonic() - killed < 120
+
+    # resume on both processes, with a shorter run (--force: train.tokens changes)
+    resumed = processes.start(2, ["--resume", run, "--force", "--set=train.tokens=16384"])
+    results = processes.wait(resumed)
+    assert all(code == 0 for code, _ in results), [e[-2000:] for _, e in results]
+    one_process(data, str(tmp_path / "one"), *sets[1:], "data.slices=2", "train.tokens=16384")
+    assert_same_sae(str(tmp_path / "one"), run)
+
+
+def test_a_run_written_by_two_processes_resumes_on_one_and_on_four(data, tmp_path, processes):
+    sets = ["data.slices=4", "mesh.data=2"]
+    two = str(tmp_path / "two")
+    results = processes.wait(processes.start(2, [*run_args(data, two, *sets), "--max-steps=12"]))
+    assert all(code == 130 or code == 0 for code, _ in results), [e[-2000:] for _, e in results]
+    four = str(tmp_path / "four")
+    os.system(f"cp -r {two} {four}")
+
+    # on one process (this one, one device): the launch settings were never saved
+    from saejax.train.run import load_run_config
+
+    train(load_run_config(two, ["mesh.data=1"]), resume=True)
+    one_process(data, str(tmp_path / "one"), "data.slices=4")
+    assert_same_sae(str(tmp_path / "one"), two)
+
+    # on four processes with one device each
+    resumed = processes.start(4, ["--resume", four, "--set=mesh.data=4"])
+    results = processes.wait(resumed)
+    assert all(code == 0 for code, _ in results), [e[-2000:] for _, e in results]
+    assert_same_sae(str(tmp_path / "one"), four)
+
+
+def test_processes_with_different_settings_exit_2_naming_the_key(data, tmp_path, processes):
+    args = run_args(data, str(tmp_path / "run"), "mesh.data=2")
+    started = processes.start(2, args, extra={1: ["--set=train.lr=0.02"]})
+    results = processes.wait(started, timeout=120)
+    for code, err in results:
+        assert code == 2, err[-2000:]
+        (line,) = errors(err)
+        assert "train.lr" in line and "different settings" in line, line
+    assert not os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_bad_launches_end_with_one_line(data, tmp_path, processes):
+    """A missing process, a wrong count on process 0, a duplicated id and a taken port: each
+    ends within the initialization timeout (20 s here) with one line, never a hang."""
+    cases = {}
+    args = run_args(data, str(tmp_path / "missing"), "mesh.data=2")
+    cases["missing"] = processes.start(2, args, ids=[0])
+    args = run_args(data, str(tmp_path / "count"), "mesh.data=2")
+    port = free_port()
+    cases["count"] = processes.start(3, args, ids=[0], port=port) + processes.start(
+        2, args, ids=[1], port=port
+    )
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = run_args(data, str(tmp_path / "port"), "mesh.data=2")
+        cases["port"] = processes.start(2, args, ids=[0], port=port)
+        results = {name: processes.wait(procs, timeout=150) for name, procs in cases.items()}
+    for name, procs in results.items():
+        for code, err in procs:
+            assert code == 2, (name, err[-2000:])
+            assert len(errors(err)) == 1, (name, err[-2000:])
+    assert "in use" in errors(results["port"][0][1])[0]
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(data, tmp_path, processes):
+    run = str(tmp_path / "run")
+    args = run_args(data, run, "mesh.data=2", "train.tokens=1000000", "train.log_every=4")
+    p0, p1 = processes.start(2, args)
+    metrics = os.path.join(run, "metrics.jsonl")
+    deadline = time.monotonic() + TIMEOUT
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+        assert time.monotonic() < deadline and p0.poll() is None, "the run did not start"
+        time.sleep(0.5)
+    os.kill(p1.pid, signal.SIGTERM)  # the other process hears nothing
+    results = processes.wait([p0, p1], timeout=120)
+    for code, err in results:
+        assert code == 130, err[-2000:]
+        assert "checkpoint saved" in err and f"--resume {run}" in err
+    steps = [int(n) for n in os.listdir(os.path.join(run, "checkpoints")) if n.isdigit()]
+    assert max(steps) % 4 == 0  # agreed at a metrics step, written by both

@@ -1,0 +1,289 @@
+"""How the processes of a multi-process run find each other, and the checks made at start.
+
+Coordinator, process count and process id are launch settings, not run settings: they come
+from the command line (`--coordinator`, `--num-processes`, `--process-id`), else from the
+environment (SAEJAX_COORDINATOR / SAEJAX_NUM_PROCESSES / SAEJAX_PROCESS_ID, or torchrun's
+MASTER_ADDR / MASTER_PORT / WORLD_SIZE / RANK), else from JAX's own cluster detection (SLURM,
+TPU pod metadata) with `mesh.distributed: auto`. They are read at every start and never
+written to config.yaml, so a run resumes on another launch (another port, process count or
+mesh) as long as its data slices divide as before.
+
+Checks at start, each one line on every process that sees it:
+- a launch that names a coordinator but no count or id, or an id outside 0..count-1;
+- process 0's coordinator port already taken (checked before binding: JAX's server shares
+  ports, so it would otherwise take over a running job's port and kill that job);
+- processes that do not all arrive within `init_timeout` seconds (a missing process, a
+  duplicated id, a count that differs between processes);
+- processes whose resolved configs differ (`check_same_config`): the differing keys, exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from saejax.errors import SaejaxError
+
+ENV_PREFIX = "SAEJAX_"
+DEFAULT_INIT_TIMEOUT = 300  # seconds for every process to arrive (JAX's own default)
+HEARTBEAT_TIMEOUT = 60  # seconds of silence after which a process counts as dead
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in its launch; `coordinator` "" is a single-process run
+    (or one that JAX detects itself with mesh.distributed auto)."""
+
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    init_timeout: int = DEFAULT_INIT_TIMEOUT
+    source: str = ""  # where the settings came from, for messages
+
+
+def _int(value, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SaejaxError(f"{name} must be a whole number, got {value!r}") from None
+
+
+def resolve_launch(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    init_timeout: int | None = None,
+    environ=None,
+) -> Launch:
+    """The launch settings of this process: the flags, else SAEJAX_* variables, else torchrun's
+    variables. Raises one line for an incomplete or inconsistent launch."""
+    env = os.environ if environ is None else environ
+    timeout = init_timeout
+    if timeout is None:
+        timeout = _int(env.get(f"{ENV_PREFIX}INIT_TIMEOUT"), f"{ENV_PREFIX}INIT_TIMEOUT")
+    timeout = DEFAULT_INIT_TIMEOUT if timeout is None else timeout
+    if timeout < 1:
+        raise SaejaxError(f"the initialization timeout must be at least 1 s, got {timeout}")
+    ours = (
+        env.get(f"{ENV_PREFIX}COORDINATOR") or "",
+        _int(env.get(f"{ENV_PREFIX}NUM_PROCESSES"), f"{ENV_PREFIX}NUM_PROCESSES"),
+        _int(env.get(f"{ENV_PREFIX}PROCESS_ID"), f"{ENV_PREFIX}PROCESS_ID"),
+    )
+    flags = (coordinator or "", num_processes, process_id)
+    if any(v not in ("", None) for v in flags) or ours[0]:
+        # each flag, else its SAEJAX_ variable (a launcher may export the shared ones)
+        source = "--coordinator/--num-processes/--process-id or SAEJAX_* variables"
+        found = tuple(f if f not in ("", None) else o for f, o in zip(flags, ours))
+    elif env.get("MASTER_ADDR") and env.get("WORLD_SIZE"):
+        source = "torchrun's MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK"
+        port = _int(env.get("MASTER_PORT"), "MASTER_PORT") or 29500
+        found = (
+            f"{env['MASTER_ADDR']}:{port}",
+            _int(env.get("WORLD_SIZE"), "WORLD_SIZE"),
+            _int(env.get("RANK"), "RANK"),
+        )
+    else:
+        return Launch(init_timeout=timeout)
+    address, count, index = found
+    if not address or count is None or index is None:
+        raise SaejaxError(
+            f"a multi-process launch needs a coordinator (host:port of process 0), the number "
+            f"of processes and this process's id; {source} gave "
+            f"coordinator {address or '(none)'}, count {count}, id {index}"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SaejaxError(f"the coordinator must be host:port, got {address!r} (from {source})")
+    if count < 1:
+        raise SaejaxError(f"the number of processes must be at least 1, got {count}")
+    if not 0 <= index < count:
+        raise SaejaxError(
+            f"the process id must be in 0..{count - 1} for {count} processes, got {index}"
+        )
+    return Launch(address, count, index, timeout, source)
+
+
+def check_port_free(address: str) -> None:
+    """Process 0's coordinator port must be free: JAX's server would share it with a running
+    job (taking over, and killing, that job) or fail without a message."""
+    port = int(address.rpartition(":")[2])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6 here
+        try:
+            s.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno == 98 or "in use" in str(e).lower():  # EADDRINUSE
+                raise SaejaxError(
+                    f"the coordinator port {port} is already in use on this host (another "
+                    "job?); choose a free port for --coordinator / SAEJAX_COORDINATOR"
+                ) from None
+        finally:
+            s.close()
+
+
+def init_distributed(launch: Launch, mode: str = "off") -> None:
+    """jax.distributed.initialize() for this launch (JAX's detection with mode "auto"), with
+    one line instead of a hang, a crash or a traceback when the processes do not meet."""
+    if jax.distributed.is_initialized():
+        return
+    if launch.coordinator and launch.num_processes > 1:
+        if launch.process_id == 0:
+            check_port_free(launch.coordinator)
+        # CPU processes talk over gloo; accelerators use their own collectives regardless
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        started = time.monotonic()
+        try:
+            _initialize(launch)
+        except Exception as e:  # noqa: BLE001 - JAX raises several types here
+            _forget_client()  # nothing for JAX's exit handler to shut down (or complain about)
+            timed_out = time.monotonic() - started >= launch.init_timeout - 1
+            raise SaejaxError(_init_failure(launch, e, timed_out)) from None
+    elif mode == "auto":
+        try:
+            jax.distributed.initialize(initialization_timeout=launch.init_timeout)
+        except Exception as e:  # noqa: BLE001
+            raise SaejaxError(
+                f"mesh.distributed auto: JAX could not set up the processes ({_first(e)})"
+            ) from None
+
+
+def _on_service_error(status) -> None:
+    """Given to JAX's coordination client as its fatal-error callback. JAX 0.10 cannot pass it
+    the status (nanobind has no caster: std::bad_cast), but having one makes a failed start
+    (connect) raise, which `init_distributed` turns into one line, where JAX's own handler
+    aborts with a C++ stack trace. Later fatal errors (a lost heartbeat) still abort."""
+
+
+def _initialize(launch: Launch) -> None:
+    """jax.distributed.initialize(), but with a client that has a fatal-error callback
+    (`_on_service_error`; initialize() offers no way to pass one) and a 60 s heartbeat
+    timeout. Falls back to initialize() when this JAX lacks the pieces."""
+    from jax._src import distributed as jax_distributed  # JAX's process-wide state
+
+    state, native = jax_distributed.global_state, getattr(jax_distributed, "_jax", None)
+    if native is None or not hasattr(native, "get_distributed_runtime_client"):
+        jax.distributed.initialize(
+            launch.coordinator,
+            num_processes=launch.num_processes,
+            process_id=launch.process_id,
+            initialization_timeout=launch.init_timeout,
+        )
+        return
+    port = launch.coordinator.rpartition(":")[2]
+    state.coordinator_address, state.process_id = launch.coordinator, launch.process_id
+    state.num_processes = launch.num_processes
+    if launch.process_id == 0:
+        state.service = native.get_distributed_runtime_service(
+            f"[::]:{port}", launch.num_processes, heartbeat_timeout=HEARTBEAT_TIMEOUT
+        )
+    state.client = native.get_distributed_runtime_client(
+        launch.coordinator,
+        launch.process_id,
+        init_timeout=launch.init_timeout,
+        use_compression=True,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        missed_heartbeat_callback=_on_service_error,
+    )
+    state.client.connect()
+    state.initialize_preemption_sync_manager()
+
+
+def _first(error: Exception) -> str:
+    text = str(error).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(error).__name__
+
+
+def _forget_client() -> None:
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client = None
+    jax_distributed.global_state.service = None
+
+
+def _init_failure(launch: Launch, error: Exception, timed_out: bool = False) -> str:
+    text = str(error)
+    me = f"process {launch.process_id} of {launch.num_processes}"
+    if timed_out:
+        text = "DEADLINE_EXCEEDED"
+    if "uplicate" in text or "already registered" in text or "restarted" in text:
+        why = f"another process already registered as id {launch.process_id} (a duplicated id?)"
+    elif "DEADLINE_EXCEEDED" in text or "timed out" in text.lower() or "Timeout" in text:
+        why = (
+            f"not every process arrived within {launch.init_timeout} s (a process that did not "
+            "start, a duplicated --process-id, or a --num-processes that differs between "
+            "processes)"
+        )
+    elif "UNAVAILABLE" in text or "onnect" in text:
+        why = f"the coordinator {launch.coordinator} could not be reached (is process 0 running?)"
+    else:
+        why = _first(error)
+    return (
+        f"{me} could not join the run at {launch.coordinator}: {why}; start every process "
+        f"with the same coordinator and count and ids 0..{launch.num_processes - 1}"
+    )
+
+
+def config_fingerprint(flat: dict) -> np.ndarray:
+    """Per key (in sorted order), 8 bytes of a hash of its value, as uint32 pairs."""
+    rows = []
+    for key in sorted(flat):
+        digest = hashlib.blake2b(json.dumps(flat[key], sort_keys=True).encode(), digest_size=8)
+        rows.append(np.frombuffer(digest.digest(), dtype=np.uint32))
+    return np.stack(rows)
+
+
+def differing_keys(flat: dict, fingerprints: np.ndarray) -> list[str]:
+    """The keys whose hash differs between any two processes ([processes, keys, 2])."""
+    keys = sorted(flat)
+    same = (fingerprints == fingerprints[:1]).all(axis=(0, 2))
+    return [k for k, ok in zip(keys, same) if not ok]
+
+
+def check_same_config(flat: dict) -> None:
+    """Every process must train the same config: compare the flattened resolved config's
+    per-key hashes across processes; one line naming the differing keys (exit 2 on every
+    process, since every process sees the same difference)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = config_fingerprint(flat)
+    every = np.asarray(multihost_utils.process_allgather(mine, tiled=False))
+    keys = differing_keys(flat, every.reshape(jax.process_count(), *mine.shape))
+    if keys:
+        shown = ", ".join(f"{k} (here {flat[k]!r})" for k in keys[:8])
+        raise SaejaxError(
+            f"the {jax.process_count()} processes were started with different settings: "
+            f"{shown}; start every process with the same config and --set values"
+        )
+
+
+def flat_config(cfg) -> dict:
+    """{"train.lr": 0.01, ...}: the config as one level of dotted keys (JSON values)."""
+    from saejax import io
+
+    out = {}
+
+    def walk(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(io.jsonable(dataclasses.asdict(cfg)), "")
+    return out

@@ -1,0 +1,134 @@
+"""Launch settings come from the launch, never from config.yaml; the checks made at start;
+the step watchdog. All in this process (the multi-process runs are in test_multiprocess.py)."""
+
+import socket
+
+import numpy as np
+import pytest
+import yaml
+
+from saejax.cli import main
+from saejax.config import load_config
+from saejax.errors import SaejaxError
+from saejax.train import watchdog as W
+from saejax.train.launch import (
+    check_port_free,
+    config_fingerprint,
+    differing_keys,
+    flat_config,
+    resolve_launch,
+)
+
+
+def test_flags_then_saejax_variables_then_torchrun():
+    env = {"SAEJAX_COORDINATOR": "h0:1234", "SAEJAX_NUM_PROCESSES": "4", "SAEJAX_PROCESS_ID": "3"}
+    env.update(MASTER_ADDR="t0", MASTER_PORT="29400", WORLD_SIZE="2", RANK="1")
+    flags = resolve_launch("f0:99", 2, 0, environ=env)
+    assert (flags.coordinator, flags.num_processes, flags.process_id) == ("f0:99", 2, 0)
+    ours = resolve_launch(environ=env)
+    assert (ours.coordinator, ours.num_processes, ours.process_id) == ("h0:1234", 4, 3)
+    torchrun = {k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    t = resolve_launch(environ=torchrun)
+    assert (t.coordinator, t.num_processes, t.process_id) == ("t0:29400", 2, 1)
+    assert resolve_launch(environ={}).coordinator == ""  # one process
+    assert resolve_launch(environ={"SAEJAX_INIT_TIMEOUT": "7"}).init_timeout == 7
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (("h:1", 2, None), "process's id"),
+        (("h:1", 2, 2), "0..1"),
+        (("h:1", 0, 0), "at least 1"),
+        (("nohost", 2, 0), "host:port"),
+        ((None, 2, 1), "coordinator"),
+    ],
+)
+def test_an_incomplete_launch_is_one_line(flags, words):
+    with pytest.raises(SaejaxError, match=words):
+        resolve_launch(*flags, environ={})
+
+
+def test_a_config_yaml_with_launch_settings_still_loads_without_them(tmp_path, capsys):
+    """config.yaml of a run written before they were launch settings (issue 22): resuming on
+    one process took process 0's coordinator and waited for the others forever."""
+    path = tmp_path / "config.yaml"
+    values = {
+        "data": {"path": "acts.npy"},
+        "mesh": {"data": 2, "coordinator": "h0:1234", "num_processes": 2, "process_id": 0},
+    }
+    path.write_text(yaml.safe_dump(values))
+    cfg = load_config(str(path))
+    assert cfg.mesh.data == 2 and not hasattr(cfg.mesh, "coordinator")
+    assert "ignoring mesh.coordinator, mesh.num_processes, mesh.process_id" in (
+        capsys.readouterr().err
+    )
+    assert "coordinator" not in yaml.safe_load(yaml.safe_dump(flat_config(cfg)))
+
+
+def test_set_of_a_launch_setting_points_at_the_flag(capsys):
+    code = main(["train", "--set", "data.path=x.npy", "--set", "mesh.process_id=1"])
+    assert code == 2
+    assert "--process-id" in capsys.readouterr().err
+
+
+def test_fingerprints_name_the_keys_that_differ():
+    a = {"train.lr": 0.01, "sae.k": 4, "run_dir": "r"}
+    b = {**a, "train.lr": 0.02}
+    prints = np.stack([config_fingerprint(a), config_fingerprint(a), config_fingerprint(b)])
+    assert differing_keys(a, prints) == ["train.lr"]
+    assert differing_keys(a, prints[:2]) == []
+
+
+def test_a_taken_coordinator_port_is_found_before_binding():
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        with pytest.raises(SaejaxError, match="already in use"):
+            check_port_free(f"localhost:{s.getsockname()[1]}")
+
+
+def test_one_process_is_never_paced():
+    assert not W.must_pace()
+
+
+class Fired(Exception):
+    pass
+
+
+def test_the_watchdog_fires_on_a_step_far_slower_than_the_median(monkeypatch):
+    lines = []
+
+    def fake_exit(line, code=W.RESTART_EXIT):
+        lines.append((line, code))
+        raise Fired
+
+    monkeypatch.setattr(W, "exit_now", fake_exit)
+    dog = W.StepWatchdog("RUN", lambda: 16, factor=10, min_seconds=1.0)
+    assert dog.limit() is None  # the first steps compile: not armed yet
+    dog.beat(0)
+    dog.beat(1)
+    dog.durations.clear()
+    dog.durations.extend([0.1, 0.1, 0.1])  # three steps of 0.1 s after the compiling ones
+    dog.step, dog.beat_at = 4, 50.0
+    assert dog.limit() == 1.0  # 10 x 0.1 s, but at least min_seconds
+    dog._check(50.9)  # within the limit: nothing
+    with pytest.raises(Fired):
+        dog._check(51.5)
+    ((line, code),) = lines
+    assert code == 75 and "step 5" in line and "step 16" in line and "--resume RUN" in line
+
+
+def test_a_signal_that_is_not_acted_on_ends_the_process(monkeypatch):
+    monkeypatch.setattr(W, "exit_now", lambda line, code=75: (_ for _ in ()).throw(Fired(line)))
+    dog = W.StepWatchdog("RUN", lambda: None, factor=10, min_seconds=2.0)
+    dog.signalled_at = 100.0
+    dog._check(101.0)
+    with pytest.raises(Fired, match="stopped by a signal.*no checkpoint yet"):
+        dog._check(102.5)
+
+
+def test_a_flag_fills_in_what_the_environment_leaves_out():
+    env = {"SAEJAX_COORDINATOR": "h0:1234", "SAEJAX_NUM_PROCESSES": "4"}
+    launch = resolve_launch(process_id=2, environ=env)
+    assert (launch.coordinator, launch.num_processes, launch.process_id) == ("h0:1234", 4, 2)
