@@ -75,7 +75,7 @@ def _train(args) -> int:
             from saejax.train.data import ArraySource
 
             d_in = ArraySource(cfg.data.path, cfg.data.hook).d_in
-        print(describe(estimate(cfg, d_in)))
+        print(describe(estimate(cfg, d_in, processes=args.num_processes)))
         return 0
     from saejax.train.launch import resolve_launch
 

@@ -25,8 +25,9 @@ Communication, bytes each device sends per step: every collective the compiled s
 (`collectives` below), costed as `train.collectives` costs the compiled step's own HLO
 (all-gather (n−1)/n of the result, all-reduce 2(n−1)/n of the buffer), and split into bytes
 that stay within a process and bytes that cross to another for a layout of processes ×
-devices per process (mesh.num_processes, else data.slices, else 1). A test holds the total
-within 20% of the compiled step's inventory on a (4, 2) mesh for every architecture.
+devices per process (`saejax train --dry-run --num-processes N`, else data.slices, else
+1). A test holds the total within 20% of the compiled step's inventory on a (4, 2) mesh for
+every architecture.
 The rows of a batch are regathered over "model"; the reconstruction (and TopK's selected
 values) are summed over "model"; the gradients of the split parameters are all-reduced
 over "data"; sparse TopK exchanges [rows, k] candidates per shard over "model"; a k-th
@@ -127,9 +128,10 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
 
 
 def processes_of(cfg: RunConfig) -> int:
-    """Processes the dry run lays the devices over: mesh.num_processes, else data.slices
-    (one per process by default), else 1."""
-    return max(1, cfg.mesh.num_processes or cfg.data.slices or 1)
+    """Processes the dry run lays the devices over when the launch does not say (the process
+    count is a launch setting, `saejax train --num-processes`): data.slices (one per process
+    by default), else 1."""
+    return max(1, cfg.data.slices or 1)
 
 
 def communication(cfg: RunConfig, d_in: int, processes: int | None = None) -> dict:

@@ -46,7 +46,7 @@ def compiled_steps():
     return {name: inventory(text, 8) for name, text in json.loads(result.stdout).items()}
 
 
-def config(sets, processes):
+def config(sets):
     from saejax.config import load_config
 
     base = [
@@ -57,7 +57,6 @@ def config(sets, processes):
         f"train.batch_size={BATCH}",
         "mesh.data=4",
         "mesh.model=2",
-        f"mesh.num_processes={processes}",
     ]
     return load_config(None, base + sets)
 
@@ -80,7 +79,8 @@ def test_latents_stay_split_in_the_compiled_step(compiled_steps, name):
 def test_dry_run_counts_what_the_compiled_step_sends(compiled_steps, name, processes):
     from saejax.train.dryrun import estimate
 
-    sent = estimate(config(RUNS[name], processes), D_IN)["bytes_sent_per_device_per_step"]
+    sent = estimate(config(RUNS[name]), D_IN, processes=processes)
+    sent = sent["bytes_sent_per_device_per_step"]
     hlo = traffic(compiled_steps[name], 8, 8 // processes)
     main = traffic(compiled_steps[name], 8, 8 // processes, conditional=False)
     what = f"{name} on {processes} process(es): dry run {sent}, HLO {hlo}"
