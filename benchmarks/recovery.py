@@ -11,9 +11,10 @@ directions, the best cosine with any decoder row), the share of directions found
 The "tuning" cases are the shapes the defaults were chosen on; the "holdout" cases were
 only run to check them. No tuning case is the shape of tests/test_ground_truth.py (h1 is, as a
 holdout). h4 (strongly co-firing pairs plus a large mean) is the hard one: the pairs' sum is a
-direction of its own, and neither topk nor relu separates all of them at 6M tokens.
+direction of its own, and no architecture separates all of them at 6M tokens.
 
-    nice -n 15 python benchmarks/recovery.py --arch topk relu --cases holdout
+    nice -n 15 python benchmarks/recovery.py --arch topk relu jumprelu --cases holdout
+    nice -n 15 python benchmarks/recovery.py --arch batchtopk --only h5   # slow on a CPU
     python benchmarks/recovery.py --quick          # two small cases, 1.5M tokens
 """
 
@@ -132,6 +133,7 @@ def run_case(case: Case, arch: str, tokens: int, folder: str, extra: list[str]) 
         "fvu": final["fvu"],
         "l0": final["l0"],
         "dead": final["dead_fraction"],
+        "resampled": int(result.state.resampled_total),
         "seconds": seconds,
         "expected_l0": case.m * case.p,
         **{f"shape.{k}": v for k, v in asdict(case).items()},
@@ -141,14 +143,15 @@ def run_case(case: Case, arch: str, tokens: int, folder: str, extra: list[str]) 
 def table(results: list[dict]) -> str:
     lines = [
         "| case | arch | d_in | m | p | k | d_sae | mean max cos | found ≥0.9 | FVU | L0 | dead "
-        "| s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| resampled | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['case']} | {r['arch']} | {r['shape.d_in']} | {r['shape.m']} | {r['shape.p']} | "
             f"{r['shape.k']} | {r['shape.d_sae']} | {r['mmc']:.3f} | {r['found_0.9']:.2f} | "
-            f"{r['fvu']:.3f} | {r['l0']:.1f} | {r['dead']:.2f} | {r['seconds']:.0f} |"
+            f"{r['fvu']:.3f} | {r['l0']:.1f} | {r['dead']:.2f} | {r['resampled']} | "
+            f"{r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--arch",
         nargs="+",
-        default=["topk", "relu"],
+        default=["topk", "relu", "jumprelu"],
         choices=["topk", "relu", "batchtopk", "jumprelu"],
     )
     p.add_argument("--tokens", type=int, default=6_000_000, help="token budget of every case")
@@ -198,7 +201,8 @@ def main(argv=None) -> int:
                 results.append(r)
                 print(
                     f"{case.name} {arch}: mean max cos {r['mmc']:.3f} fvu {r['fvu']:.3f} "
-                    f"l0 {r['l0']:.1f} dead {r['dead']:.2f} ({r['seconds']:.0f} s)",
+                    f"l0 {r['l0']:.1f} dead {r['dead']:.2f} resampled {r['resampled']} "
+                    f"({r['seconds']:.0f} s)",
                     file=sys.stderr,
                     flush=True,
                 )

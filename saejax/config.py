@@ -73,11 +73,21 @@ class ResampleConfig:
     """Anthropic's dead-latent resampling (Towards Monosemanticity)."""
 
     enabled: bool | None = setting(
-        None, "resample dead latents (null: on for relu, off for the others, which use AuxK)"
+        None,
+        "resample dead latents (null: on for relu and jumprelu, off for topk and batchtopk, "
+        "which use AuxK)",
     )
-    every_steps: int = setting(2500, "resample at these multiples of steps ...")
+    at_fractions: list[float] = setting(
+        doc="resample at these fractions of the run's steps, each in (0, 1), so the schedule "
+        "scales with the run's length (benchmarks/recovery.py) ...",
+        default_factory=lambda: [0.25, 0.5, 0.75],
+    )
+    every_steps: int = setting(
+        0, "... or at the multiples of this many steps (0: at_fractions; older configs set it)"
+    )
     steps: list[int] = setting(
-        doc="... or exactly at these steps (overrides every_steps)", default_factory=list
+        doc="... or exactly at these steps (overrides at_fractions and every_steps)",
+        default_factory=list,
     )
     stop_after_fraction: float = setting(
         0.8, "no resampling after this fraction of training, in (0, 1]"
@@ -100,9 +110,20 @@ class SAEConfig:
     l1_warmup_steps: int = setting(
         0, "relu: steps of linear warm-up of the L1 weight; 0: the first 5% of the steps"
     )
-    l0_coefficient: float = setting(1e-3, "jumprelu: weight of the L0 penalty")
-    jumprelu_bandwidth: float = setting(1e-3, "jumprelu: width of the straight-through rectangle")
-    jumprelu_init_threshold: float = setting(1e-3, "jumprelu: initial threshold of every latent")
+    l0_coefficient: float = setting(
+        1.0, "jumprelu: weight of the L0 penalty (benchmarks/recovery.py)"
+    )
+    l0_warmup_steps: int = setting(
+        0, "jumprelu: steps of linear warm-up of the L0 weight; 0: the first 5% of the steps"
+    )
+    jumprelu_bandwidth: float = setting(
+        2.0,
+        "jumprelu: width of the straight-through rectangle, in training units (inputs scaled "
+        "to mean norm sqrt(d_in))",
+    )
+    jumprelu_init_threshold: float = setting(
+        0.5, "jumprelu: initial threshold of every latent, in training units"
+    )
     aux_k: int = setting(0, "topk, batchtopk: dead latents used by the AuxK loss; 0: d_in // 2")
     aux_coefficient: float = setting(1 / 32, "topk, batchtopk: weight of the AuxK loss")
     dead_tokens: int = setting(
@@ -459,7 +480,6 @@ AT_LEAST_ONE = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
-    "train.resample.every_steps",
     "train.resample.pool_batches",
     "mesh.data",
     "mesh.model",
@@ -469,12 +489,14 @@ AT_LEAST_ZERO = (
     "data.slices",
     "sae.d_in",
     "sae.l1_warmup_steps",
+    "sae.l0_warmup_steps",
     "sae.aux_k",
     "sae.l1_coefficient",
     "sae.l0_coefficient",
     "sae.aux_coefficient",
     "sae.jumprelu_init_threshold",
     "train.lr_warmup_steps",
+    "train.resample.every_steps",
     "train.grad_clip",
 )
 POSITIVE = (
@@ -513,6 +535,11 @@ def _check_numbers(cfg: RunConfig) -> None:
     fraction = cfg.train.resample.stop_after_fraction
     if not 0 < fraction <= 1:
         raise SaejaxError(f"train.resample.stop_after_fraction must be in (0, 1], got {fraction}")
+    if not all(0 < f < 1 for f in cfg.train.resample.at_fractions):
+        raise SaejaxError(
+            "train.resample.at_fractions must all be in (0, 1), got "
+            f"{cfg.train.resample.at_fractions}"
+        )
     if any(step < 1 for step in cfg.train.resample.steps):
         raise SaejaxError(
             f"train.resample.steps must all be at least 1, got {cfg.train.resample.steps}"

@@ -34,7 +34,7 @@ def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
 
 def resample_enabled(cfg: RunConfig) -> bool:
     enabled = cfg.train.resample.enabled
-    return cfg.sae.architecture == "relu" if enabled is None else enabled
+    return cfg.sae.architecture in ("relu", "jumprelu") if enabled is None else enabled
 
 
 def data_slices(cfg: RunConfig) -> int:

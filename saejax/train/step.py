@@ -143,12 +143,15 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
     normalize = sae_cfg.normalize_decoder
 
     def sparsity_coefficient(step):
+        """relu's L1 and jumprelu's L0 weight, each warmed up linearly (0 steps: the first 5%)."""
         if spec.architecture == "relu":
-            warm = max(1, sae_cfg.l1_warmup_steps or round(0.05 * total_steps))  # 0: first 5%
-            return sae_cfg.l1_coefficient * jnp.minimum(1.0, (step + 1) / warm)
-        if spec.architecture == "jumprelu":
-            return jnp.float32(sae_cfg.l0_coefficient)
-        return jnp.float32(0.0)
+            coefficient, warmup = sae_cfg.l1_coefficient, sae_cfg.l1_warmup_steps
+        elif spec.architecture == "jumprelu":
+            coefficient, warmup = sae_cfg.l0_coefficient, sae_cfg.l0_warmup_steps
+        else:
+            return jnp.float32(0.0)
+        warm = max(1, warmup or round(0.05 * total_steps))
+        return jnp.float32(coefficient) * jnp.minimum(1.0, (step + 1) / warm)
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         x = batch.astype(jnp.float32) * state.input_scale
@@ -282,8 +285,15 @@ def resample(
 
 
 def resample_steps(cfg: TrainConfig, total_steps: int) -> set[int]:
-    """Steps (counted after the update) at which resampling runs."""
+    """Steps (counted after the update) at which resampling runs: the explicit `steps`, else
+    the multiples of `every_steps`, else `at_fractions` of the run (which fire in a run of any
+    length; a fixed step count never fires in a short run), none after stop_after_fraction."""
     r = cfg.resample
     last = int(total_steps * r.stop_after_fraction)
-    steps = set(r.steps) if r.steps else set(range(r.every_steps, last + 1, r.every_steps))
+    if r.steps:
+        steps = set(r.steps)
+    elif r.every_steps:
+        steps = set(range(r.every_steps, last + 1, r.every_steps))
+    else:
+        steps = {round(f * total_steps) for f in r.at_fractions}
     return {s for s in steps if 0 < s <= last}

@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from saejax.config import SAEConfig, TrainConfig
+from saejax.config import SAEConfig, TrainConfig, load_config
 from saejax.core import sae as S
+from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.setup import spec_from_config
 
@@ -112,3 +114,24 @@ def test_jumprelu_threshold_gets_straight_through_gradient():
     # Inside the window |z - theta| < bandwidth / 2 the gradient is -1/bandwidth; outside 0.
     np.testing.assert_allclose(np.asarray(g), [-2.0, -2.0, 0.0])
     assert spec.has_threshold
+
+
+def test_default_schedule_resamples_at_fractions_of_any_run_length():
+    # A 6M-token run at batch 4096 has 1464 steps: the old default (every 2500 steps) never fired.
+    assert T.resample_steps(TrainConfig(), 1464) == {366, 732, 1098}
+    assert T.resample_steps(TrainConfig(), 100_000) == {25_000, 50_000, 75_000}
+
+
+def test_older_every_steps_and_explicit_steps_still_choose_the_schedule():
+    every = TrainConfig()
+    every.resample.every_steps = 2500  # what configs written before at_fractions hold
+    assert T.resample_steps(every, 10_000) == {2500, 5000, 7500}  # none after 80%
+    explicit = TrainConfig()
+    explicit.resample.every_steps = 2500
+    explicit.resample.steps = [10, 9000]
+    assert T.resample_steps(explicit, 10_000) == {10}
+
+
+def test_a_fraction_outside_the_run_is_one_line_naming_the_key():
+    with pytest.raises(SaejaxError, match=r"train.resample.at_fractions must all be in \(0, 1\)"):
+        load_config(None, ["data.path=x.npy", "train.resample.at_fractions=[0.5, 1.0]"])
