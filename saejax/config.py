@@ -71,7 +71,8 @@ class ResampleConfig:
     """Anthropic's dead-latent resampling (Towards Monosemanticity)."""
 
     enabled: bool | None = setting(
-        None, "resample dead latents (null: on for relu, off for the others, which use AuxK)"
+        None,
+        "resample dead latents (null: on for relu and gated, off for the others, which use AuxK)",
     )
     every_steps: int = setting(2500, "resample at these multiples of steps ...")
     steps: list[int] = setting(

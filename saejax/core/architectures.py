@@ -6,7 +6,7 @@ maths in `core.sae` without importing an accelerator runtime.
 
 from __future__ import annotations
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 # TopK's paths: "dense" matmuls (the reference), or the sparse gather/scatter on the k selected
 # latents through "sparse" (the backend's own kernels: C++ on the CPU, XLA's primitives
 # elsewhere), "pallas", or "auto" (the path measured fastest for the backend)
@@ -30,4 +30,24 @@ def uses_sparse_kernels(architecture: str, topk_kernel: str) -> bool:
 
 
 def has_l1_penalty(architecture: str) -> bool:
-    return architecture == "relu"
+    """relu penalises its latents; gated its gate's ReLU (both with sae.l1_coefficient)."""
+    return architecture in ("relu", "gated")
+
+
+def is_gated(architecture: str) -> bool:
+    """Gated (Rajamanoharan et al. 2024): a gate and a magnitude path share the encoder
+    directions, with b_gate, r_mag and b_mag in place of b_enc."""
+    return architecture == "gated"
+
+
+def latent_vectors(architecture: str) -> tuple[str, ...]:
+    """The [d_sae] parameters besides the weight matrices, in the layout SAELens names them."""
+    if is_gated(architecture):
+        return ("b_gate", "r_mag", "b_mag")
+    return ("b_enc", "threshold") if has_threshold(architecture) else ("b_enc",)
+
+
+def revived_vectors(architecture: str) -> tuple[str, ...]:
+    """The [d_sae] parameters a resampled latent starts again from zero (the threshold keeps
+    its value: it is a scale, not a bias)."""
+    return ("b_gate", "r_mag", "b_mag") if is_gated(architecture) else ("b_enc",)

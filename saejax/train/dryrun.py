@@ -42,7 +42,13 @@ import os
 import numpy as np
 
 from saejax.config import RunConfig
-from saejax.core.architectures import has_threshold, selects_top_k, uses_sparse_kernels
+from saejax.core.architectures import (
+    has_l1_penalty,
+    is_gated,
+    latent_vectors,
+    selects_top_k,
+    uses_sparse_kernels,
+)
 from saejax.train.collectives import Collective, traffic
 
 F32 = 4
@@ -59,6 +65,8 @@ STEP_BUFFERS = {
     ("topk_dense", "bfloat16"): (3.83, 3.58, 5.24),  # as batchtopk (f32 alike)
     ("batchtopk", "float32"): (3.83, 1.6, 5.24),
     ("batchtopk", "bfloat16"): (3.83, 3.58, 5.24),
+    ("gated", "float32"): (5.0, 0.0, 3.0),
+    ("gated", "bfloat16"): (5.5, 0.3, 2.0),
 }
 
 
@@ -80,8 +88,8 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         nbytes = sum(F32 * int(np.prod(dims)) for _, dims in shapes)
         return Collective(kind, shapes, nbytes, over[axis], "predicted", False, False)
 
-    params = [("f32", (d_in, latents)), ("f32", (latents, d_in)), ("f32", (latents,))]
-    params += [("f32", (d_in,))] + ([("f32", (latents,))] if has_threshold(s.architecture) else [])
+    params = [("f32", (d_in, latents)), ("f32", (latents, d_in)), ("f32", (d_in,))]
+    params += [("f32", (latents,))] * len(latent_vectors(s.architecture))
     gradients = op("all-reduce", "data", *params)
     rows_d_in = ("f32", (rows, d_in))
     recon = op("all-reduce", "model", rows_d_in)
@@ -89,9 +97,10 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         "inputs_regathered_over_model": [op("all-gather", "model", rows_d_in)],
         "reconstruction_sum_over_model": [recon],
         "gradient_all_reduce_over_data": [gradients],
-        # per-row sums over the latents: L0 (and relu's L1 penalty); per-latent fire counts
+        # per-row sums over the latents: L0 (and relu's or gated's L1 penalty); per-latent
+        # fire counts
         "row_sums_over_model": [op("all-reduce", "model", ("s32", (rows,)))]
-        + ([op("all-reduce", "model", ("f32", (rows,)))] if s.architecture == "relu" else []),
+        + ([op("all-reduce", "model", ("f32", (rows,)))] if has_l1_penalty(s.architecture) else []),
         "fire_counts_over_data": [op("all-reduce", "data", ("s32", (latents,)))],
     }
     sparse = uses_sparse_kernels(s.architecture, s.topk_kernel)
@@ -106,6 +115,8 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         selected = op("all-reduce", "model", ("f32", (rows, k)), ("s32", (rows, k)))
         return [candidates, selected] if selected_too else [candidates]
 
+    if is_gated(s.architecture):  # the gate's own reconstruction, for the auxiliary loss
+        terms["gate_reconstruction_sum_over_model"] = [recon]
     if s.architecture == "topk":
         terms["topk_candidates_over_model"] = per_row_selection(s.k)
     if s.architecture == "batchtopk":
@@ -161,8 +172,8 @@ def estimate(
     s, data, model = cfg.sae, cfg.mesh.data, cfg.mesh.model
     latents = s.d_sae // model
     rows = cfg.train.batch_size // data
-    threshold = has_threshold(s.architecture)
-    params = F32 * (2 * d_in * latents + latents + d_in + (latents if threshold else 0))
+    vectors = len(latent_vectors(s.architecture))  # b_enc (and the threshold), or gated's 3
+    params = F32 * (2 * d_in * latents + d_in + vectors * latents)
     b, c, e = STEP_BUFFERS[(_step_kind(s.architecture, s.topk_kernel), s.dtype)]
     per_device = {
         "parameters": params,

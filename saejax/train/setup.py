@@ -12,6 +12,7 @@ import numpy as np
 
 from saejax.config import MeshConfig, RunConfig, SAEConfig
 from saejax.core import sae as S
+from saejax.core.architectures import has_l1_penalty
 from saejax.core.sharding import make_mesh
 from saejax.errors import SaejaxError
 from saejax.train import step as T
@@ -34,7 +35,7 @@ def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
 
 def resample_enabled(cfg: RunConfig) -> bool:
     enabled = cfg.train.resample.enabled
-    return cfg.sae.architecture == "relu" if enabled is None else enabled
+    return has_l1_penalty(cfg.sae.architecture) if enabled is None else enabled
 
 
 def data_slices(cfg: RunConfig) -> int:
