@@ -94,10 +94,12 @@ class SAEConfig:
     d_sae: int = setting(4096, "number of latents (dictionary size)")
     k: int = setting(32, "topk, batchtopk: latents kept per row (on average for batchtopk)")
     l1_coefficient: float = setting(
-        3.0, "relu: weight of the decoder-norm-weighted L1 penalty (benchmarks/recovery.py)"
+        3.0,
+        "relu, gated (on the gate): weight of the decoder-norm-weighted L1 penalty "
+        "(benchmarks/recovery.py; gated: tests/train/test_gated.py's toy)",
     )
     l1_warmup_steps: int = setting(
-        0, "relu: steps of linear warm-up of the L1 weight; 0: the first 5% of the steps"
+        0, "relu, gated: steps of linear warm-up of the L1 weight; 0: the first 5% of the steps"
     )
     l0_coefficient: float = setting(1e-3, "jumprelu: weight of the L0 penalty")
     jumprelu_bandwidth: float = setting(1e-3, "jumprelu: width of the straight-through rectangle")

@@ -22,6 +22,7 @@ RUNS = {
     "topk": ["sae.architecture=topk"],  # the sparse kernels (the default)
     "topk_dense": ["sae.architecture=topk", "sae.topk_kernel=dense"],
     "batchtopk": ["sae.architecture=batchtopk"],
+    "gated": ["sae.architecture=gated"],
 }
 
 SCRIPT = textwrap.dedent(
