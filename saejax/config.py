@@ -104,6 +104,11 @@ class SAEConfig:
     l0_coefficient: float = setting(1e-3, "jumprelu: weight of the L0 penalty")
     jumprelu_bandwidth: float = setting(1e-3, "jumprelu: width of the straight-through rectangle")
     jumprelu_init_threshold: float = setting(1e-3, "jumprelu: initial threshold of every latent")
+    matryoshka_widths: list[int] = setting(
+        doc="matryoshka_batchtopk: nested prefix widths, increasing, each with its own "
+        "reconstruction loss (d_sae is added last when missing); empty: d_sae/16, d_sae/4, d_sae",
+        default_factory=list,
+    )
     aux_k: int = setting(0, "topk, batchtopk: dead latents used by the AuxK loss; 0: d_in // 2")
     aux_coefficient: float = setting(1 / 32, "topk, batchtopk: weight of the AuxK loss")
     dead_tokens: int = setting(
@@ -519,12 +524,21 @@ def _check_choices(cfg: RunConfig) -> None:
             raise SaejaxError(f"{s.key} must be one of {', '.join(s.choices)}, got {value!r}")
 
 
+def _check_matryoshka_widths(s: SAEConfig) -> None:
+    widths = s.matryoshka_widths
+    if any(not 1 <= w <= s.d_sae for w in widths):
+        raise SaejaxError(f"sae.matryoshka_widths must lie in 1..d_sae ({s.d_sae}), got {widths}")
+    if any(a >= b for a, b in zip(widths, widths[1:])):
+        raise SaejaxError(f"sae.matryoshka_widths must be strictly increasing, got {widths}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     s, t = cfg.sae, cfg.train
     _check_choices(cfg)
     _check_numbers(cfg)
     if selects_top_k(s.architecture) and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
+    _check_matryoshka_widths(s)
     if cfg.data.slices and t.batch_size % cfg.data.slices:
         raise SaejaxError(
             f"data.slices {cfg.data.slices} must divide train.batch_size {t.batch_size}"

@@ -22,6 +22,7 @@ import numpy as np
 from saejax.core import cpu_kernels, pallas_kernels
 from saejax.core.architectures import (
     TOPK_KERNELS,
+    batch_selects,
     has_threshold,
     is_gated,
     selects_top_k,
@@ -44,8 +45,12 @@ class SAESpec:
     # topk: "dense" (the reference), or the sparse path through "sparse" (the backend's own
     # kernels), "pallas", or "auto" (the measured fastest); see `sparse_kernels`
     topk_kernel: str = "auto"
+    # matryoshka_batchtopk: the nested prefix widths, the whole dictionary last
+    # (`architectures.matryoshka_prefixes`); a tuple (a JSON list read back is made one)
+    matryoshka_widths: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
         if self.topk_kernel not in TOPK_KERNELS:
             raise ValueError(f"topk_kernel must be one of {TOPK_KERNELS}, got {self.topk_kernel!r}")
 
@@ -426,7 +431,7 @@ def _activate(params, pre, spec: SAESpec, training: bool):
         return jax.nn.relu(pre)
     if a == "topk":
         return topk_activation(pre, spec.k)
-    if a == "batchtopk":
+    if batch_selects(a):  # batchtopk, matryoshka_batchtopk
         if training:
             return batchtopk_activation(pre, spec.k)
         return jnp.where(pre > params["threshold"], pre, 0.0)  # inference: the learned threshold
@@ -639,6 +644,21 @@ def _sparse_forward(params, x, spec: SAESpec):
     return decoded + params["b_dec"], acts, idx, scores
 
 
+def matryoshka_loss(params, x, f, spec: SAESpec, variance, fvu):
+    """Matryoshka BatchTopK (Bussmann et al. 2025): the mean over the nested prefixes m of
+    ||x − (f[:, :m]·W_dec[:m] + b_dec)||² / total variance, from the one BatchTopK selection
+    `f` over the whole dictionary. Equal weights, so the last term is BatchTopK's own FVU and
+    the loss keeps its scale (AuxK's weight means the same). Each prefix is the latents below
+    its width kept by a mask, which a latent-split mesh applies per shard; it costs one
+    decoder matmul per inner prefix (`fvu`, the whole dictionary's, is already known)."""
+    latent = jnp.arange(spec.d_sae)
+    total = fvu
+    for width in spec.matryoshka_widths[:-1]:
+        prefix = constrain(jnp.where(latent[None, :] < width, f, 0.0), LATENT_BLOCK)
+        total = total + jnp.sum(jnp.square(x - decode(params, prefix, spec))) / variance
+    return total / len(spec.matryoshka_widths)
+
+
 def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     """The main training loss (AuxK apart, see `loss_and_grads`). `x` is in training units.
 
@@ -682,6 +702,8 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
         l0 = step_fn(pre, params["threshold"], spec.jumprelu_bandwidth).sum(-1).mean()
         parts["sparsity_loss"] = l0
         loss = parts["mse"] + sparsity_coefficient * l0
+    elif a == "matryoshka_batchtopk":
+        loss = matryoshka_loss(params, x, f, spec, variance, parts["fvu"])
     else:
         loss = parts["fvu"]
     parts["loss"] = loss

@@ -43,9 +43,11 @@ import numpy as np
 
 from saejax.config import RunConfig
 from saejax.core.architectures import (
+    batch_selects,
     has_l1_penalty,
     is_gated,
     latent_vectors,
+    matryoshka_prefixes,
     selects_top_k,
     uses_sparse_kernels,
 )
@@ -115,11 +117,14 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         selected = op("all-reduce", "model", ("f32", (rows, k)), ("s32", (rows, k)))
         return [candidates, selected] if selected_too else [candidates]
 
+    if s.architecture == "matryoshka_batchtopk":  # each inner prefix's reconstruction
+        inner = len(matryoshka_prefixes(s.matryoshka_widths, s.d_sae)) - 1
+        terms["matryoshka_prefix_sums_over_model"] = [recon] * inner
     if is_gated(s.architecture):  # the gate's own reconstruction, for the auxiliary loss
         terms["gate_reconstruction_sum_over_model"] = [recon]
     if s.architecture == "topk":
         terms["topk_candidates_over_model"] = per_row_selection(s.k)
-    if s.architecture == "batchtopk":
+    if batch_selects(s.architecture):
         keep = s.k * cfg.train.batch_size
         first = min(keep, rows * latents)
         second = min(keep, model * first)

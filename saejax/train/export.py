@@ -22,6 +22,7 @@ _SAELENS_ARCH = {
     "jumprelu": "jumprelu",
     "batchtopk": "jumprelu",
     "gated": "gated",
+    "matryoshka_batchtopk": "jumprelu",  # as SAELens saves it: the running threshold
 }
 
 

@@ -224,8 +224,9 @@ def _load_any(path: str) -> LoadedSAE:
         arch = SAELENS_ARCHITECTURES.get(cfg["architecture"])
         if arch is None:
             raise SaejaxError(f"SAELens architecture {cfg['architecture']!r} is not supported")
-        if arch == "jumprelu" and cfg.get("metadata", {}).get("saejax_architecture") == "batchtopk":
-            arch = "batchtopk"
+        trained_as = cfg.get("metadata", {}).get("saejax_architecture")
+        if arch == "jumprelu" and trained_as in ("batchtopk", "matryoshka_batchtopk"):
+            arch = trained_as
         spec = S.SAESpec(arch, int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k", 32)))
         w = saelens_input_convention(cfg, w, path)
         return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, cfg)

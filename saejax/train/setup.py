@@ -12,7 +12,7 @@ import numpy as np
 
 from saejax.config import MeshConfig, RunConfig, SAEConfig
 from saejax.core import sae as S
-from saejax.core.architectures import has_l1_penalty
+from saejax.core.architectures import has_l1_penalty, matryoshka_prefixes
 from saejax.core.sharding import make_mesh
 from saejax.errors import SaejaxError
 from saejax.train import step as T
@@ -30,6 +30,9 @@ def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
         cfg.jumprelu_bandwidth,
         cfg.dtype,
         cfg.topk_kernel,
+        matryoshka_prefixes(cfg.matryoshka_widths, cfg.d_sae)
+        if cfg.architecture == "matryoshka_batchtopk"
+        else (),
     )
 
 

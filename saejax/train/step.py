@@ -19,7 +19,7 @@ import optax
 
 from saejax.config import SAEConfig, TrainConfig
 from saejax.core import sae as S
-from saejax.core.architectures import has_l1_penalty, revived_vectors
+from saejax.core.architectures import batch_selects, has_l1_penalty, revived_vectors
 
 TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
 DENSITY_EDGES = tuple(float(e) for e in np.linspace(-8.0, 0.0, 17))  # log10 firing frequency
@@ -47,6 +47,7 @@ class TrainState:
 # tie; the lower is kept, nearer the field's values for large dictionaries); relu uses the same
 # base with its L1 coefficient tuned on it; batchtopk and jumprelu share it untuned.
 AUTO_LR_BASE = {"topk": 5e-4, "batchtopk": 5e-4, "relu": 5e-4, "jumprelu": 5e-4}
+AUTO_LR_BASE["matryoshka_batchtopk"] = 5e-4  # batchtopk's, untuned
 AUTO_LR_BASE["gated"] = 5e-4  # relu's base, kept on gated's tuning toy (tests/core/test_gated.py)
 
 
@@ -147,14 +148,14 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
         parts, fires, smallest, grads = S.loss_and_grads(
             state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient
         )
-        if spec.architecture == "batchtopk":
+        if batch_selects(spec.architecture):  # the threshold is a running statistic
             grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
         if normalize:
             grads = remove_parallel_grad(grads, state.params["W_dec"])
         parts["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = project_params(optax.apply_updates(state.params, updates), spec, normalize)
-        if spec.architecture == "batchtopk":
+        if batch_selects(spec.architecture):
             params = {**params, "threshold": _batchtopk_threshold(state, smallest)}
         fired = fires > 0
         n = jnp.int32(x.shape[0])
