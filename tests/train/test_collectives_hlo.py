@@ -23,6 +23,7 @@ RUNS = {
     "topk_dense": ["sae.architecture=topk", "sae.topk_kernel=dense"],
     "batchtopk": ["sae.architecture=batchtopk"],
     "gated": ["sae.architecture=gated"],
+    "matryoshka": ["sae.architecture=matryoshka_batchtopk", "sae.matryoshka_widths=[8,24]"],
 }
 
 SCRIPT = textwrap.dedent(
@@ -71,7 +72,12 @@ def test_latents_stay_split_in_the_compiled_step(compiled_steps, name):
         for _, dims in c.shapes:
             assert D_SAE not in dims, f"{name}: {c.describe()} carries a whole latent axis"
         assert c.op != "all-to-all", f"{name}: {c.describe()}"
-    if name in ("topk", "topk_dense", "batchtopk"):  # AuxK is compiled in, and split too
+    if name in (
+        "topk",
+        "topk_dense",
+        "batchtopk",
+        "matryoshka",
+    ):  # AuxK is compiled in, and split too
         assert any(c.conditional for c in ops), name
 
 
