@@ -69,6 +69,10 @@ STEP_BUFFERS = {
     ("batchtopk", "bfloat16"): (3.83, 3.58, 5.24),
     ("gated", "float32"): (5.0, 0.0, 3.0),
     ("gated", "bfloat16"): (5.5, 0.3, 2.0),
+    # fitted with the default three prefixes (each inner prefix adds a masked [rows, latents]
+    # block and its decode)
+    ("matryoshka_batchtopk", "float32"): (5.3, 0.0, 5.0),
+    ("matryoshka_batchtopk", "bfloat16"): (6.75, 0.25, 3.0),
 }
 
 
@@ -165,6 +169,8 @@ def communication(cfg: RunConfig, d_in: int, processes: int | None = None) -> di
 def _step_kind(architecture: str, topk_kernel: str) -> str:
     if architecture == "topk":
         return "topk_dense" if topk_kernel == "dense" else "topk_sparse"
+    if architecture == "matryoshka_batchtopk":
+        return architecture
     return "batchtopk" if selects_top_k(architecture) else architecture
 
 

@@ -29,7 +29,9 @@ def compiled_step_bytes(cfg, d_in: int) -> int:
     )
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize(
+    "arch", ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
+)
 @pytest.mark.parametrize("d_in, d_sae, batch", [(48, 1536, 384), (160, 640, 1024)])
 def test_estimate_is_within_15_percent_of_the_compiled_step(tmp_path, arch, d_in, d_sae, batch):
     cfg = small_config(
