@@ -77,9 +77,9 @@ def test_the_printed_reference_is_a_config_that_loads_as_the_defaults(tmp_path, 
     printed = capsys.readouterr().out
     assert printed == C.reference_yaml()
     assert (
-        "# the SAE's activation and sparsity rule (one of relu, topk, batchtopk, jumprelu, gated)"
-        in (printed)
-    )
+        "# the SAE's activation and sparsity rule "
+        "(one of relu, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk)"
+    ) in printed
     saved = tmp_path / "every_key.yaml"
     saved.write_text(printed)
     assert C.load_config(str(saved), check=False) == C.RunConfig()
