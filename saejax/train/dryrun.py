@@ -125,7 +125,7 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         inner = len(matryoshka_prefixes(s.matryoshka_widths, s.d_sae)) - 1
         terms["matryoshka_prefix_sums_over_model"] = [recon] * inner
     if is_gated(s.architecture):  # the gate's own reconstruction, for the auxiliary loss
-        terms["gate_reconstruction_sum_over_model"] = [recon]
+        terms["gate_reconstruction_over_model"] = [recon]
     if s.architecture == "topk":
         terms["topk_candidates_over_model"] = per_row_selection(s.k)
     if batch_selects(s.architecture):
