@@ -106,7 +106,8 @@ class SAEConfig:
     jumprelu_init_threshold: float = setting(1e-3, "jumprelu: initial threshold of every latent")
     matryoshka_widths: list[int] = setting(
         doc="matryoshka_batchtopk: nested prefix widths, increasing, each with its own "
-        "reconstruction loss (d_sae is added last when missing); empty: d_sae/16, d_sae/4, d_sae",
+        "reconstruction loss (d_sae is added last when missing); empty: d_sae/16, d_sae/4, d_sae "
+        "(untuned)",
         default_factory=list,
     )
     aux_k: int = setting(0, "topk, batchtopk: dead latents used by the AuxK loss; 0: d_in // 2")
