@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         "--arch",
         nargs="+",
         default=["topk", "relu", "jumprelu"],
-        choices=["topk", "relu", "batchtopk", "jumprelu"],
+        choices=["topk", "relu", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"],
     )
     p.add_argument("--tokens", type=int, default=6_000_000, help="token budget of every case")
     p.add_argument("--cases", default="holdout", choices=["tuning", "holdout", "all"])

@@ -74,8 +74,8 @@ class ResampleConfig:
 
     enabled: bool | None = setting(
         None,
-        "resample dead latents (null: on for relu and jumprelu, off for topk and batchtopk, "
-        "which use AuxK)",
+        "resample dead latents (null: on for relu, gated and jumprelu, off for the "
+        "TopK family, which uses AuxK)",
     )
     at_fractions: list[float] = setting(
         doc="resample at these fractions of the run's steps, each in (0, 1), so the schedule "
@@ -105,10 +105,12 @@ class SAEConfig:
     d_sae: int = setting(4096, "number of latents (dictionary size)")
     k: int = setting(32, "topk, batchtopk: latents kept per row (on average for batchtopk)")
     l1_coefficient: float = setting(
-        3.0, "relu: weight of the decoder-norm-weighted L1 penalty (benchmarks/recovery.py)"
+        3.0,
+        "relu, gated (on the gate): weight of the decoder-norm-weighted L1 penalty "
+        "(benchmarks/recovery.py; gated: tests/train/test_gated.py's toy)",
     )
     l1_warmup_steps: int = setting(
-        0, "relu: steps of linear warm-up of the L1 weight; 0: the first 5% of the steps"
+        0, "relu, gated: steps of linear warm-up of the L1 weight; 0: the first 5% of the steps"
     )
     l0_coefficient: float = setting(
         1.0, "jumprelu: weight of the L0 penalty (benchmarks/recovery.py)"
@@ -123,6 +125,12 @@ class SAEConfig:
     )
     jumprelu_init_threshold: float = setting(
         0.5, "jumprelu: initial threshold of every latent, in training units"
+    )
+    matryoshka_widths: list[int] = setting(
+        doc="matryoshka_batchtopk: nested prefix widths, increasing, each with its own "
+        "reconstruction loss (d_sae is added last when missing); empty: d_sae/16, d_sae/4, d_sae "
+        "(untuned)",
+        default_factory=list,
     )
     aux_k: int = setting(0, "topk, batchtopk: dead latents used by the AuxK loss; 0: d_in // 2")
     aux_coefficient: float = setting(1 / 32, "topk, batchtopk: weight of the AuxK loss")
@@ -554,12 +562,21 @@ def _check_choices(cfg: RunConfig) -> None:
             raise SaejaxError(f"{s.key} must be one of {', '.join(s.choices)}, got {value!r}")
 
 
+def _check_matryoshka_widths(s: SAEConfig) -> None:
+    widths = s.matryoshka_widths
+    if any(not 1 <= w <= s.d_sae for w in widths):
+        raise SaejaxError(f"sae.matryoshka_widths must lie in 1..d_sae ({s.d_sae}), got {widths}")
+    if any(a >= b for a, b in zip(widths, widths[1:])):
+        raise SaejaxError(f"sae.matryoshka_widths must be strictly increasing, got {widths}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     s, t = cfg.sae, cfg.train
     _check_choices(cfg)
     _check_numbers(cfg)
     if selects_top_k(s.architecture) and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
+    _check_matryoshka_widths(s)
     if cfg.data.slices and t.batch_size % cfg.data.slices:
         raise SaejaxError(
             f"data.slices {cfg.data.slices} must divide train.batch_size {t.batch_size}"

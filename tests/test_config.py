@@ -76,9 +76,10 @@ def test_the_printed_reference_is_a_config_that_loads_as_the_defaults(tmp_path, 
     assert main(["config"]) == 0
     printed = capsys.readouterr().out
     assert printed == C.reference_yaml()
-    assert "# the SAE's activation and sparsity rule (one of relu, topk, batchtopk, jumprelu)" in (
-        printed
-    )
+    assert (
+        "# the SAE's activation and sparsity rule "
+        "(one of relu, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk)"
+    ) in printed
     saved = tmp_path / "every_key.yaml"
     saved.write_text(printed)
     assert C.load_config(str(saved), check=False) == C.RunConfig()
@@ -101,7 +102,7 @@ def test_choices_come_from_the_types_and_architecture_from_core():
     assert C.choices_of(hints["architecture"]) == ARCHITECTURES
     assert C.choices_of(hints["topk_kernel"]) == TOPK_KERNELS
     with pytest.raises(C.SaejaxError, match=r"^sae.architecture must be one of relu, topk, batch"):
-        C.load_config(None, ["data.path=x.npy", "sae.architecture=gated"])
+        C.load_config(None, ["data.path=x.npy", "sae.architecture=transcoder"])
 
 
 def test_help_shows_defaults_and_points_at_saejax_config(capsys):
@@ -206,7 +207,7 @@ def test_a_config_built_in_code_is_checked_too():
     cfg = C.RunConfig(data=C.DataConfig(path="x.npy"), train=C.TrainConfig(lr=float("inf")))
     with pytest.raises(C.SaejaxError, match="train.lr must be a finite number"):
         C.validate(cfg)
-    cfg = C.RunConfig(data=C.DataConfig(path="x.npy"), sae=C.SAEConfig(architecture="gated"))
+    cfg = C.RunConfig(data=C.DataConfig(path="x.npy"), sae=C.SAEConfig(architecture="transcoder"))
     with pytest.raises(C.SaejaxError, match="sae.architecture must be one of"):
         C.validate(cfg)
 

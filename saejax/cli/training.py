@@ -119,7 +119,7 @@ def _sweep_arguments(p) -> None:
     p.add_argument("config", nargs="?", help="YAML config shared by every member")
     p.add_argument("--d-sae", required=True, help="comma list, e.g. 1024,2048,4096")
     p.add_argument("--k", default="", help="comma list (topk/batchtopk)")
-    p.add_argument("--l1", default="", help="comma list of λ (relu)")
+    p.add_argument("--l1", default="", help="comma list of λ (relu, gated)")
     p.add_argument(
         "--lr", default="", help="comma list of learning rates, crossed with the other lists"
     )
@@ -189,7 +189,7 @@ def _bench_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=4096, help="rows per step")
     p.add_argument("--k", type=int, default=32, help="latents kept per row (topk, batchtopk)")
     p.add_argument(
-        "--arch", default="relu,topk", help="comma list of relu, topk, batchtopk, jumprelu"
+        "--arch", default="relu,topk", help="comma list of relu, topk, batchtopk, jumprelu, gated"
     )
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument(

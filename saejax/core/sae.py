@@ -1,9 +1,10 @@
-"""Sparse autoencoders in Flax: relu, topk, batchtopk and jumprelu.
+"""Sparse autoencoders in Flax: relu, topk, batchtopk, jumprelu and gated.
 
 Parameters follow the ecosystem's layout: W_enc [d_in, d_sae], b_enc [d_sae],
 W_dec [d_sae, d_in], b_dec [d_in], and threshold [d_sae] (jumprelu; batchtopk
 keeps its learned inference threshold there too, updated as a running statistic,
-not by gradients). All maths is in pure functions of the parameter dict so that
+not by gradients). Gated SAEs have b_gate, r_mag and b_mag [d_sae] in place of b_enc
+(SAELens's names). All maths is in pure functions of the parameter dict so that
 training, evaluation and export share one definition; `SparseAutoencoder` is the
 Flax module that declares and initialises the parameters.
 """
@@ -21,7 +22,9 @@ import numpy as np
 from saejax.core import cpu_kernels, pallas_kernels
 from saejax.core.architectures import (
     TOPK_KERNELS,
+    batch_selects,
     has_threshold,
+    is_gated,
     selects_top_k,
     uses_sparse_kernels,
 )
@@ -42,8 +45,12 @@ class SAESpec:
     # topk: "dense" (the reference), or the sparse path through "sparse" (the backend's own
     # kernels), "pallas", or "auto" (the measured fastest); see `sparse_kernels`
     topk_kernel: str = "auto"
+    # matryoshka_batchtopk: the nested prefix widths, the whole dictionary last
+    # (`architectures.matryoshka_prefixes`); a tuple (a JSON list read back is made one)
+    matryoshka_widths: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
         if self.topk_kernel not in TOPK_KERNELS:
             raise ValueError(f"topk_kernel must be one of {TOPK_KERNELS}, got {self.topk_kernel!r}")
 
@@ -98,9 +105,13 @@ class SparseAutoencoder(nn.Module):
         W_dec = self.param("W_dec", unit_rows, (s.d_sae, s.d_in))
         # Tied initialisation: each encoder column starts as its decoder row.
         W_enc = self.param("W_enc", lambda key: W_dec.T)
-        b_enc = self.param("b_enc", nn.initializers.zeros, (s.d_sae,))
         b_dec = self.param("b_dec", nn.initializers.zeros, (s.d_in,))
-        params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+        params = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec}
+        if is_gated(s.architecture):  # both paths start as a ReLU SAE's encoder
+            for name in ("b_gate", "r_mag", "b_mag"):
+                params[name] = self.param(name, nn.initializers.zeros, (s.d_sae,))
+            return forward(params, x, s)[0]
+        params["b_enc"] = self.param("b_enc", nn.initializers.zeros, (s.d_sae,))
         if s.has_threshold:
             params["threshold"] = self.param(
                 "threshold", nn.initializers.constant(self.init_threshold), (s.d_sae,)
@@ -444,11 +455,62 @@ def _activate(params, pre, spec: SAESpec, training: bool):
         return jax.nn.relu(pre)
     if a == "topk":
         return topk_activation(pre, spec.k)
-    if a == "batchtopk":
+    if batch_selects(a):  # batchtopk, matryoshka_batchtopk
         if training:
             return batchtopk_activation(pre, spec.k)
         return jnp.where(pre > params["threshold"], pre, 0.0)  # inference: the learned threshold
     return jumprelu(pre, params["threshold"], spec.jumprelu_bandwidth)
+
+
+# ---- gated SAE (Rajamanoharan et al. 2024) -------------------------------------------
+def gated_pre_activations(params, x, spec: SAESpec):
+    """(π_gate, π_mag): one encoder matmul serves both paths. The magnitude path uses the
+    gate's directions rescaled per latent by exp(r_mag), with its own bias b_mag."""
+    scores = encoder_scores(params, x, spec)
+    pi_gate = constrain(scores + params["b_gate"], LATENT_BLOCK)
+    pi_mag = constrain(scores * jnp.exp(params["r_mag"]) + params["b_mag"], LATENT_BLOCK)
+    return pi_gate, pi_mag
+
+
+def gated_activate(pi_gate, pi_mag):
+    """1[π_gate > 0]·ReLU(π_mag). The Heaviside passes no gradient: the gate learns from the
+    sparsity penalty and the auxiliary reconstruction (`gated_loss_fn`)."""
+    return constrain(jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0), LATENT_BLOCK)
+
+
+def gated_loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
+    """Rajamanoharan et al.'s loss, in `loss_fn`'s return form:
+        ||x − x̂||² + λ·Σ_i ReLU(π_gate)_i·||W_dec[i]|| + ||x − x̂_frozen(ReLU(π_gate))||²
+    (squared norms are per-row means). The L1 term is weighted by the decoder row norms (as
+    the paper's L1 on an unconstrained decoder; with unit-norm rows it is the plain L1), and
+    x̂_frozen decodes the gate's ReLU through stop-gradient copies of W_dec and b_dec, so the
+    auxiliary loss trains only the gate (W_enc, b_gate, and b_dec through the encoder input).
+    """
+    pi_gate, pi_mag = gated_pre_activations(params, x, spec)
+    f = gated_activate(pi_gate, pi_mag)
+    x_hat = decode(params, f, spec)
+    err = x - x_hat
+    rows = x.shape[0]
+    sq = jnp.sum(jnp.square(err))
+    gate = jax.nn.relu(pi_gate)
+    dec_norms = jnp.linalg.norm(params["W_dec"], axis=-1)
+    frozen = {"W_dec": jax.lax.stop_gradient(params["W_dec"])}
+    frozen["b_dec"] = jax.lax.stop_gradient(params["b_dec"])
+    x_gate = decode(frozen, gate, spec)
+    active = f > 0
+    parts = {
+        "mse": sq / rows,
+        "fvu": sq / jnp.maximum(total_variance(x), 1e-12),
+        "l0": jnp.mean(jnp.sum(active, axis=-1)),
+        "aux_loss": jnp.sum(jnp.square(x - x_gate)) / rows,
+        "sparsity_loss": jnp.mean(gate @ dec_norms),
+    }
+    loss = parts["mse"] + sparsity_coefficient * parts["sparsity_loss"] + parts["aux_loss"]
+    parts["loss"] = loss
+    fires = jnp.sum(active, axis=0, dtype=jnp.int32)
+    smallest = jnp.min(jnp.where(active, f, jnp.inf))
+    pre = jax.lax.stop_gradient(pi_mag)
+    return loss, (parts, fires, smallest, pre, jax.lax.stop_gradient(err))
 
 
 def decode(params, f, spec: SAESpec):
@@ -457,11 +519,17 @@ def decode(params, f, spec: SAESpec):
 
 
 def encode(params, x, spec: SAESpec, training: bool = False):
+    if is_gated(spec.architecture):
+        return gated_activate(*gated_pre_activations(params, x, spec))
     return activate(params, pre_activations(params, x, spec), spec, training)
 
 
 def forward(params, x, spec: SAESpec, training: bool = False):
-    """(reconstruction, latents, pre-activations)."""
+    """(reconstruction, latents, pre-activations); gated: the magnitude path's π_mag."""
+    if is_gated(spec.architecture):
+        pi_gate, pi_mag = gated_pre_activations(params, x, spec)
+        f = gated_activate(pi_gate, pi_mag)
+        return decode(params, f, spec), f, pi_mag
     pre = pre_activations(params, x, spec)
     f = activate(params, pre, spec, training)
     return decode(params, f, spec), f, pre
@@ -657,6 +725,21 @@ def _sparse_forward(params, x, spec: SAESpec):
     return decoded + params["b_dec"], acts, idx, scores
 
 
+def matryoshka_loss(params, x, f, spec: SAESpec, variance, fvu):
+    """Matryoshka BatchTopK (Bussmann et al. 2025): the mean over the nested prefixes m of
+    ||x − (f[:, :m]·W_dec[:m] + b_dec)||² / total variance, from the one BatchTopK selection
+    `f` over the whole dictionary. Equal weights, so the last term is BatchTopK's own FVU and
+    the loss keeps its scale (AuxK's weight means the same). Each prefix is the latents below
+    its width kept by a mask, which a latent-split mesh applies per shard; it costs one
+    decoder matmul per inner prefix (`fvu`, the whole dictionary's, is already known)."""
+    latent = jnp.arange(spec.d_sae)
+    total = fvu
+    for width in spec.matryoshka_widths[:-1]:
+        prefix = constrain(jnp.where(latent[None, :] < width, f, 0.0), LATENT_BLOCK)
+        total = total + jnp.sum(jnp.square(x - decode(params, prefix, spec))) / variance
+    return total / len(spec.matryoshka_widths)
+
+
 def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     """The main training loss (AuxK apart, see `loss_and_grads`). `x` is in training units.
 
@@ -665,6 +748,8 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     activation (BatchTopK's threshold statistic); pre and err feed AuxK (on the sparse
     kernels pre is without b_enc, which the selection adds itself).
     """
+    if is_gated(spec.architecture):
+        return gated_loss_fn(params, x, spec, sparsity_coefficient)
     if spec.uses_sparse_kernels:
         x_hat, acts, idx, pre = _sparse_forward(params, x, spec)
         active = acts > 0
@@ -699,6 +784,8 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
         l0 = step_fn(pre, params["threshold"], spec.jumprelu_bandwidth).sum(-1).mean()
         parts["sparsity_loss"] = l0
         loss = parts["mse"] + sparsity_coefficient * l0
+    elif a == "matryoshka_batchtopk":
+        loss = matryoshka_loss(params, x, f, spec, variance, parts["fvu"])
     else:
         loss = parts["fvu"]
     parts["loss"] = loss

@@ -26,6 +26,10 @@ LATENT_SPECS = {
     "W_dec": P("model", None),
     "b_dec": P(),
     "threshold": P("model"),
+    # gated: its gate and magnitude biases and magnitude rescaling, one entry per latent
+    "b_gate": P("model"),
+    "r_mag": P("model"),
+    "b_mag": P("model"),
 }
 PER_LATENT_STATE = ("tokens_since_fired", "fire_count")
 # inside the step: [rows, d_sae] blocks (pre-activations, latents and their gradients) split

@@ -45,7 +45,15 @@ import os
 import numpy as np
 
 from saejax.config import RunConfig
-from saejax.core.architectures import has_threshold, selects_top_k, uses_sparse_kernels
+from saejax.core.architectures import (
+    batch_selects,
+    has_l1_penalty,
+    is_gated,
+    latent_vectors,
+    matryoshka_prefixes,
+    selects_top_k,
+    uses_sparse_kernels,
+)
 from saejax.train.collectives import Collective, traffic
 
 F32 = 4
@@ -63,6 +71,12 @@ STEP_BUFFERS = {
     ("topk_dense", "bfloat16"): (4.41, 0.79, 3.21),
     ("batchtopk", "float32"): (3.11, 1.38, 3.84),
     ("batchtopk", "bfloat16"): (3.61, 1.32, 3.99),
+    ("gated", "float32"): (5.0, 0.0, 3.0),
+    ("gated", "bfloat16"): (5.5, 0.3, 2.0),
+    # fitted with the default three prefixes (each inner prefix adds a masked [rows, latents]
+    # block and its decode)
+    ("matryoshka_batchtopk", "float32"): (5.3, 0.0, 5.0),
+    ("matryoshka_batchtopk", "bfloat16"): (6.75, 0.25, 3.0),
 }
 
 
@@ -90,8 +104,8 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         nbytes = sum(F32 * int(np.prod(dims)) for _, dims in shapes)
         return Collective(kind, shapes, nbytes, over[axis], "predicted", False, False)
 
-    params = [("f32", (d_in, latents)), ("f32", (latents, d_in)), ("f32", (latents,))]
-    params += [("f32", (d_in,))] + ([("f32", (latents,))] if has_threshold(s.architecture) else [])
+    params = [("f32", (d_in, latents)), ("f32", (latents, d_in)), ("f32", (d_in,))]
+    params += [("f32", (latents,))] * len(latent_vectors(s.architecture))
     gradients = op("all-reduce", "data", *params)
     rows_d_in = ("f32", (rows, d_in))
     recon = op("all-reduce", "model", rows_d_in)
@@ -99,13 +113,19 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         "inputs_regathered_over_model": [op("all-gather", "model", rows_d_in)],
         "reconstruction_sum_over_model": [recon],
         "gradient_all_reduce_over_data": [gradients],
-        # per-row sums over the latents: L0 (and relu's L1 penalty); per-latent fire counts
+        # per-row sums over the latents: L0 (and relu's or gated's L1 penalty); per-latent
+        # fire counts
         "row_sums_over_model": [op("all-reduce", "model", ("s32", (rows,)))]
-        + ([op("all-reduce", "model", ("f32", (rows,)))] if s.architecture == "relu" else []),
+        + ([op("all-reduce", "model", ("f32", (rows,)))] if has_l1_penalty(s.architecture) else []),
         "fire_counts_over_data": [op("all-reduce", "data", ("s32", (latents,)))],
     }
     sparse = uses_sparse_kernels(s.architecture, s.topk_kernel)
 
+    if s.architecture == "matryoshka_batchtopk":  # each inner prefix's reconstruction
+        inner = len(matryoshka_prefixes(s.matryoshka_widths, s.d_sae)) - 1
+        terms["matryoshka_prefix_sums_over_model"] = [recon] * inner
+    if is_gated(s.architecture):  # the gate's own reconstruction, for the auxiliary loss
+        terms["gate_reconstruction_over_model"] = [recon]
     # the k-th largest of each row over the shards: one count per row and bit (dense TopK,
     # and AuxK on every path)
     kth_per_row = [op("all-reduce", "model", ("s32", (rows, 1)))] * KTH_ROUNDS
@@ -118,7 +138,7 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         ]
     elif s.architecture == "topk":
         terms["topk_kth_largest_over_model"] = kth_per_row
-    if s.architecture == "batchtopk":  # the batch's cutoff: one count per bit, whole mesh
+    if batch_selects(s.architecture):  # the batch's cutoff: one count per bit, whole mesh
         terms["batchtopk_cutoff_over_mesh"] = [op("all-reduce", "all", ("s32", ()))] * KTH_ROUNDS
     if selects_top_k(s.architecture):
         terms["auxk_selection_over_model"] = kth_per_row
@@ -153,6 +173,8 @@ def communication(cfg: RunConfig, d_in: int, processes: int | None = None) -> di
 def _step_kind(architecture: str, topk_kernel: str) -> str:
     if architecture == "topk":
         return "topk_dense" if topk_kernel == "dense" else "topk_sparse"
+    if architecture == "matryoshka_batchtopk":
+        return architecture
     return "batchtopk" if selects_top_k(architecture) else architecture
 
 
@@ -165,8 +187,8 @@ def estimate(
     s, data, model = cfg.sae, cfg.mesh.data, cfg.mesh.model
     latents = s.d_sae // model
     rows = cfg.train.batch_size // data
-    threshold = has_threshold(s.architecture)
-    params = F32 * (2 * d_in * latents + latents + d_in + (latents if threshold else 0))
+    vectors = len(latent_vectors(s.architecture))  # b_enc (and the threshold), or gated's 3
+    params = F32 * (2 * d_in * latents + d_in + vectors * latents)
     b, c, e = STEP_BUFFERS[(_step_kind(s.architecture, s.topk_kernel), s.dtype)]
     per_device = {
         "parameters": params,

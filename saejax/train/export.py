@@ -11,6 +11,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from saejax import __version__, io
+from saejax.core.architectures import latent_vectors
 from saejax.errors import SaejaxError
 from saejax.train.sae_files import fold_to_model_units, read_native
 
@@ -20,6 +21,8 @@ _SAELENS_ARCH = {
     "topk": "topk",
     "jumprelu": "jumprelu",
     "batchtopk": "jumprelu",
+    "gated": "gated",
+    "matryoshka_batchtopk": "jumprelu",  # as SAELens saves it: the running threshold
 }
 
 
@@ -29,9 +32,8 @@ def export_saelens(sae_dir: str, out: str) -> str:
     spec, info = native["spec"], native["info"]
     params, note = fold_to_model_units(native["params"], spec, info["input_scale"])
     arch = _SAELENS_ARCH[spec.architecture]
-    weights = {k: params[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if arch == "jumprelu":
-        weights["threshold"] = params["threshold"]
+    names = ("W_enc", "W_dec", "b_dec") + latent_vectors(spec.architecture)
+    weights = {k: params[k] for k in names}  # gated: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec
     cfg = {
         "architecture": arch,
         "d_in": spec.d_in,

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from saejax import __version__, io
 from saejax.core import sae as S
-from saejax.core.architectures import ARCHITECTURES, selects_top_k
+from saejax.core.architectures import ARCHITECTURES, latent_vectors, selects_top_k
 from saejax.errors import SaejaxError
 
 
@@ -82,23 +82,19 @@ def fold_to_model_units(params: dict, spec: S.SAESpec, input_scale: float) -> tu
     """Parameters that act on raw activations and have unit-norm decoder rows when exact."""
     p = to_numpy(params)
     s = float(input_scale)
-    out = {
-        "W_enc": p["W_enc"] * s,
-        "b_enc": p["b_enc"].copy(),
-        "W_dec": p["W_dec"] / s,
-        "b_dec": p["b_dec"] / s,
-    }
-    if "threshold" in p:
-        out["threshold"] = p["threshold"].copy()
+    out = {"W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
+    out |= {name: p[name].copy() for name in latent_vectors(spec.architecture)}
     norms = np.linalg.norm(out["W_dec"], axis=1)
     uniform = np.allclose(norms, norms.mean(), rtol=1e-5)
     if not selects_top_k(spec.architecture) or uniform:
         c = np.maximum(norms, 1e-12)
         out["W_dec"] = out["W_dec"] / c[:, None]
         out["W_enc"] = out["W_enc"] * c[None, :]
-        out["b_enc"] = out["b_enc"] * c
-        if "threshold" in out:
-            out["threshold"] = out["threshold"] * c
+        # every bias and threshold scales with its pre-activation; gated's r_mag is a ratio
+        # of the two paths' scales, which the same factor on both leaves unchanged
+        for name in latent_vectors(spec.architecture):
+            if name != "r_mag":
+                out[name] = out[name] * c
         return out, "decoder rows unit-norm"
     return out, "decoder norms kept (non-uniform norms cannot be folded into a TopK exactly)"
 
@@ -116,12 +112,10 @@ def check_params(params: dict, spec: S.SAESpec, where: str) -> None:
         raise SaejaxError(f"{where}: unknown architecture {spec.architecture!r}")
     shapes = {
         "W_enc": (spec.d_in, spec.d_sae),
-        "b_enc": (spec.d_sae,),
         "W_dec": (spec.d_sae, spec.d_in),
         "b_dec": (spec.d_in,),
     }
-    if spec.has_threshold:
-        shapes["threshold"] = (spec.d_sae,)
+    shapes |= {name: (spec.d_sae,) for name in latent_vectors(spec.architecture)}
     for name, shape in shapes.items():
         if name not in params:
             raise SaejaxError(f"{where} lacks the parameter {name}; the SAE files are damaged")
@@ -185,9 +179,24 @@ def saelens_input_convention(cfg: dict, w: dict, path: str) -> dict:
     if cfg.get("apply_b_dec_to_input", True):
         return w
     w = dict(w)
-    b_dec = np.asarray(w["b_dec"], np.float64)
-    w["b_enc"] = (np.asarray(w["b_enc"], np.float64) + b_dec @ w["W_enc"]).astype(np.float32)
+    shift = np.asarray(w["b_dec"], np.float64) @ w["W_enc"]  # b_dec·W_enc, per latent
+    if cfg.get("architecture") == "gated":  # both paths: the magnitude one scaled by exp(r_mag)
+        w["b_gate"] = (np.asarray(w["b_gate"], np.float64) + shift).astype(np.float32)
+        magnitude = shift * np.exp(np.asarray(w["r_mag"], np.float64))
+        w["b_mag"] = (np.asarray(w["b_mag"], np.float64) + magnitude).astype(np.float32)
+        return w
+    w["b_enc"] = (np.asarray(w["b_enc"], np.float64) + shift).astype(np.float32)
     return w
+
+
+# SAELens's architecture names → saejax's (a "jumprelu" exported from batchtopk says so in
+# its metadata, see `_load_any`)
+SAELENS_ARCHITECTURES = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+}
 
 
 def load_sae(path: str) -> LoadedSAE:
@@ -212,11 +221,12 @@ def _load_any(path: str) -> LoadedSAE:
         with open(os.path.join(path, "cfg.json")) as f:
             cfg = json.load(f)
         w = load_file(os.path.join(path, "sae_weights.safetensors"))
-        arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(cfg["architecture"])
+        arch = SAELENS_ARCHITECTURES.get(cfg["architecture"])
         if arch is None:
             raise SaejaxError(f"SAELens architecture {cfg['architecture']!r} is not supported")
-        if arch == "jumprelu" and cfg.get("metadata", {}).get("saejax_architecture") == "batchtopk":
-            arch = "batchtopk"
+        trained_as = cfg.get("metadata", {}).get("saejax_architecture")
+        if arch == "jumprelu" and trained_as in ("batchtopk", "matryoshka_batchtopk"):
+            arch = trained_as
         spec = S.SAESpec(arch, int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k", 32)))
         w = saelens_input_convention(cfg, w, path)
         return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, cfg)

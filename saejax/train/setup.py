@@ -11,6 +11,7 @@ import numpy as np
 
 from saejax.config import MeshConfig, RunConfig, SAEConfig
 from saejax.core import sae as S
+from saejax.core.architectures import has_l1_penalty, matryoshka_prefixes
 from saejax.core.sharding import make_mesh
 from saejax.train import step as T
 from saejax.train.data import ArraySource, sample_rows, split_rows
@@ -29,12 +30,16 @@ def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
         cfg.jumprelu_bandwidth,
         cfg.dtype,
         cfg.topk_kernel,
+        matryoshka_prefixes(cfg.matryoshka_widths, cfg.d_sae)
+        if cfg.architecture == "matryoshka_batchtopk"
+        else (),
     )
 
 
 def resample_enabled(cfg: RunConfig) -> bool:
     enabled = cfg.train.resample.enabled
-    return cfg.sae.architecture in ("relu", "jumprelu") if enabled is None else enabled
+    default = has_l1_penalty(cfg.sae.architecture) or cfg.sae.architecture == "jumprelu"
+    return default if enabled is None else enabled
 
 
 def data_slices(cfg: RunConfig) -> int:

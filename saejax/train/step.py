@@ -19,6 +19,7 @@ import optax
 
 from saejax.config import SAEConfig, TrainConfig
 from saejax.core import sae as S
+from saejax.core.architectures import batch_selects, has_l1_penalty, revived_vectors
 
 TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
 DENSITY_EDGES = tuple(float(e) for e in np.linspace(-8.0, 0.0, 17))  # log10 firing frequency
@@ -57,6 +58,8 @@ class TrainState:
 # tie; the lower is kept, nearer the field's values for large dictionaries); relu uses the same
 # base with its L1 coefficient tuned on it; batchtopk and jumprelu share it untuned.
 AUTO_LR_BASE = {"topk": 5e-4, "batchtopk": 5e-4, "relu": 5e-4, "jumprelu": 5e-4}
+AUTO_LR_BASE["matryoshka_batchtopk"] = 5e-4  # batchtopk's, untuned
+AUTO_LR_BASE["gated"] = 5e-4  # relu's base, kept on gated's tuning toy (tests/core/test_gated.py)
 
 
 def auto_lr(sae_cfg: SAEConfig) -> float:
@@ -143,8 +146,9 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
     normalize = sae_cfg.normalize_decoder
 
     def sparsity_coefficient(step):
-        """relu's L1 and jumprelu's L0 weight, each warmed up linearly (0 steps: the first 5%)."""
-        if spec.architecture == "relu":
+        """The L1 weight (relu, gated) or L0 weight (jumprelu), warmed up linearly (0 steps:
+        the first 5%)."""
+        if has_l1_penalty(spec.architecture):
             coefficient, warmup = sae_cfg.l1_coefficient, sae_cfg.l1_warmup_steps
         elif spec.architecture == "jumprelu":
             coefficient, warmup = sae_cfg.l0_coefficient, sae_cfg.l0_warmup_steps
@@ -159,14 +163,14 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
         parts, fires, smallest, grads = S.loss_and_grads(
             state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient
         )
-        if spec.architecture == "batchtopk":
+        if batch_selects(spec.architecture):  # the threshold is a running statistic
             grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
         if normalize:
             grads = remove_parallel_grad(grads, state.params["W_dec"])
         parts["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = project_params(optax.apply_updates(state.params, updates), spec, normalize)
-        if spec.architecture == "batchtopk":
+        if batch_selects(spec.architecture):
             params = {**params, "threshold": _batchtopk_threshold(state, smallest)}
         fired = fires > 0
         n = jnp.int32(x.shape[0])
@@ -218,16 +222,16 @@ def summarize(state: TrainState, dead_tokens: int) -> tuple[dict, TrainState]:
 
 
 # ---- Anthropic's resampling of dead latents, on device ------------------------------
-def _reset_adam_moments(opt_state, dead):
-    """Zero Adam's first and second moments for exactly the dead latents' rows/columns."""
+def _reset_adam_moments(opt_state, dead, vectors=("b_enc",)):
+    """Zero Adam's first and second moments for exactly the dead latents' rows/columns
+    (`vectors`: the [d_sae] parameters revived with them, `revived_vectors`)."""
 
     def mask_moments(moments: dict) -> dict:
         return {
             **moments,
             "W_enc": jnp.where(dead[None, :], 0.0, moments["W_enc"]),
-            "b_enc": jnp.where(dead, 0.0, moments["b_enc"]),
             "W_dec": jnp.where(dead[:, None], 0.0, moments["W_dec"]),
-        }
+        } | {name: jnp.where(dead, 0.0, moments[name]) for name in vectors}
 
     def visit(node):
         if isinstance(node, optax.ScaleByAdamState):
@@ -246,7 +250,8 @@ def resample(
     """Revive dead latents from inputs sampled with probability proportional to squared loss.
 
     Dead latent i: W_dec[i] = unit(x), W_enc[:, i] = unit(x) * encoder_scale * mean live
-    encoder norm, b_enc[i] = 0, and its Adam moments zeroed. `pool` is raw input rows.
+    encoder norm, b_enc[i] = 0 (gated: b_gate, r_mag and b_mag), and its Adam moments zeroed.
+    `pool` is raw input rows.
     """
     x = pool.astype(jnp.float32) * state.input_scale
     params = state.params
@@ -271,12 +276,13 @@ def resample(
         "W_enc": jnp.where(
             dead[None, :], directions.T * (encoder_scale * live_norm), params["W_enc"]
         ),
-        "b_enc": jnp.where(dead, 0.0, params["b_enc"]),
     }
+    vectors = revived_vectors(spec.architecture)
+    new_params |= {name: jnp.where(dead, 0.0, params[name]) for name in vectors}
     n_dead = jnp.sum(dead, dtype=jnp.int32)
     return state.replace(
         params=new_params,
-        opt_state=_reset_adam_moments(state.opt_state, dead),
+        opt_state=_reset_adam_moments(state.opt_state, dead, vectors),
         rng=rng,
         tokens_since_fired=jnp.where(dead, 0, state.tokens_since_fired),
         resampled=state.resampled + n_dead,

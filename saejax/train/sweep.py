@@ -4,7 +4,7 @@ One loader reads and shuffles the data once per step and every member's compiled
 consumes the same batch, all in ONE compiled program (one dispatch per batch; XLA runs the
 members one after another with all cores each, where separately dispatched programs would
 fight over the CPU's thread pool). The data statistics (input scale, b_dec initialisation)
-are computed once. Members differ in d_sae and k (TopK family) or λ (relu). Each member is
+are computed once. Members differ in d_sae and k (TopK family) or λ (relu, gated). Each member is
 a normal run directory (config, metrics, checkpoints, eval, sae/) under OUT/, so `saejax
 eval`, `export`, `features`, `dashboard` work on each. Checkpoints are written for all
 members at the same steps; running the same command again resumes (or, at the final step,
@@ -49,13 +49,13 @@ def members_of(
     arch: str, d_saes: list[int], ks: list[int], l1s: list[float], lrs: list[float] = ()
 ) -> list[tuple[str, dict]]:
     """(member name, config values) for every combination of the sizes with k (TopK family)
-    or λ (relu), and with the learning rates when given."""
+    or λ (relu, gated), and with the learning rates when given."""
     if not d_saes:
         raise SaejaxError("--d-sae needs at least one size, e.g. --d-sae 1024,2048,4096")
     if ks and not selects_top_k(arch):
         raise SaejaxError(f"--k applies to topk and batchtopk, not {arch}")
     if l1s and not has_l1_penalty(arch):
-        raise SaejaxError(f"--l1 applies to relu, not {arch}")
+        raise SaejaxError(f"--l1 applies to relu and gated, not {arch}")
     if selects_top_k(arch) and ks:
         grid = [(f"d{d}_k{k}", {"sae.d_sae": d, "sae.k": k}) for d, k in product(d_saes, ks)]
     elif l1s:

@@ -36,6 +36,14 @@ def overrides(arch):
             "train.resample.steps=[40]",
             "sae.dead_tokens=256",
         ]
+    if arch == "gated":  # as relu: an L1 penalty, warmed up, and a resampling event
+        return common + [
+            "sae.architecture=gated",
+            "sae.l1_coefficient=20.0",
+            "sae.l1_warmup_steps=4",
+            "train.resample.steps=[40]",
+            "sae.dead_tokens=256",
+        ]
     return common + [f"sae.architecture={arch}", "sae.k=4", "sae.dead_tokens=1024"]
 
 

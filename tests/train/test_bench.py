@@ -51,7 +51,7 @@ def test_bench_json_line():
 
 def test_bench_bad_options():
     for args, message in [
-        (("--arch", "gated"), "unknown --arch"),
+        (("--arch", "transcoder"), "unknown --arch"),
         (("--d-sae", "12x"), "comma list"),
         (("--dtype", "float64"), "unknown --dtype"),
         (("--k", "500", "--d-sae", "64"), "--k 500"),

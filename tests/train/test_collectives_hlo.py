@@ -22,6 +22,8 @@ RUNS = {
     "topk": ["sae.architecture=topk"],  # the sparse kernels (the default)
     "topk_dense": ["sae.architecture=topk", "sae.topk_kernel=dense"],
     "batchtopk": ["sae.architecture=batchtopk"],
+    "gated": ["sae.architecture=gated"],
+    "matryoshka": ["sae.architecture=matryoshka_batchtopk", "sae.matryoshka_widths=[8,24]"],
 }
 
 SCRIPT = textwrap.dedent(
@@ -70,7 +72,7 @@ def test_latents_stay_split_in_the_compiled_step(compiled_steps, name):
             assert D_SAE not in dims, f"{name}: {c.describe()} carries a whole latent axis"
         assert c.op != "all-to-all", f"{name}: {c.describe()}"
         assert not c.loop, f"{name}: {c.describe()} runs an unknown number of times"
-    if name in ("topk", "topk_dense", "batchtopk"):  # AuxK is compiled in, and split too
+    if name in ("topk", "topk_dense", "batchtopk", "matryoshka"):  # AuxK compiled in, split too
         assert any(c.conditional for c in ops), name
 
 

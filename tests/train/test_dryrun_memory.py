@@ -29,7 +29,9 @@ def compiled_step_bytes(cfg, d_in: int) -> int:
     )
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize(
+    "arch", ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
+)
 @pytest.mark.parametrize("d_in, d_sae, batch", [(48, 1536, 384), (160, 640, 1024)])
 def test_estimate_is_within_15_percent_of_the_compiled_step(tmp_path, arch, d_in, d_sae, batch):
     cfg = small_config(
@@ -49,7 +51,7 @@ def test_estimate_is_within_15_percent_of_the_compiled_step(tmp_path, arch, d_in
     assert host["total"] == host["shuffle_groups"] + host["ready_batches"]
 
 
-@pytest.mark.parametrize("arch", ["relu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["relu", "batchtopk", "gated"])
 def test_bfloat16_compute_is_estimated_too(tmp_path, arch):
     sets = [f"sae.architecture={arch}", "sae.d_sae=1024", "sae.dtype=bfloat16"]
     cfg = small_config("x.npy", str(tmp_path), *sets, "train.batch_size=512")
