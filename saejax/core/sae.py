@@ -501,6 +501,7 @@ def gated_loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     parts = {
         "mse": sq / rows,
         "fvu": sq / jnp.maximum(total_variance(x), 1e-12),
+        "fvu_without_outliers": fvu_without_outliers(x, err),
         "l0": jnp.mean(jnp.sum(active, axis=-1)),
         "aux_loss": jnp.sum(jnp.square(x - x_gate)) / rows,
         "sparsity_loss": jnp.mean(gate @ dec_norms),

@@ -124,6 +124,12 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
     if s.architecture == "matryoshka_batchtopk":  # each inner prefix's reconstruction
         inner = len(matryoshka_prefixes(s.matryoshka_widths, s.d_sae)) - 1
         terms["matryoshka_prefix_sums_over_model"] = [recon] * inner
+        # XLA all-reduces each prefix's share of W_enc's gradient over "data" before adding
+        # them (seen in the compiled step's HLO)
+        encoder = ("f32", (d_in, latents))
+        terms["matryoshka_encoder_gradients_over_data"] = [
+            op("all-reduce", "data", encoder)
+        ] * inner
     if is_gated(s.architecture):  # the gate's own reconstruction, for the auxiliary loss
         terms["gate_reconstruction_over_model"] = [recon]
     # the k-th largest of each row over the shards: one count per row and bit (dense TopK,
