@@ -14,9 +14,10 @@ changed since is refused unless forced.
 
 A save that fails for want of space (orbax writes in the background, so the error surfaces at
 the next save or wait) is one SaejaxError naming the checkpoint kept. The unfinished save is
-a temporary folder, never taken for a checkpoint; the next run removes it (orbax's
-cleanup_tmp_directories: not at the failure, where orbax's writers may still be at work in it),
-and the same resume works once space is freed.
+a temporary folder, never taken for a checkpoint; the next run removes it before it starts
+(not at the failure, where orbax's writers may still be at work in it; and not by orbax's own
+background cleanup, which races a new save of the same step), and the same resume works once
+space is freed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +61,30 @@ class _QuietDiskFull(logging.Filter):
         return not (disk_full(error) or disk_full(ValueError(record.getMessage())))
 
 
-logging.getLogger("absl").addFilter(_QuietDiskFull())
+for _logger in ("absl", "asyncio"):  # asyncio: orbax's write tasks whose error went unread
+    logging.getLogger(_logger).addFilter(_QuietDiskFull())
+# ... and those of its write coroutines that a failed save never started, at exit
+warnings.filterwarnings(
+    "ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning
+)
+
+
+def _quiet_closed_loop(previous):
+    """When a background save fails, TensorStore's callbacks for its other writes reach the
+    asyncio loop orbax has already closed, and each prints a RuntimeError('Event loop is
+    closed') traceback as an unraisable exception, burying the one line the failure gets.
+    Those (and only those) are dropped."""
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
 
 class CheckpointDamaged(SaejaxError):
@@ -70,14 +96,24 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def remove_unfinished_saves(directory: str) -> None:
+    """Delete the temporary folders a killed or failed save left in `directory` (orbax names
+    them STEP.orbax-checkpoint-tmp*; a finished save renames its folder to STEP)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if ".orbax-checkpoint-tmp" in name and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2):
         self.directory = os.path.abspath(directory)
+        if jax.process_index() == 0:
+            remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
-            enable_async_checkpointing=True,
-            cleanup_tmp_directories=True,  # what a killed or failed save left behind
+            max_to_keep=keep, create=True, enable_async_checkpointing=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.failed = False  # a save failed for want of space (reported once)
