@@ -124,6 +124,12 @@ def _check_output_path(path: str) -> None:
 
 def _validate_cheap(cfg: ExtractConfig) -> None:
     """Checks that need no model: fail in a second, not after loading weights."""
+    check_request(cfg)
+    _check_output_path(cfg.out)
+
+
+def check_request(cfg: ExtractConfig) -> None:
+    """The request's own settings (no model, no output folder): one line for a bad one."""
     if cfg.dtype not in st.DTYPES:
         raise SaejaxError(f"unknown dtype '{cfg.dtype}'; choose one of {', '.join(st.DTYPES)}")
     if cfg.tokens <= 0:
@@ -142,7 +148,6 @@ def _validate_cheap(cfg: ExtractConfig) -> None:
             f"got {cfg.skip_positions}"
         )
     parse_hooks(cfg.hooks)
-    _check_output_path(cfg.out)
 
 
 def _identity(

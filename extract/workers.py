@@ -38,8 +38,7 @@ import time
 from dataclasses import asdict, replace
 
 from extract.corpus import open_corpus
-from extract.extractor import ExtractConfig, run_extract
-from extract.hooks import parse_hooks
+from extract.extractor import ExtractConfig, check_request, run_extract
 from extract.models import resolve_device, resolve_model_dtype
 from extract.packing import first_stored_position
 from saejax import store as st
@@ -199,26 +198,10 @@ def top_meta_lock(path: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _validate(cfg: ExtractConfig) -> None:
-    """What must hold before the top meta.json is written (the rest: run_extract)."""
-    if cfg.dtype not in st.DTYPES:
-        raise SaejaxError(f"unknown dtype '{cfg.dtype}'; choose one of {', '.join(st.DTYPES)}")
-    if cfg.tokens <= 0:
-        raise SaejaxError(f"--tokens must be positive, got {cfg.tokens}")
-    if cfg.context < 2:
-        raise SaejaxError(f"--context must be at least 2, got {cfg.context}")
-    if not 0 <= cfg.skip_positions < cfg.context:
-        raise SaejaxError(
-            f"--skip-positions must be at least 0 and less than --context {cfg.context}, "
-            f"got {cfg.skip_positions}"
-        )
-    parse_hooks(cfg.hooks)
-
-
 def join_store(cfg: ExtractConfig, workers: int) -> tuple[ExtractConfig, dict]:
     """cfg with its devices resolved, and the store's top meta.json once this worker's
     request is in it (written when it was not)."""
-    _validate(cfg)
+    check_request(cfg)  # what must hold before the top meta.json is written
     device = resolve_device(cfg.device)
     cfg = replace(cfg, device=device, model_dtype=resolve_model_dtype(cfg.model_dtype, device))
     request, per_context = request_identity(cfg), rows_per_context(cfg)
