@@ -45,7 +45,7 @@ from saejax.train.setup import (
     prepare,
     resample_enabled,
 )
-from saejax.train.watchdog import StepWatchdog, peer_lost
+from saejax.train.watchdog import CollectiveFailed, StepWatchdog, peer_lost
 
 
 @dataclass
@@ -128,7 +128,7 @@ def train(
     failed = False
     try:
         return _train(cfg, resume, max_steps, force, created)
-    except jax.errors.JaxRuntimeError as e:
+    except (jax.errors.JaxRuntimeError, CollectiveFailed) as e:
         if jax.process_count() > 1:  # a collective failed: a peer died (or was stopped)
             peer_lost(cfg.run_dir, lambda: last_checkpoint(cfg.run_dir), e)
         raise

@@ -44,6 +44,11 @@ def must_pace() -> bool:
     )
 
 
+class CollectiveFailed(RuntimeError):
+    """A host-side collective of the loop failed (a peer died during it): handled as a lost
+    peer, like a failed step (JAX raises those as JaxRuntimeError, these as ValueError)."""
+
+
 def stop_agreed(requested: bool, step: int, every: int) -> bool:
     """Whether to stop after `step` for a SIGINT/SIGTERM. One process stops at once; several
     agree at every `every`-th step (one small all-gather of the flags), so that all of them
@@ -55,7 +60,10 @@ def stop_agreed(requested: bool, step: int, every: int) -> bool:
         return False
     from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.int32(requested))
+    try:
+        flags = multihost_utils.process_allgather(np.int32(requested))
+    except Exception as e:  # noqa: BLE001 - any failure here is a lost peer
+        raise CollectiveFailed(str(e)) from e
     return bool(np.asarray(flags).any())
 
 
