@@ -231,3 +231,12 @@ def start_gcs_emulator(bucket: str):
     urllib.request.urlopen(make).close()
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
     return server
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on (bound once to port 0, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

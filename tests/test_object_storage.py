@@ -6,13 +6,12 @@ unreachable endpoint is one line and exit 2 within bounded retries."""
 
 import logging
 import os
-import socket
 import time
 
 import boto3
 import numpy as np
 import pytest
-from helpers import small_config, start_gcs_emulator
+from helpers import free_port, small_config, start_gcs_emulator
 from moto.server import ThreadedMotoServer
 
 from extract.extractor import ExtractConfig, run_extract
@@ -122,12 +121,6 @@ def test_training_from_a_bucket_equals_training_from_local_disk(stores, tmp_path
         params[name] = load_sae(run).params
     for key, value in params["local"].items():
         np.testing.assert_array_equal(np.asarray(params["gs"][key]), np.asarray(value))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def extract_argv(out, model, corpus):

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, small_config, superposition_data
+from helpers import REPO_ROOT, free_port, small_config, superposition_data
 from safetensors.numpy import load_file
 
 from saejax.train.run import train
@@ -38,12 +38,6 @@ TINY = [
     "log.progress=false",
     "sae.dead_tokens=2048",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
