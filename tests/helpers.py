@@ -44,24 +44,27 @@ def small_config(data_path: str, run_dir: str, *overrides: str):
 
 
 def make_store(path, rows, context=8):
-    """A store written through the same primitives the extractor uses."""
+    """A store written through the same primitives the extractor uses. `rows` is one array
+    (hook "h") or a dict {hook: array}, all with the same number of rows."""
     from saejax import store as st
 
-    n, d = rows.shape
+    hooks = rows if isinstance(rows, dict) else {"h": rows}
+    n = len(next(iter(hooks.values())))
     os.makedirs(path)
     meta = st.new_meta(
         "synthetic",
-        {"h": d},
+        {h: a.shape[1] for h, a in hooks.items()},
         "float32",
         context,
         16,
         n_tokens=n,
         vocab_size=100,
-        mean_norm={"h": float(np.linalg.norm(rows, axis=1).mean())},
+        mean_norm={h: float(np.linalg.norm(a, axis=1).mean()) for h, a in hooks.items()},
     )
     st.write_meta(path, meta)
     acts, tokens, doc = st.create_arrays(path, meta, n)
-    acts["h"][...].write(rows).result()
+    for h, a in hooks.items():
+        acts[h][...].write(a).result()
     tokens[...].write((np.arange(n) % 100).astype(np.int32)).result()
     doc[...].write(
         np.stack([np.arange(n) // context, np.arange(n) % context], 1).astype(np.int32)

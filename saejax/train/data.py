@@ -33,11 +33,22 @@ from saejax.store import ActivationStore, check_finite
 
 
 class ArraySource:
-    """Rows of a store hook or of a .npy file, behind one small interface."""
+    """Rows of a store hook or of a .npy file, behind one small interface.
 
-    def __init__(self, path: str, hook: str | None = None):
+    `also` names further hooks of the same store read at the same rows: each row is then the
+    hooks' activations side by side, `[d_in | width of also[0] | ...]` (`widths`), so the loader,
+    its shuffling and resume work unchanged and every hook's row i stays aligned with the
+    others' by construction. Transcoders read (input hook, target hook) this way and a
+    multi-hook sweep reads all its hooks in one pass; `split_columns` cuts a batch back apart.
+    """
+
+    def __init__(self, path: str, hook: str | None = None, also: tuple[str, ...] | list = ()):
         self.path = path
         if path.endswith(".npy"):
+            if also:
+                raise SaejaxError(
+                    f"{path} is a plain array with no hooks; several hooks need a store"
+                )
             if not os.path.isfile(path):
                 raise SaejaxError(f"data file not found: {path}")
             try:
@@ -52,30 +63,49 @@ class ArraySource:
             self.hook = None
             self.n_rows, self.d_in = self._array.shape
             self.meta = {"model": None, "hooks": [], "mean_norm": {}}
+            self.hooks = []
+            self.widths = [self.d_in]
         else:
             self.store = ActivationStore.open(path)
             self.hook = self.store.default_hook(hook)
+            self.hooks = [self.hook] + [self.store.default_hook(h) for h in also]
+            if len(set(self.hooks)) != len(self.hooks):
+                raise SaejaxError(f"hooks {self.hooks} name one hook twice")
             self.n_rows, self.d_in = len(self.store), self.store.d_in_of(self.hook)
+            self.widths = [self.store.d_in_of(h) for h in self.hooks]
             self.meta = self.store.meta
         if self.n_rows == 0:
             raise SaejaxError(f"{path} holds no rows (an empty store?)")
 
+    @property
+    def row_width(self) -> int:
+        """Columns of a row as read: d_in, or the sum of the hooks' widths."""
+        return sum(self.widths)
+
     def read(self, start: int, stop: int) -> np.ndarray:
-        if self.store is None:
-            return np.asarray(self._array[start:stop])
-        return self.store.read(start, stop, self.hook)
+        return self.read_async(start, stop)()
 
     def read_async(self, start: int, stop: int) -> Callable[[], np.ndarray]:
         if self.store is None:
             return lambda: np.asarray(self._array[start:stop])
-        future = self.store.read_async(start, stop, self.hook)
-        return future.result
+        futures = [self.store.read_async(start, stop, h) for h in self.hooks]
+        if len(futures) == 1:
+            return futures[0].result
+        return lambda: np.concatenate([f.result() for f in futures], axis=1)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The given rows (sorted indices), in the stored dtype."""
         if self.store is None:
             return np.asarray(self._array[rows])
-        return self.store.take(rows, self.hook)
+        parts = [self.store.take(rows, h) for h in self.hooks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def split_columns(rows, widths: list[int]) -> list:
+    """A multi-hook batch `[n, sum(widths)]` cut back into one array per hook (works on NumPy
+    and JAX arrays)."""
+    bounds = np.cumsum([0] + list(widths))
+    return [rows[:, int(lo) : int(hi)] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass
@@ -159,7 +189,8 @@ Piece = tuple[np.ndarray, np.ndarray]  # (a group's rows in read order, indices 
 
 
 class Loader:
-    """Iterates batches (float arrays [batch, d_in] in the stored dtype) from `start_batch`.
+    """Iterates batches (float arrays [batch, source.row_width] in the stored dtype) from
+    `start_batch`.
 
     With `n_slices` > 1 the training rows are cut into that many contiguous slices, each
     with its own shuffled stream, and a batch is the concatenation of batch/n_slices rows

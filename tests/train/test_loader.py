@@ -94,3 +94,42 @@ def test_a_nonfinite_row_stops_the_loader_with_its_number(tmp_path):
     loader = Loader(ArraySource(str(tmp_path / "bad.npy")), cfg, 100)
     with pytest.raises(SaejaxError, match="row 1234 of .* NaN or Inf"):
         take(loader, 40)
+
+
+def test_several_hooks_are_read_side_by_side_at_the_same_rows(tmp_path):
+    """A multi-hook source (transcoders, multi-hook sweeps) gives each row's hooks side by
+    side, so a batch cut apart by `split_columns` is each hook's batch of the same rows."""
+    from saejax.train.data import split_columns
+    from tests.helpers import make_store
+
+    n = 1200
+    ids = np.arange(n, dtype=np.float32)[:, None]
+    hooks = {"a": np.repeat(ids, 3, 1), "b": np.repeat(-ids, 5, 1), "c": np.repeat(ids * 2, 2, 1)}
+    path = str(tmp_path / "store")
+    make_store(path, hooks)
+    cfg = DataConfig(path=path, validation_tokens=100, block_rows=64, shuffle_blocks=4, seed=3)
+
+    source = ArraySource(path, "b", also=["c", "a"])
+    assert source.widths == [5, 2, 3] and source.row_width == 10 and source.d_in == 5
+    np.testing.assert_array_equal(
+        source.take(np.array([4, 9])),
+        np.concatenate(
+            [-ids[[4, 9]].repeat(5, 1), 2 * ids[[4, 9]].repeat(2, 1), ids[[4, 9]].repeat(3, 1)], 1
+        ),
+    )
+    alone = Loader(ArraySource(path, "b"), cfg, 128, start_batch=3)
+    together = Loader(source, cfg, 128, start_batch=3)
+    try:
+        for _ in range(12):  # past an epoch
+            b, c, a = split_columns(next(together), source.widths)
+            np.testing.assert_array_equal(b, next(alone))
+            np.testing.assert_array_equal(a[:, 0], -b[:, 0])
+            np.testing.assert_array_equal(c[:, 0], 2 * a[:, 0])
+    finally:
+        alone.close()
+        together.close()
+
+    with pytest.raises(SaejaxError, match="no hook 'z'"):
+        ArraySource(path, "a", also=["z"])
+    with pytest.raises(SaejaxError, match="twice"):
+        ArraySource(path, "a", also=["a"])
