@@ -124,6 +124,12 @@ def _sweep_arguments(p) -> None:
         "--lr", default="", help="comma list of learning rates, crossed with the other lists"
     )
     p.add_argument(
+        "--hooks",
+        default="",
+        help="comma list of the store's hooks, or `all`: one member per hook and setting, "
+        "every hook read in the same pass (crossed with the other lists)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -152,16 +158,18 @@ def _numbers(text: str, kind, flag: str) -> list:
 
 def _sweep(args) -> int:
     from saejax.config import load_config
-    from saejax.train.sweep import members_of, run_sweep
+    from saejax.train.sweep import members_of, run_sweep, sweep_hooks
     from saejax.train.sweep_table import write_table
 
     base = load_config(args.config, args.overrides)
+    names = [h.strip() for h in args.hooks.split(",") if h.strip()]
     grid = members_of(
         base.sae.architecture,
         _numbers(args.d_sae, int, "--d-sae"),
         _numbers(args.k, int, "--k"),
         _numbers(args.l1, float, "--l1"),
         _numbers(args.lr, float, "--lr"),
+        sweep_hooks(base.data.path, names) if args.hooks else [],
     )
     if args.ce:  # a device that is not there fails before the sweep trains
         from extract.models import resolve_device

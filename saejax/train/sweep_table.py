@@ -1,4 +1,5 @@
-"""The sweep's comparison: sweep.json, .csv and .md (a row per member: d_sae, k or λ, FVU,
+"""The sweep's comparison: sweep.json, .csv and .md (a row per member: its hook (the .md shows
+it when the members read more than one), d_sae, k or λ, FVU,
 explained variance, FVU without outlier rows, median relative error, L0, the fraction of
 latents silent on the held-out rows and the dense fraction, optionally CE loss recovered,
 the member's own step tokens/s and the sweep's wall time) and sweep.png (the FVU-L0
@@ -19,6 +20,7 @@ from saejax import io
 
 COLUMNS = (
     "name",
+    "hook",
     "architecture",
     "d_sae",
     "k",
@@ -75,8 +77,10 @@ def write_table(rows: list[dict], out: str) -> None:
     io.write_text(os.path.join(out, "sweep.csv"), buf.getvalue())
 
     has_ce = any(r.get("ce_loss_recovered") is not None for r in rows)
+    by_hook = len({r.get("hook") for r in rows}) > 1
     head = (
-        "| d_sae | k / λ | FVU | FVU w/o outliers | median rel. err | L0 | silent in eval | "
+        ("| hook " if by_hook else "")
+        + "| d_sae | k / λ | FVU | FVU w/o outliers | median rel. err | L0 | silent in eval | "
         + ("CE loss recovered | " if has_ce else "")
         + "tokens/s (alone) | run |"
     )
@@ -89,7 +93,8 @@ def write_table(rows: list[dict], out: str) -> None:
             else ("– | " if has_ce else "")
         )
         lines.append(
-            f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | "
+            (f"| {r.get('hook')} " if by_hook else "")
+            + f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | "
             f"{_num(r.get('fvu_without_outliers'), '.4f')} | "
             f"{_num(r.get('median_relative_error'), '.3f')} | {r['l0']:.1f} | "
             f"{r['dead_fraction']:.1%} | {ce}{r['tokens_per_s']:,.0f} | {r['run_dir']} |"
@@ -103,8 +108,8 @@ def write_table(rows: list[dict], out: str) -> None:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    """FVU against L0 (one line per d_sae across k or λ), dead fraction and throughput against
-    d_sae."""
+    """FVU against L0 (one line per hook and d_sae across k or λ), dead fraction and throughput
+    against d_sae (one line per hook and k or λ)."""
     try:
         import matplotlib
 
@@ -112,11 +117,16 @@ def _plot(rows: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    sizes = sorted({r["d_sae"] for r in rows})
+    hooks = sorted({r.get("hook") or "" for r in rows})
+    named = len(hooks) > 1  # lines are per hook too, and say which
+    sizes = sorted({(r.get("hook") or "", r["d_sae"]) for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
-    for d in sizes:
-        pts = sorted((r["l0"], r["fvu"]) for r in rows if r["d_sae"] == d)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"d_sae {d:,}")
+    for hook, d in sizes:
+        pts = sorted(
+            (r["l0"], r["fvu"]) for r in rows if (r.get("hook") or "", r["d_sae"]) == (hook, d)
+        )
+        label = (f"{hook} " if named else "") + f"d_sae {d:,}"
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     axes[0].set_xlabel("L0")
     axes[0].set_ylabel("FVU")
     axes[0].set_title("FVU-L0 frontier per size")
@@ -125,18 +135,22 @@ def _plot(rows: list[dict], path: str) -> None:
         (axes[1], "dead_fraction", "latents silent on held-out rows"),
         (axes[2], "tokens_per_s", "training tokens/s (step alone)"),
     ):
-        for knob in sorted({(r["k"], r["l1"]) for r in rows}, key=str):
-            pts = sorted((r["d_sae"], r[key]) for r in rows if (r["k"], r["l1"]) == knob)
-            label = (
-                f"k {knob[0]}"
-                if knob[0] is not None
-                else (f"λ {knob[1]:g}" if knob[1] is not None else None)
+        knobs = {(r.get("hook") or "", r["k"], r["l1"]) for r in rows}
+        for knob in sorted(knobs, key=str):
+            pts = sorted(
+                (r["d_sae"], r[key]) for r in rows if (r.get("hook") or "", r["k"], r["l1"]) == knob
             )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            label = (
+                f"k {knob[1]}"
+                if knob[1] is not None
+                else (f"λ {knob[2]:g}" if knob[2] is not None else "")
+            )
+            label = (f"{knob[0]} " if named else "") + label
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_sae")
         ax.set_title(title)
-        if len({(r["k"], r["l1"]) for r in rows}) > 1:
+        if len(knobs) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
     io.save_figure(fig, path)
