@@ -93,6 +93,8 @@ def test_three_hooks_read_once_per_block_and_members_equal_separate_runs(tmp_pat
         member = out / f"{hook}-d64_k4"
         config = yaml.safe_load((member / "config.yaml").read_text())
         assert config["data"]["hook"] == hook and config["sae"]["d_sae"] == 64
+        saved = json.loads((member / "sae" / "sae.json").read_text())
+        assert (saved["hook"], saved["spec"]["d_in"]) == (hook, d_in)
         alone = tmp_path / f"alone-{hook}"
         calls.clear()
         separate = train(
