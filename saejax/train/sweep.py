@@ -9,7 +9,9 @@ in the hook they read (`--hooks`): the loader then reads the hooks of a store si
 (`ArraySource(also=...)`, one read per hook per block, whatever the number of members), the
 whole row goes to the device in one transfer, and each member's step takes its hook's columns
 inside the compiled program (a slice there costs nothing on the host; cutting the batch on the
-host would mean one transfer per hook or a copy of each strided column block). Each member is
+host would mean one transfer per hook or a copy of each strided column block). Dead-latent
+resampling is therefore done here, on each member's columns of the recent batches, at the
+point of the step where the shared loop does it for a single run. Each member is
 a normal run directory (config, metrics, checkpoints, eval, sae/) under OUT/, so `saejax
 eval`, `export`, `features`, `dashboard` work on each. Checkpoints are written for all
 members at the same steps; running the same command again resumes (or, at the final step,
