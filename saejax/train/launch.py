@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from saejax.errors import SaejaxError
+from saejax.train.watchdog import catch_jax_abort
 
 ENV_PREFIX = "SAEJAX_"
 DEFAULT_INIT_TIMEOUT = 300  # seconds for every process to arrive (JAX's own default)
@@ -152,6 +153,7 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             _forget_client()  # nothing for JAX's exit handler to shut down (or complain about)
             timed_out = time.monotonic() - started >= launch.init_timeout - 1
             raise SaejaxError(_init_failure(launch, e, timed_out)) from None
+        catch_jax_abort()  # JAX's later aborts (a lost coordinator or peer): one line
     elif mode == "auto":
         try:
             jax.distributed.initialize(initialization_timeout=launch.init_timeout)

@@ -1,11 +1,15 @@
 """Launch settings come from the launch, never from config.yaml; the checks made at start;
 the step watchdog. All in this process (the multi-process runs are in test_multiprocess.py)."""
 
+import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO_ROOT
 
 from saejax.cli import main
 from saejax.config import load_config
@@ -132,3 +136,23 @@ def test_a_flag_fills_in_what_the_environment_leaves_out():
     env = {"SAEJAX_COORDINATOR": "h0:1234", "SAEJAX_NUM_PROCESSES": "4"}
     launch = resolve_launch(process_id=2, environ=env)
     assert (launch.coordinator, launch.num_processes, launch.process_id) == ("h0:1234", 4, 2)
+
+
+def test_a_jax_abort_becomes_one_line_and_exit_75():
+    """JAX aborts (SIGABRT) from a C++ thread when its coordination service fails (process 0
+    died, a missed heartbeat): the handler says one line and exits 75 instead."""
+    script = (
+        "import os, threading\n"
+        "from saejax.train import watchdog as W\n"
+        "W.catch_jax_abort()\n"
+        "W.when_jax_aborts(lambda: 'lost the coordinator; resume RUN')\n"
+        "t = threading.Thread(target=os.abort)\n"  # like JAX: not the main thread
+        "t.start(); t.join()\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 75, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("saejax: error:")]
+    assert lines == ["saejax: error: lost the coordinator; resume RUN"]

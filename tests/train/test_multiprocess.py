@@ -116,6 +116,15 @@ def errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("saejax: error:")]
 
 
+def wait_for_metrics(run_dir, process, lines):
+    """Until process 0 has logged `lines` lines of metrics (the run is training)."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + TIMEOUT
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= lines):
+        assert time.monotonic() < deadline and process.poll() is None, "the run did not start"
+        time.sleep(0.5)
+
+
 def weights(run_dir) -> dict:
     return load_file(os.path.join(run_dir, "sae", "sae_weights.safetensors"))
 
@@ -199,11 +208,7 @@ def test_a_killed_process_ends_its_peer_with_one_line_and_resume_finishes(
     sets = ["mesh.data=2", "train.log_every=4", "train.lr_schedule=constant"]
     args = run_args(data, run, *sets, "train.tokens=1000000", "mesh.step_timeout_min_seconds=30")
     p0, p1 = processes.start(2, args)
-    metrics = os.path.join(run, "metrics.jsonl")
-    deadline = time.monotonic() + TIMEOUT
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
-        assert time.monotonic() < deadline and p0.poll() is None, "the run did not start"
-        time.sleep(0.5)
+    wait_for_metrics(run, p0, 3)
     killed = time.monotonic()
     os.killpg(p1.pid, signal.SIGKILL)
     ((code, err),) = processes.wait([p0], timeout=150)
@@ -218,6 +223,20 @@ def test_a_killed_process_ends_its_peer_with_one_line_and_resume_finishes(
     assert all(code == 0 for code, _ in results), [e[-2000:] for _, e in results]
     one_process(data, str(tmp_path / "one"), *sets[1:], "data.slices=2", "train.tokens=16384")
     assert_same_sae(str(tmp_path / "one"), run)
+
+
+def test_a_killed_coordinator_ends_its_peer_with_one_line(data, tmp_path, processes):
+    """Process 0 hosts JAX's coordination service: its death made JAX abort the others with
+    a C++ std::bad_cast (issue 22); now one line with the resume command and exit 75."""
+    run = str(tmp_path / "run")
+    p0, p1 = processes.start(2, run_args(data, run, "mesh.data=2", "train.tokens=1000000"))
+    wait_for_metrics(run, p0, 2)
+    os.killpg(p0.pid, signal.SIGKILL)
+    ((code, err),) = processes.wait([p1], timeout=60)
+    assert code == 75, err[-3000:]
+    (line,) = errors(err)  # JAX's abort, or (when it comes first) the failed collective
+    assert "process 0 died" in line or "lost contact" in line, line
+    assert f"--resume {run}" in line, line
 
 
 def test_a_run_written_by_two_processes_resumes_on_one_and_on_four(data, tmp_path, processes):
@@ -282,11 +301,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(data, tmp_
     run = str(tmp_path / "run")
     args = run_args(data, run, "mesh.data=2", "train.tokens=1000000", "train.log_every=4")
     p0, p1 = processes.start(2, args)
-    metrics = os.path.join(run, "metrics.jsonl")
-    deadline = time.monotonic() + TIMEOUT
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
-        assert time.monotonic() < deadline and p0.poll() is None, "the run did not start"
-        time.sleep(0.5)
+    wait_for_metrics(run, p0, 2)
     os.kill(p1.pid, signal.SIGTERM)  # the other process hears nothing
     results = processes.wait([p0, p1], timeout=120)
     for code, err in results:
