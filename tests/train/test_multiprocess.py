@@ -228,9 +228,14 @@ def test_a_killed_process_ends_its_peer_with_one_line_and_resume_finishes(
 def test_a_killed_coordinator_ends_its_peer_with_one_line(data, tmp_path, processes):
     """Process 0 hosts JAX's coordination service: its death made JAX abort the others with
     a C++ std::bad_cast (issue 22); now one line with the resume command and exit 75."""
-    run = str(tmp_path / "run")
-    p0, p1 = processes.start(2, run_args(data, run, "mesh.data=2", "train.tokens=1000000"))
+    run, port = str(tmp_path / "run"), free_port()
+    args = run_args(data, run, "mesh.data=2", "train.tokens=1000000")
+    p0, p1 = processes.start(2, args, port=port)
     wait_for_metrics(run, p0, 2)
+    # a second process 1, started late: told so, and the run goes on
+    ((code, err),) = processes.wait(processes.start(2, args, ids=[1], port=port), timeout=60)
+    assert code == 2 and "--process-id 1 given twice" in errors(err)[0], err[-2000:]
+    assert p0.poll() is None and p1.poll() is None
     os.killpg(p0.pid, signal.SIGKILL)
     ((code, err),) = processes.wait([p1], timeout=60)
     assert code == 75, err[-3000:]
@@ -274,7 +279,8 @@ def test_processes_with_different_settings_exit_2_naming_the_key(data, tmp_path,
 
 def test_bad_launches_end_with_one_line(data, tmp_path, processes):
     """A missing process, a wrong count on process 0, a duplicated id and a taken port: each
-    ends within the initialization timeout (20 s here) with one line, never a hang."""
+    ends within the initialization timeout (20 s here) with one line, never a hang (saejax's
+    roll call names the duplicated id on every process)."""
     cases = {}
     args = run_args(data, str(tmp_path / "missing"), "mesh.data=2")
     cases["missing"] = processes.start(2, args, ids=[0])
@@ -283,6 +289,8 @@ def test_bad_launches_end_with_one_line(data, tmp_path, processes):
     cases["count"] = processes.start(3, args, ids=[0], port=port) + processes.start(
         2, args, ids=[1], port=port
     )
+    args = run_args(data, str(tmp_path / "duplicate"), "mesh.data=2")
+    cases["duplicate"] = processes.start(3, args, ids=[0, 1, 1])
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
@@ -295,6 +303,9 @@ def test_bad_launches_end_with_one_line(data, tmp_path, processes):
             assert code == 2, (name, err[-2000:])
             assert len(errors(err)) == 1, (name, err[-2000:])
     assert "in use" in errors(results["port"][0][1])[0]
+    for _, err in results["duplicate"]:  # JAX aborted them (std::bad_cast) or timed out
+        assert "two processes were started with --process-id 1" in errors(err)[0]
+    assert "1 of 2 did not report within 20 s" in errors(results["missing"][0][1])[0]
 
 
 def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(data, tmp_path, processes):
