@@ -22,6 +22,7 @@ Checks at start, each one line on every process that sees it:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -381,6 +382,39 @@ def _init_failure(launch: Launch, error: Exception, timed_out: bool = False) -> 
         f"{me} could not join the run at {launch.coordinator}: {why}; start every process "
         f"with the same coordinator and count and ids 0..{launch.num_processes - 1}"
     )
+
+
+FAILURE_BYTES = 1024  # of each process's line in the start agreement
+
+
+@contextlib.contextmanager
+def started_together():
+    """Every process runs the checks inside, then all of them agree (one all-gather of each
+    one's failure line, empty for none): a process that failed raises its own error, and its
+    peers raise its line (exit 2) instead of waiting for it in the next collective."""
+    try:
+        yield
+    except Exception as e:
+        _agree(_first(e) if isinstance(e, SaejaxError) else f"{type(e).__name__}: {_first(e)}")
+        raise
+    _agree("")
+
+
+def _agree(failure: str) -> None:
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.zeros(FAILURE_BYTES, np.uint8)
+    text = failure.encode(errors="replace")[:FAILURE_BYTES]
+    mine[: len(text)] = np.frombuffer(text, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine, tiled=False))
+    if failure:
+        return  # the caller raises its own error
+    for index, row in enumerate(every.reshape(jax.process_count(), FAILURE_BYTES)):
+        line = row.tobytes().rstrip(b"\0").decode(errors="replace")
+        if line:
+            raise SaejaxError(f"process {index} could not start the run: {line}")
 
 
 def config_fingerprint(flat: dict) -> np.ndarray:

@@ -54,7 +54,7 @@ class Processes:
     def __init__(self):
         self.procs = []
 
-    def start(self, n, args, devices=1, ids=None, count=None, port=None, extra=None):
+    def start(self, n, args, devices=1, ids=None, count=None, port=None, extra=None, cwd=None):
         port = port or free_port()
         env = dict(
             os.environ,
@@ -75,6 +75,7 @@ class Processes:
                 stderr=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
+                cwd=(cwd or {}).get(i),
             )
             self.procs.append(p)
             started.append(p)
@@ -275,6 +276,34 @@ def test_processes_with_different_settings_exit_2_naming_the_key(data, tmp_path,
         (line,) = errors(err)
         assert "train.lr" in line and "different settings" in line, line
     assert not os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_a_process_that_fails_its_checks_ends_its_peers_with_its_line(data, tmp_path, processes):
+    """Process 0's run lock taken, or a store one process cannot read: its peers waited in
+    the next collective (issue 22); now every process agrees at start, the peers exit 2 with
+    the failing process's line."""
+    from saejax.train.rundir import RunLock
+
+    locked = str(tmp_path / "locked")
+    with RunLock(locked):  # another job holds process 0's run directory
+        cases = {"lock": processes.start(2, run_args(data, locked, "mesh.data=2"))}
+        for name in "ab":
+            os.makedirs(tmp_path / name)
+        os.symlink(data, tmp_path / "a" / "acts.npy")  # "acts.npy" only where process 0 is
+        args = run_args("acts.npy", str(tmp_path / "run"), "mesh.data=2")
+        cwd = {0: str(tmp_path / "a"), 1: str(tmp_path / "b")}
+        cases["store"] = processes.start(2, args, cwd=cwd)
+        results = {name: processes.wait(procs, timeout=120) for name, procs in cases.items()}
+    failing = {"lock": 0, "store": 1}
+    for name, procs in results.items():
+        own = errors(procs[failing[name]][1])
+        for index, (code, err) in enumerate(procs):
+            assert code == 2, (name, err[-2000:])
+            (line,) = errors(err)
+            if index != failing[name]:
+                assert f"process {failing[name]} could not start the run" in line, line
+                assert line.endswith(own[0].removeprefix("saejax: error: ")), (line, own)
+    assert "in use by another saejax process" in errors(results["lock"][1][1])[0]
 
 
 def test_bad_launches_end_with_one_line(data, tmp_path, processes):
