@@ -267,74 +267,54 @@ def test_a_run_written_by_two_processes_resumes_on_one_and_on_four(data, tmp_pat
     assert_same_sae(str(tmp_path / "one"), four)
 
 
-def test_processes_with_different_settings_exit_2_naming_the_key(data, tmp_path, processes):
-    args = run_args(data, str(tmp_path / "run"), "mesh.data=2")
-    started = processes.start(2, args, extra={1: ["--set=train.lr=0.02"]})
-    results = processes.wait(started, timeout=120)
-    for code, err in results:
-        assert code == 2, err[-2000:]
-        (line,) = errors(err)
-        assert "train.lr" in line and "different settings" in line, line
-    assert not os.path.exists(tmp_path / "run" / "config.yaml")
-
-
-def test_a_process_that_fails_its_checks_ends_its_peers_with_its_line(data, tmp_path, processes):
-    """Process 0's run lock taken, or a store one process cannot read: its peers waited in
-    the next collective (issue 22); now every process agrees at start, the peers exit 2 with
-    the failing process's line."""
+def test_bad_launches_end_every_process_with_one_line(data, tmp_path, processes):
+    """Each bad launch ends every process that came within the initialization timeout with
+    one line and exit 2, never a hang. All cases run at once (their waits overlap)."""
     from saejax.train.rundir import RunLock
 
-    locked = str(tmp_path / "locked")
-    with RunLock(locked):  # another job holds process 0's run directory
-        cases = {"lock": processes.start(2, run_args(data, locked, "mesh.data=2"))}
-        for name in "ab":
-            os.makedirs(tmp_path / name)
-        os.symlink(data, tmp_path / "a" / "acts.npy")  # "acts.npy" only where process 0 is
-        args = run_args("acts.npy", str(tmp_path / "run"), "mesh.data=2")
-        cwd = {0: str(tmp_path / "a"), 1: str(tmp_path / "b")}
-        cases["store"] = processes.start(2, args, cwd=cwd)
-        results = {name: processes.wait(procs, timeout=120) for name, procs in cases.items()}
-    failing = {"lock": 0, "store": 1}
-    for name, procs in results.items():
-        own = errors(procs[failing[name]][1])
-        for index, (code, err) in enumerate(procs):
-            assert code == 2, (name, err[-2000:])
-            (line,) = errors(err)
-            if index != failing[name]:
-                assert f"process {failing[name]} could not start the run" in line, line
-                assert line.endswith(own[0].removeprefix("saejax: error: ")), (line, own)
-    assert "in use by another saejax process" in errors(results["lock"][1][1])[0]
+    def args(name, *sets, path=data):
+        return run_args(path, str(tmp_path / name), "mesh.data=2", *sets)
 
-
-def test_bad_launches_end_with_one_line(data, tmp_path, processes):
-    """A missing process, a wrong count on process 0, a duplicated id and a taken port: each
-    ends within the initialization timeout (20 s here) with one line, never a hang (saejax's
-    roll call names the duplicated id on every process)."""
-    cases = {}
-    args = run_args(data, str(tmp_path / "missing"), "mesh.data=2")
-    cases["missing"] = processes.start(2, args, ids=[0])
-    args = run_args(data, str(tmp_path / "count"), "mesh.data=2")
-    port = free_port()
-    cases["count"] = processes.start(3, args, ids=[0], port=port) + processes.start(
-        2, args, ids=[1], port=port
-    )
-    args = run_args(data, str(tmp_path / "duplicate"), "mesh.data=2")
-    cases["duplicate"] = processes.start(3, args, ids=[0, 1, 1])
-    with socket.socket() as taken:
+    cases = {
+        # a missing process (process 0 waits out its shorter timeout) and a wrong count
+        "missing": processes.start(2, args("missing"), ids=[0], extra={0: ["--init-timeout=8"]}),
+        "count": processes.start(2, args("count"), extra={0: ["--num-processes=3"]}),
+        # saejax's roll call names the duplicated id on every process (JAX aborted them
+        # with std::bad_cast, or they waited out the timeout: issue 22)
+        "duplicate": processes.start(3, args("duplicate"), ids=[0, 1, 1]),
+        # the config check names the key
+        "settings": processes.start(2, args("settings"), extra={1: ["--set=train.lr=0.02"]}),
+    }
+    for name in "ab":
+        os.makedirs(tmp_path / name)
+    os.symlink(data, tmp_path / "a" / "acts.npy")  # "acts.npy" only where process 0 runs
+    cwd = {0: str(tmp_path / "a"), 1: str(tmp_path / "b")}
+    cases["store"] = processes.start(2, args("store", path="acts.npy"), cwd=cwd)
+    with socket.socket() as taken, RunLock(str(tmp_path / "locked")):
+        # process 0's run lock held by another job
+        cases["lock"] = processes.start(2, args("locked"))
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = run_args(data, str(tmp_path / "port"), "mesh.data=2")
-        cases["port"] = processes.start(2, args, ids=[0], port=port)
+        cases["port"] = processes.start(2, args("port"), ids=[0], port=port)
         results = {name: processes.wait(procs, timeout=150) for name, procs in cases.items()}
+    lines = {}
     for name, procs in results.items():
         for code, err in procs:
             assert code == 2, (name, err[-2000:])
             assert len(errors(err)) == 1, (name, err[-2000:])
-    assert "in use" in errors(results["port"][0][1])[0]
-    for _, err in results["duplicate"]:  # JAX aborted them (std::bad_cast) or timed out
-        assert "two processes were started with --process-id 1" in errors(err)[0]
-    assert "1 of 2 did not report within 20 s" in errors(results["missing"][0][1])[0]
+        lines[name] = [errors(err)[0].removeprefix("saejax: error: ") for _, err in procs]
+    assert "1 of 2 did not report within 8 s" in lines["missing"][0]
+    assert all("--num-processes 2, process 0 with 3" in line for line in lines["count"])
+    assert all("two processes were started with --process-id 1" in x for x in lines["duplicate"])
+    assert all("train.lr" in x and "different settings" in x for x in lines["settings"])
+    assert not os.path.exists(tmp_path / "settings" / "config.yaml")
+    assert "in use" in lines["port"][0]
+    # a process that fails its own checks (a store it cannot read, the run lock taken) ends
+    # its peers with its line: they waited in the next collective before (issue 22)
+    assert lines["store"][0] == f"process 1 could not start the run: {lines['store'][1]}"
+    assert "in use by another saejax process" in lines["lock"][0]
+    assert lines["lock"][1] == f"process 0 could not start the run: {lines['lock'][0]}"
 
 
 def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(data, tmp_path, processes):
