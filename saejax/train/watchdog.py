@@ -42,7 +42,6 @@ import jax
 import numpy as np
 
 RESTART_EXIT = 75  # EX_TEMPFAIL: try again (resume); what an orchestrator restarts on
-PROCESS_0_GRACE = 10.0  # seconds process 0 (the coordinator) waits before ending
 _ABORT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
 _abort = {"line": None, "handler": None, "ending": False}
 
@@ -89,10 +88,8 @@ def exit_now(line: str, code: int = RESTART_EXIT) -> None:
     sys.stderr.flush()
     os.write(2, f"\nsaejax: error: {line}\n".encode(errors="replace"))  # one write: JAX's
     # C++ threads log to the same stream and must not split the line
-    if jax.process_count() > 1 and jax.process_index() == 0:
-        time.sleep(PROCESS_0_GRACE)  # its peers lose the coordinator when it ends: let their
-        # own watchdogs say their line first
-    os._exit(code)
+    os._exit(code)  # process 0 need not wait for its peers to speak first: losing it, they
+    # say their own line (catch_jax_abort)
 
 
 def peer_lost(run_dir: str, last_checkpoint, error: Exception) -> None:
