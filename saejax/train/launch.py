@@ -223,7 +223,9 @@ def _call_the_roll(launch: Launch) -> None:
             except TimeoutError:
                 continue
             try:
-                hello = json.loads(_read_line(conn, deadline).removeprefix(ROLL_CALL))
+                hello = json.loads(
+                    _read_line(conn, min(deadline, time.monotonic() + 10)).removeprefix(ROLL_CALL)
+                )
                 index, count, who = int(hello["id"]), int(hello["count"]), str(hello["who"])
             except (OSError, ValueError, KeyError, TypeError):
                 conn.close()  # not one of ours (a port scan, a health check)
