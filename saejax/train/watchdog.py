@@ -43,7 +43,7 @@ import numpy as np
 
 RESTART_EXIT = 75  # EX_TEMPFAIL: try again (resume); what an orchestrator restarts on
 _ABORT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
-_abort = {"line": None, "handler": None, "ending": False}
+_abort = {"line": None, "handler": None, "ending": False, "process": 0}
 
 
 def must_pace() -> bool:
@@ -118,7 +118,7 @@ def when_jax_aborts(line) -> None:
 
 def before_training_line() -> str:
     return (
-        f"process {jax.process_index()}: JAX's coordination service ended the run before "
+        f"process {_abort['process']}: JAX's coordination service ended the run before "
         "training began (a process died or was stopped, or a second process connected with "
         "a taken --process-id); start every process again"
     )
@@ -129,6 +129,7 @@ def catch_jax_abort() -> None:
     module doc). Installed once per process, after jax.distributed is initialized."""
     if _abort["handler"] is not None:
         return
+    _abort["process"] = jax.process_index()  # read now: the handler must not call into JAX
     libc = ctypes.CDLL(None, use_errno=True)
     libc.signal.restype = ctypes.c_void_p
     libc.signal.argtypes = (ctypes.c_int, _ABORT_HANDLER)
@@ -151,7 +152,7 @@ def _on_abort(signum) -> None:
 
 def lost_peer_line(run_dir: str, last_checkpoint) -> str:
     return (
-        f"process {jax.process_index()}: JAX's coordination service ended the run (process 0 "
+        f"process {_abort['process']}: JAX's coordination service ended the run (process 0 "
         f"died, or a peer stopped answering): {_kept(last_checkpoint)}; {resume_hint(run_dir)}"
     )
 
