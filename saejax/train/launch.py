@@ -12,13 +12,17 @@ Checks at start, each one line on every process that sees it:
 - a launch that names a coordinator but no count or id, or an id outside 0..count-1;
 - process 0's coordinator port already taken (checked before binding: JAX's server shares
   ports, so it would otherwise take over a running job's port and kill that job);
-- processes that do not all arrive within `init_timeout` seconds (a missing process, a
-  duplicated id, a count that differs between processes);
+- saejax's roll call, before JAX's own rendezvous (`roll_call`): process 0 listens on the
+  coordinator port and every other process reports its id and count, so two processes with
+  one id, a count that differs, or processes missing after `init_timeout` seconds end every
+  process that came with one line naming them (JAX would abort the duplicates with its own
+  C++ message, or wait out its timeout);
 - processes whose resolved configs differ (`check_same_config`): the differing keys, exit 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +35,7 @@ import jax
 import numpy as np
 
 from saejax.errors import SaejaxError
+from saejax.train.watchdog import catch_jax_abort
 
 ENV_PREFIX = "SAEJAX_"
 DEFAULT_INIT_TIMEOUT = 300  # seconds for every process to arrive (JAX's own default)
@@ -145,6 +150,7 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             check_port_free(launch.coordinator)
         # CPU processes talk over gloo; accelerators use their own collectives regardless
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        roll_call(launch)
         started = time.monotonic()
         try:
             _initialize(launch)
@@ -152,6 +158,7 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             _forget_client()  # nothing for JAX's exit handler to shut down (or complain about)
             timed_out = time.monotonic() - started >= launch.init_timeout - 1
             raise SaejaxError(_init_failure(launch, e, timed_out)) from None
+        catch_jax_abort()  # JAX's later aborts (a lost coordinator or peer): one line
     elif mode == "auto":
         try:
             jax.distributed.initialize(initialization_timeout=launch.init_timeout)
@@ -159,6 +166,148 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             raise SaejaxError(
                 f"mesh.distributed auto: JAX could not set up the processes ({_first(e)})"
             ) from None
+
+
+ROLL_CALL = b"saejax-roll-call"
+
+
+def roll_call(launch: Launch) -> None:
+    """Every process of the launch reports to process 0 on the coordinator port before JAX
+    binds it; process 0 answers "ok" once ids 1..n-1 have each come once with its count, or
+    names the problem to all of them. Raises that problem as one line on every process."""
+    if launch.process_id == 0:
+        _call_the_roll(launch)
+    else:
+        _answer_the_roll(launch)
+
+
+def _who() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _listen(port: int) -> socket.socket:
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("", port))
+
+
+def _read_line(conn: socket.socket, deadline: float) -> bytes:
+    """One line (at most 4 KiB) from `conn` before `deadline`; b"" when it closes first."""
+    data = b""
+    while b"\n" not in data and len(data) < 4096:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n")[0]
+
+
+def _call_the_roll(launch: Launch) -> None:
+    n, deadline = launch.num_processes, time.monotonic() + launch.init_timeout
+    present, answered, problem = {0: _who()}, [], None
+    server = _listen(int(launch.coordinator.rpartition(":")[2]))
+    try:
+        while problem is None and len(present) < n:
+            if time.monotonic() >= deadline:
+                missing = ", ".join(str(i) for i in range(n) if i not in present)
+                problem = (
+                    f"process(es) {missing} of {n} did not report within "
+                    f"{launch.init_timeout} s (not started, or started with another "
+                    "--coordinator)"
+                )
+                break
+            server.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            try:
+                hello = json.loads(
+                    _read_line(conn, min(deadline, time.monotonic() + 10)).removeprefix(ROLL_CALL)
+                )
+                index, count, who = int(hello["id"]), int(hello["count"]), str(hello["who"])
+            except (OSError, ValueError, KeyError, TypeError):
+                conn.close()  # not one of ours (a port scan, a health check)
+                continue
+            answered.append(conn)
+            if count != n:
+                problem = (
+                    f"process {index} ({who}) was started with --num-processes {count}, "
+                    f"process 0 with {n}"
+                )
+            elif index in present:
+                problem = (
+                    f"two processes were started with --process-id {index} "
+                    f"({present[index]} and {who})"
+                )
+            else:
+                present[index] = who
+        verdict = b" ok" if problem is None else b" error " + problem.encode()
+        for conn in answered:
+            _answer(conn, ROLL_CALL + verdict + b"\n")
+    finally:
+        server.close()
+    if problem is not None:
+        raise SaejaxError(_roll_call_failure(launch, problem))
+
+
+def _answer(conn: socket.socket, verdict: bytes) -> None:
+    """Send the verdict, then wait (briefly) for the other side to close first: the closed
+    connection's TIME_WAIT stays on its host, not on the coordinator port."""
+    try:
+        conn.settimeout(2.0)
+        conn.sendall(verdict)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _answer_the_roll(launch: Launch) -> None:
+    host, _, port = launch.coordinator.rpartition(":")
+    deadline = time.monotonic() + launch.init_timeout
+    hello = json.dumps({"id": launch.process_id, "count": launch.num_processes, "who": _who()})
+    while True:
+        try:
+            conn = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise SaejaxError(_init_failure(launch, e, timed_out=False)) from None
+            time.sleep(0.25)
+    with conn:
+        try:
+            conn.sendall(ROLL_CALL + hello.encode() + b"\n")
+            reply = _read_line(conn, deadline + 5)
+        except OSError:
+            reply = b""
+    if reply == ROLL_CALL + b" ok":
+        return
+    if reply.startswith(ROLL_CALL + b" error "):
+        problem = reply.removeprefix(ROLL_CALL + b" error ").decode(errors="replace")
+    elif reply:
+        problem = (
+            "the coordinator is already running a run with all its processes (was this "
+            f"--process-id {launch.process_id} given twice, or this process started again?)"
+        )
+    else:
+        problem = (
+            "process 0 closed the connection without an answer (it ended, or its run started "
+            f"without this process: was --process-id {launch.process_id} given twice?)"
+        )
+    raise SaejaxError(_roll_call_failure(launch, problem))
+
+
+def _roll_call_failure(launch: Launch, problem: str) -> str:
+    return (
+        f"process {launch.process_id} of {launch.num_processes} could not join the run at "
+        f"{launch.coordinator}: {problem}; start every process with the same coordinator and "
+        f"count and ids 0..{launch.num_processes - 1}"
+    )
 
 
 def _on_service_error(status) -> None:
@@ -235,6 +384,39 @@ def _init_failure(launch: Launch, error: Exception, timed_out: bool = False) -> 
         f"{me} could not join the run at {launch.coordinator}: {why}; start every process "
         f"with the same coordinator and count and ids 0..{launch.num_processes - 1}"
     )
+
+
+FAILURE_BYTES = 1024  # of each process's line in the start agreement
+
+
+@contextlib.contextmanager
+def started_together():
+    """Every process runs the checks inside, then all of them agree (one all-gather of each
+    one's failure line, empty for none): a process that failed raises its own error, and its
+    peers raise its line (exit 2) instead of waiting for it in the next collective."""
+    try:
+        yield
+    except Exception as e:
+        _agree(_first(e) if isinstance(e, SaejaxError) else f"{type(e).__name__}: {_first(e)}")
+        raise
+    _agree("")
+
+
+def _agree(failure: str) -> None:
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.zeros(FAILURE_BYTES, np.uint8)
+    text = failure.encode(errors="replace")[:FAILURE_BYTES]
+    mine[: len(text)] = np.frombuffer(text, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine, tiled=False))
+    if failure:
+        return  # the caller raises its own error
+    for index, row in enumerate(every.reshape(jax.process_count(), FAILURE_BYTES)):
+        line = row.tobytes().rstrip(b"\0").decode(errors="replace")
+        if line:
+            raise SaejaxError(f"process {index} could not start the run: {line}")
 
 
 def config_fingerprint(flat: dict) -> np.ndarray:

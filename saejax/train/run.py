@@ -27,7 +27,7 @@ from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.checkpoint import Checkpointer, data_identity
 from saejax.train.data import ArraySource, Loader, split_rows, validation_rows
-from saejax.train.launch import Launch, check_same_config, flat_config
+from saejax.train.launch import Launch, check_same_config, flat_config, started_together
 from saejax.train.loop import Member, finish, refill_batches, run_loop
 from saejax.train.metrics import MetricsLogger
 from saejax.train.rundir import (
@@ -117,14 +117,15 @@ def train(
     is_main = jax.process_index() == 0
     created = Created()
     lock = RunLock(cfg.run_dir, created) if is_main else None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except BaseException:  # held by another process: leave no folder we created
-            created.remove_empty()
-            raise
-    else:
-        os.makedirs(cfg.run_dir, exist_ok=True)
+    with started_together():  # a process failing here ends its peers with its line
+        if lock is not None:
+            try:
+                lock.acquire()
+            except BaseException:  # held by another process: leave no folder we created
+                created.remove_empty()
+                raise
+        else:
+            os.makedirs(cfg.run_dir, exist_ok=True)
     failed = False
     try:
         return _train(cfg, resume, max_steps, force, created)
@@ -147,26 +148,24 @@ def train(
 def _train(
     cfg: RunConfig, resume: bool, max_steps: int | None, force: bool, created: Created
 ) -> TrainResult:
-    mesh = mesh_for(cfg.mesh)
-    n_procs, proc = jax.process_count(), jax.process_index()
-    n_slices = data_slices(cfg)
-    if n_slices % n_procs:
-        raise SaejaxError(
-            f"{n_procs} processes need data.slices ({n_slices}) to be a multiple of {n_procs}"
-        )
-    is_main = proc == 0
-    source = ArraySource(cfg.data.path, cfg.data.hook)
-    if cfg.sae.d_in and cfg.sae.d_in != source.d_in:
-        raise SaejaxError(
-            f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has d_in {source.d_in}"
-        )
-    held_out_note = _check_held_out(source, cfg)
-    _check_run_dir(cfg, resume)
-    changes = check_resume_config(load_run_config(cfg.run_dir), cfg, force) if resume else {}
-    if n_procs > 1:  # nobody writes into the run directory before everyone has checked it
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("saejax: run directory checked")
+    # nobody writes into the run directory before every process has passed its checks
+    with started_together():
+        mesh = mesh_for(cfg.mesh)
+        n_procs, proc = jax.process_count(), jax.process_index()
+        n_slices = data_slices(cfg)
+        if n_slices % n_procs:
+            raise SaejaxError(
+                f"{n_procs} processes need data.slices ({n_slices}) to be a multiple of {n_procs}"
+            )
+        is_main = proc == 0
+        source = ArraySource(cfg.data.path, cfg.data.hook)
+        if cfg.sae.d_in and cfg.sae.d_in != source.d_in:
+            raise SaejaxError(
+                f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has d_in {source.d_in}"
+            )
+        held_out_note = _check_held_out(source, cfg)
+        _check_run_dir(cfg, resume)
+        changes = check_resume_config(load_run_config(cfg.run_dir), cfg, force) if resume else {}
     spec, tx, state, total_steps = prepare(cfg, source)
     shardings = SH.state_shardings(state, mesh)
     state = SH.place(state, shardings)

@@ -16,10 +16,19 @@ median (`factor` x median, at least `min_seconds`), or a SIGTERM the run does no
 within `min_seconds`, ends the process with one line naming the step, the last checkpoint
 and the resume command, and exit status `RESTART_EXIT` (75, EX_TEMPFAIL) that an
 orchestrator can restart on. Every process runs its own watchdog, so all of them end.
+
+JAX's aborts. When JAX's coordination service reports a fatal error (process 0, which hosts
+it, has died; a peer missed its heartbeats, e.g. while waiting in a checkpoint's barrier; a
+second process connected with a taken id), its client calls the error callback from a C++
+thread, which cannot hand the status to Python (std::bad_cast) and aborts the process.
+`catch_jax_abort` puts a SIGABRT handler in front of that abort: one line naming what is known
+(`when_jax_aborts` sets it: before training, after a checkpoint) and exit 75 instead of a core
+dump. JAX's own error lines and the C++ runtime's "terminate called" line come first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -33,7 +42,8 @@ import jax
 import numpy as np
 
 RESTART_EXIT = 75  # EX_TEMPFAIL: try again (resume); what an orchestrator restarts on
-PROCESS_0_GRACE = 10.0  # seconds process 0 (the coordinator) waits before ending
+_ABORT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
+_abort = {"line": None, "handler": None, "ending": False, "process": 0}
 
 
 def must_pace() -> bool:
@@ -74,11 +84,12 @@ def resume_hint(run_dir: str) -> str:
 def exit_now(line: str, code: int = RESTART_EXIT) -> None:
     """Print one line and end the process at once: a thread stuck in a collective cannot be
     unwound, and JAX's shutdown barrier would wait for the lost peer (then abort)."""
-    print(f"\nsaejax: error: {line}", file=sys.stderr, flush=True)
-    if jax.process_count() > 1 and jax.process_index() == 0:
-        time.sleep(PROCESS_0_GRACE)  # its peers lose the coordinator when it ends: let their
-        # own watchdogs say their line first
-    os._exit(code)
+    _abort["ending"] = True  # a JAX abort while this process ends adds no second line
+    sys.stderr.flush()
+    os.write(2, f"\nsaejax: error: {line}\n".encode(errors="replace"))  # one write: JAX's
+    # C++ threads log to the same stream and must not split the line
+    os._exit(code)  # process 0 need not wait for its peers to speak first: losing it, they
+    # say their own line (catch_jax_abort)
 
 
 def peer_lost(run_dir: str, last_checkpoint, error: Exception) -> None:
@@ -100,6 +111,52 @@ def _kept(last_checkpoint) -> str:
     return f"the last checkpoint is step {step}" if step is not None else "no checkpoint yet"
 
 
+def when_jax_aborts(line) -> None:
+    """What `catch_jax_abort`'s handler says: `line()` is called when JAX aborts."""
+    _abort["line"] = line
+
+
+def before_training_line() -> str:
+    return (
+        f"process {_abort['process']}: JAX's coordination service ended the run before "
+        "training began (a process died or was stopped, or a second process connected with "
+        "a taken --process-id); start every process again"
+    )
+
+
+def catch_jax_abort() -> None:
+    """Turn JAX's abort on a fatal coordination error into one line and exit 75 (see the
+    module doc). Installed once per process, after jax.distributed is initialized."""
+    if _abort["handler"] is not None:
+        return
+    _abort["process"] = jax.process_index()  # read now: the handler must not call into JAX
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = (ctypes.c_int, _ABORT_HANDLER)
+    _abort["handler"] = _ABORT_HANDLER(_on_abort)  # kept: the C side holds only a pointer
+    if _abort["line"] is None:
+        when_jax_aborts(before_training_line)
+    libc.signal(signal.SIGABRT, _abort["handler"])
+
+
+def _on_abort(signum) -> None:
+    """Runs in the aborting C++ thread. Nothing here may raise: the process ends either way."""
+    try:
+        if not _abort["ending"]:
+            _abort["ending"] = True
+            text = f"\nsaejax: error: {_abort['line']()}\n"
+            os.write(2, text.encode(errors="replace"))
+    finally:
+        os._exit(RESTART_EXIT)
+
+
+def lost_peer_line(run_dir: str, last_checkpoint) -> str:
+    return (
+        f"process {_abort['process']}: JAX's coordination service ended the run (process 0 "
+        f"died, or a peer stopped answering): {_kept(last_checkpoint)}; {resume_hint(run_dir)}"
+    )
+
+
 class StepWatchdog:
     """`beat(step)` after each step; a background thread ends the process when the next
     beat is overdue, or when a SIGINT/SIGTERM is not acted on in time.
@@ -118,6 +175,7 @@ class StepWatchdog:
         self._previous_fd = None
 
     def __enter__(self):
+        when_jax_aborts(lambda: lost_peer_line(self.run_dir, self.last_checkpoint))
         self._watch_signals()
         self._thread = threading.Thread(target=self._run, name="saejax-watchdog", daemon=True)
         self._thread.start()

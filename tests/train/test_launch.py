@@ -1,22 +1,29 @@
 """Launch settings come from the launch, never from config.yaml; the checks made at start;
 the step watchdog. All in this process (the multi-process runs are in test_multiprocess.py)."""
 
+import os
 import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO_ROOT, free_port
 
 from saejax.cli import main
 from saejax.config import load_config
 from saejax.errors import SaejaxError
 from saejax.train import watchdog as W
 from saejax.train.launch import (
+    Launch,
     check_port_free,
     config_fingerprint,
     differing_keys,
     flat_config,
     resolve_launch,
+    roll_call,
 )
 
 
@@ -132,3 +139,53 @@ def test_a_flag_fills_in_what_the_environment_leaves_out():
     env = {"SAEJAX_COORDINATOR": "h0:1234", "SAEJAX_NUM_PROCESSES": "4"}
     launch = resolve_launch(process_id=2, environ=env)
     assert (launch.coordinator, launch.num_processes, launch.process_id) == ("h0:1234", 4, 2)
+
+
+def test_a_jax_abort_becomes_one_line_and_exit_75():
+    """JAX aborts (SIGABRT) from a C++ thread when its coordination service fails (process 0
+    died, a missed heartbeat): the handler says one line and exits 75 instead."""
+    script = (
+        "import os, threading\n"
+        "from saejax.train import watchdog as W\n"
+        "W.catch_jax_abort()\n"
+        "W.when_jax_aborts(lambda: 'lost the coordinator; resume RUN')\n"
+        "t = threading.Thread(target=os.abort)\n"  # like JAX: not the main thread
+        "t.start(); t.join()\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 75, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("saejax: error:")]
+    assert lines == ["saejax: error: lost the coordinator; resume RUN"]
+
+
+def roll(ids, counts):
+    """What each process of a launch hears from the roll call: "ok" or its error line."""
+    port, heard = free_port(), {}
+
+    def one(slot, launch):
+        try:
+            roll_call(launch)
+            heard[slot] = "ok"
+        except SaejaxError as e:
+            heard[slot] = str(e)
+
+    threads = [
+        threading.Thread(target=one, args=(slot, Launch(f"localhost:{port}", n, i, 10)))
+        for slot, (i, n) in enumerate(zip(ids, counts))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return [heard.get(slot, "hung") for slot in range(len(ids))]
+
+
+def test_the_roll_call_lets_a_whole_launch_through_and_names_what_is_wrong():
+    assert roll([0, 1, 2], [3, 3, 3]) == ["ok", "ok", "ok"]
+    for line in roll([0, 1, 1], [3, 3, 3]):
+        assert "two processes were started with --process-id 1" in line, line
+    for line in roll([0, 1], [2, 3]):
+        assert "process 1 (" in line and "--num-processes 3, process 0 with 2" in line, line

@@ -54,7 +54,7 @@ class Processes:
     def __init__(self):
         self.procs = []
 
-    def start(self, n, args, devices=1, ids=None, count=None, port=None, extra=None):
+    def start(self, n, args, devices=1, ids=None, count=None, port=None, extra=None, cwd=None):
         port = port or free_port()
         env = dict(
             os.environ,
@@ -75,6 +75,7 @@ class Processes:
                 stderr=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
+                cwd=(cwd or {}).get(i),
             )
             self.procs.append(p)
             started.append(p)
@@ -114,6 +115,15 @@ def run_args(data, run_dir, *sets):
 
 def errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("saejax: error:")]
+
+
+def wait_for_metrics(run_dir, process, lines):
+    """Until process 0 has logged `lines` lines of metrics (the run is training)."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + TIMEOUT
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= lines):
+        assert time.monotonic() < deadline and process.poll() is None, "the run did not start"
+        time.sleep(0.5)
 
 
 def weights(run_dir) -> dict:
@@ -199,11 +209,7 @@ def test_a_killed_process_ends_its_peer_with_one_line_and_resume_finishes(
     sets = ["mesh.data=2", "train.log_every=4", "train.lr_schedule=constant"]
     args = run_args(data, run, *sets, "train.tokens=1000000", "mesh.step_timeout_min_seconds=30")
     p0, p1 = processes.start(2, args)
-    metrics = os.path.join(run, "metrics.jsonl")
-    deadline = time.monotonic() + TIMEOUT
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
-        assert time.monotonic() < deadline and p0.poll() is None, "the run did not start"
-        time.sleep(0.5)
+    wait_for_metrics(run, p0, 3)
     killed = time.monotonic()
     os.killpg(p1.pid, signal.SIGKILL)
     ((code, err),) = processes.wait([p0], timeout=150)
@@ -218,6 +224,25 @@ def test_a_killed_process_ends_its_peer_with_one_line_and_resume_finishes(
     assert all(code == 0 for code, _ in results), [e[-2000:] for _, e in results]
     one_process(data, str(tmp_path / "one"), *sets[1:], "data.slices=2", "train.tokens=16384")
     assert_same_sae(str(tmp_path / "one"), run)
+
+
+def test_a_killed_coordinator_ends_its_peer_with_one_line(data, tmp_path, processes):
+    """Process 0 hosts JAX's coordination service: its death made JAX abort the others with
+    a C++ std::bad_cast (issue 22); now one line with the resume command and exit 75."""
+    run, port = str(tmp_path / "run"), free_port()
+    args = run_args(data, run, "mesh.data=2", "train.tokens=1000000")
+    p0, p1 = processes.start(2, args, port=port)
+    wait_for_metrics(run, p0, 2)
+    # a second process 1, started late: told so, and the run goes on
+    ((code, err),) = processes.wait(processes.start(2, args, ids=[1], port=port), timeout=60)
+    assert code == 2 and "--process-id 1 given twice" in errors(err)[0], err[-2000:]
+    assert p0.poll() is None and p1.poll() is None
+    os.killpg(p0.pid, signal.SIGKILL)
+    ((code, err),) = processes.wait([p1], timeout=60)
+    assert code == 75, err[-3000:]
+    (line,) = errors(err)  # JAX's abort, or (when it comes first) the failed collective
+    assert "process 0 died" in line or "lost contact" in line, line
+    assert f"--resume {run}" in line, line
 
 
 def test_a_run_written_by_two_processes_resumes_on_one_and_on_four(data, tmp_path, processes):
@@ -242,51 +267,61 @@ def test_a_run_written_by_two_processes_resumes_on_one_and_on_four(data, tmp_pat
     assert_same_sae(str(tmp_path / "one"), four)
 
 
-def test_processes_with_different_settings_exit_2_naming_the_key(data, tmp_path, processes):
-    args = run_args(data, str(tmp_path / "run"), "mesh.data=2")
-    started = processes.start(2, args, extra={1: ["--set=train.lr=0.02"]})
-    results = processes.wait(started, timeout=120)
-    for code, err in results:
-        assert code == 2, err[-2000:]
-        (line,) = errors(err)
-        assert "train.lr" in line and "different settings" in line, line
-    assert not os.path.exists(tmp_path / "run" / "config.yaml")
+def test_bad_launches_end_every_process_with_one_line(data, tmp_path, processes):
+    """Each bad launch ends every process that came within the initialization timeout with
+    one line and exit 2, never a hang. All cases run at once (their waits overlap)."""
+    from saejax.train.rundir import RunLock
 
+    def args(name, *sets, path=data):
+        return run_args(path, str(tmp_path / name), "mesh.data=2", *sets)
 
-def test_bad_launches_end_with_one_line(data, tmp_path, processes):
-    """A missing process, a wrong count on process 0, a duplicated id and a taken port: each
-    ends within the initialization timeout (20 s here) with one line, never a hang."""
-    cases = {}
-    args = run_args(data, str(tmp_path / "missing"), "mesh.data=2")
-    cases["missing"] = processes.start(2, args, ids=[0])
-    args = run_args(data, str(tmp_path / "count"), "mesh.data=2")
-    port = free_port()
-    cases["count"] = processes.start(3, args, ids=[0], port=port) + processes.start(
-        2, args, ids=[1], port=port
-    )
-    with socket.socket() as taken:
+    cases = {
+        # a missing process (process 0 waits out its shorter timeout) and a wrong count
+        "missing": processes.start(2, args("missing"), ids=[0], extra={0: ["--init-timeout=8"]}),
+        "count": processes.start(2, args("count"), extra={0: ["--num-processes=3"]}),
+        # saejax's roll call names the duplicated id on every process (JAX aborted them
+        # with std::bad_cast, or they waited out the timeout: issue 22)
+        "duplicate": processes.start(3, args("duplicate"), ids=[0, 1, 1]),
+        # the config check names the key
+        "settings": processes.start(2, args("settings"), extra={1: ["--set=train.lr=0.02"]}),
+    }
+    for name in "ab":
+        os.makedirs(tmp_path / name)
+    os.symlink(data, tmp_path / "a" / "acts.npy")  # "acts.npy" only where process 0 runs
+    cwd = {0: str(tmp_path / "a"), 1: str(tmp_path / "b")}
+    cases["store"] = processes.start(2, args("store", path="acts.npy"), cwd=cwd)
+    with socket.socket() as taken, RunLock(str(tmp_path / "locked")):
+        # process 0's run lock held by another job
+        cases["lock"] = processes.start(2, args("locked"))
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = run_args(data, str(tmp_path / "port"), "mesh.data=2")
-        cases["port"] = processes.start(2, args, ids=[0], port=port)
+        cases["port"] = processes.start(2, args("port"), ids=[0], port=port)
         results = {name: processes.wait(procs, timeout=150) for name, procs in cases.items()}
+    lines = {}
     for name, procs in results.items():
         for code, err in procs:
             assert code == 2, (name, err[-2000:])
             assert len(errors(err)) == 1, (name, err[-2000:])
-    assert "in use" in errors(results["port"][0][1])[0]
+        lines[name] = [errors(err)[0].removeprefix("saejax: error: ") for _, err in procs]
+    assert "1 of 2 did not report within 8 s" in lines["missing"][0]
+    assert all("--num-processes 2, process 0 with 3" in line for line in lines["count"])
+    assert all("two processes were started with --process-id 1" in x for x in lines["duplicate"])
+    assert all("train.lr" in x and "different settings" in x for x in lines["settings"])
+    assert not os.path.exists(tmp_path / "settings" / "config.yaml")
+    assert "in use" in lines["port"][0]
+    # a process that fails its own checks (a store it cannot read, the run lock taken) ends
+    # its peers with its line: they waited in the next collective before (issue 22)
+    assert lines["store"][0] == f"process 1 could not start the run: {lines['store'][1]}"
+    assert "in use by another saejax process" in lines["lock"][0]
+    assert lines["lock"][1] == f"process 0 could not start the run: {lines['lock'][0]}"
 
 
 def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(data, tmp_path, processes):
     run = str(tmp_path / "run")
     args = run_args(data, run, "mesh.data=2", "train.tokens=1000000", "train.log_every=4")
     p0, p1 = processes.start(2, args)
-    metrics = os.path.join(run, "metrics.jsonl")
-    deadline = time.monotonic() + TIMEOUT
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
-        assert time.monotonic() < deadline and p0.poll() is None, "the run did not start"
-        time.sleep(0.5)
+    wait_for_metrics(run, p0, 2)
     os.kill(p1.pid, signal.SIGTERM)  # the other process hears nothing
     results = processes.wait([p0, p1], timeout=120)
     for code, err in results:
