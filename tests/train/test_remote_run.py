@@ -26,8 +26,9 @@ from helpers import (
 
 from saejax.cli import main
 from saejax.config import dump_yaml
+from saejax.errors import SaejaxError
 from saejax.store import kvstore_spec
-from saejax.train.remote_run import fetch_sae, staging_dir
+from saejax.train.remote_run import LOCK_KEY, RemoteLock, fetch_sae, staging_dir
 from saejax.train.run import load_run_config, train
 from saejax.train.sae_files import load_sae
 
@@ -164,3 +165,29 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_before_training(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and phrase in lines[0] and run_dir in lines[0], lines
     assert not cache.exists(), "nothing staged, nothing trained"
+
+
+@pytest.mark.parametrize("url", ["gs://gbkt/runs/locked", "s3://sbkt/runs/locked"])
+def test_a_held_lock_refuses_a_second_starter(buckets, url):
+    kv = ts.KvStore.open(kvstore_spec(url)).result()
+    held = RemoteLock(kv, url).acquire()
+    with pytest.raises(SaejaxError, match="in use by another saejax process"):
+        RemoteLock(kv, url).acquire()  # its holder (this process) is alive
+    held.release()
+    assert LOCK_KEY.encode() not in kv.list().result()
+    RemoteLock(kv, url).acquire().release()
+
+
+def test_conditional_writes_keep_the_lock_exclusive(buckets):
+    """On S3 (moto honours preconditions; fake-gcs-server ignores them, real GCS does not)."""
+    url = "s3://sbkt/runs/raced"
+    kv = ts.KvStore.open(kvstore_spec(url)).result()
+    before = kv.read(LOCK_KEY).result()
+    held = RemoteLock(kv, url).acquire()
+    # a starter that read "no lock" before `held` was written loses its conditional write
+    assert not kv.write(LOCK_KEY, b"{}", if_equal=before.stamp.generation).result().generation
+    # a lock someone else took over is not removed by the old holder's release
+    kv.write(LOCK_KEY, b'{"host": "elsewhere", "pid": 1}').result()
+    held.release()
+    assert kv.read(LOCK_KEY).result().value == b'{"host": "elsewhere", "pid": 1}'
+    kv.write(LOCK_KEY, None).result()
