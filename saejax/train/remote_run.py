@@ -278,10 +278,11 @@ class Mirror:
         """The final SAE and the run's files, after every checkpoint (sae manifest last)."""
         self.flush()
         try:
-            self._delete([SAE_MANIFEST])
             sae = os.path.join(self.local, "sae")
             files = _local_files(sae) if os.path.isdir(sae) else {}
-            self._put({f"sae/{rel}": os.path.join(sae, rel) for rel in files})
+            if files:  # a reader never sees the old manifest over new files
+                self._delete([SAE_MANIFEST])
+                self._put({f"sae/{rel}": os.path.join(sae, rel) for rel in files})
             self._put_run_files()
             if files:
                 self._write(SAE_MANIFEST, io.json_text({"files": files}).encode())
@@ -312,12 +313,19 @@ class Mirror:
                 self.jobs.task_done()
 
     def _safely(self, action) -> None:
+        """Run `action`, keeping its first failure for flush() to report: the worker must
+        outlive any error, or flush() would wait for it forever."""
         try:
             action()
-        except ValueError as e:
-            self.error = self.error or failure(self.url, e)
         except SaejaxError as e:
             self.error = self.error or e
+        except ValueError as e:  # TensorStore's errors
+            self.error = self.error or failure(self.url, e)
+        except Exception as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.error = self.error or SaejaxError(
+                f"run directory {self.url}: upload failed ({text})"
+            )
 
     def _committed(self, step: int) -> str | None:
         """The local folder of `step` once orbax has committed it; None when its save
