@@ -191,3 +191,12 @@ def test_conditional_writes_keep_the_lock_exclusive(buckets):
     held.release()
     assert kv.read(LOCK_KEY).result().value == b'{"host": "elsewhere", "pid": 1}'
     kv.write(LOCK_KEY, None).result()
+
+
+def test_a_sweep_into_a_bucket_is_still_refused_in_one_line(stores, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "--set", f"data.path={stores['local']}", "--d-sae", "32"]
+    assert main([*argv, "--out", "gs://gbkt/sweep"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "object-storage URL" in err[0], err
+    assert not os.path.exists(tmp_path / "gs:"), "no local folder named after the URL"
