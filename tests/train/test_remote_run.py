@@ -200,3 +200,18 @@ def test_a_sweep_into_a_bucket_is_still_refused_in_one_line(stores, tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "object-storage URL" in err[0], err
     assert not os.path.exists(tmp_path / "gs:"), "no local folder named after the URL"
+
+
+def test_an_upload_that_fails_mid_run_is_one_line_when_the_run_ends(stores, monkeypatch, capsys):
+    from saejax.train import remote_run
+
+    def lost_bucket(self, uploads):
+        raise ValueError('NOT_FOUND: Error writing "x": HTTP response code: 404')
+
+    monkeypatch.setattr(remote_run.Mirror, "_put", lost_bucket)
+    url = "gs://gbkt/runs/lost"
+    argv = ["train", "--set", f"data.path={stores['local']}", "--set", f"run_dir={url}"]
+    assert main(argv + [f"--set={o}" for o in (*SHORT, "log.progress=false")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and url in err[0] and "bucket does not exist" in err[0], err
+    assert LOCK_KEY not in keys(url), "the lock is released"
