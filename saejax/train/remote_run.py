@@ -51,7 +51,7 @@ LOCK_KEY = ".saejax-lock"
 STAGING_MARK = ".saejax-staging"  # in every staging folder; holds the URL it mirrors
 SAE_MANIFEST = "sae.manifest.json"
 HEARTBEAT_S = 60.0
-# what a finished run adds to its checkpoints (sae/ goes file by file, under its manifest)
+# the run's own files, uploaded with each checkpoint and at the end (before the manifests)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json")
 
 
