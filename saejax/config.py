@@ -591,10 +591,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise SaejaxError(f"sae.d_sae {s.d_sae} is not divisible by mesh.model {cfg.mesh.model}")
     if not cfg.data.path:
         raise SaejaxError("data.path is not set (a store directory or a .npy file)")
-    if is_url(cfg.run_dir):
+    if is_url(cfg.run_dir) and not cfg.run_dir.startswith(("gs://", "s3://")):
         raise SaejaxError(
-            f"run_dir {cfg.run_dir} is an object-storage URL; run directories must be local "
-            "(or a mounted bucket) for now — the store (data.path) may be on gs:// or s3://"
+            f"run_dir {cfg.run_dir} is a URL saejax cannot write; a run directory is a local "
+            "folder, a gs://bucket/prefix or an s3://bucket/prefix"
         )
     return cfg
 

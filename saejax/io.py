@@ -120,13 +120,14 @@ def is_url(path: str) -> bool:
 
 
 def check_local(path: str, what: str) -> None:
-    """Run folders, exports and dashboards are written with plain file operations (atomic
-    renames, locks, orbax's local paths), so an object-storage URL would end in a local
-    folder named `gs:` or a crash at the first checkpoint: refuse it before any work."""
+    """Sweeps, exports and dashboards are written with plain file operations (atomic
+    renames, locks), so an object-storage URL would end in a local folder named `gs:`:
+    refuse it before any work. (`train`'s run directory is mirrored: train.remote_run.)"""
     if is_url(path):
         raise OutputRefused(
             f"{what} {path} is an object-storage URL; {what}s must be local (or a mounted "
-            "bucket) for now — only activation stores are read and written on gs:// and s3://"
+            "bucket) for now — only activation stores and train's run directories are read "
+            "and written on gs:// and s3://"
         )
 
 

@@ -1,8 +1,10 @@
 """Small builders shared by the tests (fixtures live in conftest.py)."""
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -225,6 +227,10 @@ def start_gcs_emulator(bucket: str):
 
     server = FakeGCSServer()
     server.start()
+    # the wrapper pipes the server's log to us and never reads it: once the pipe is full
+    # (a few hundred requests) the server blocks mid-request, so drain it
+    log = server._process.stderr
+    threading.Thread(target=lambda: all(log), name="fake-gcs-log", daemon=True).start()
     make = urllib.request.Request(
         f"{server.url}/storage/v1/b",
         data=json.dumps({"name": bucket}).encode(),
@@ -243,3 +249,65 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def object_storage(gcs_bucket: str = "gbkt", s3_bucket: str = "sbkt"):
+    """A GCS emulator holding `gcs_bucket` and an S3 server (moto) holding `s3_bucket`, with
+    the environment pointing TensorStore at them (restored afterwards). Yields that
+    environment."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    saved_gcs_url = os.environ.get("TENSORSTORE_GCS_HTTP_URL")
+    gcs = start_gcs_emulator(gcs_bucket)
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    env = {
+        "TENSORSTORE_GCS_HTTP_URL": gcs.url,
+        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    client.create_bucket(Bucket=s3_bucket)
+    saved = {k: os.environ.get(k) for k in env}
+    saved["TENSORSTORE_GCS_HTTP_URL"] = saved_gcs_url
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3.stop()
+        gcs.stop()
+
+
+def copy_to_bucket(folder: str, url: str) -> str:
+    """Every file under the local `folder` written below `url` (a store made with
+    make_store, put on object storage without an extraction). Returns `url`."""
+    import tensorstore as ts
+
+    from saejax.store import kvstore_spec
+
+    kv = ts.KvStore.open(kvstore_spec(url)).result()
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                kv.write(os.path.relpath(path, folder).replace(os.sep, "/"), f.read()).result()
+    return url

@@ -4,15 +4,11 @@ server (moto, reached through AWS_ENDPOINT_URL_S3). Extracting into a bucket giv
 store as a local folder; training from a bucket gives the same SAE; a missing bucket or an
 unreachable endpoint is one line and exit 2 within bounded retries."""
 
-import logging
-import os
 import time
 
-import boto3
 import numpy as np
 import pytest
-from helpers import free_port, small_config, start_gcs_emulator
-from moto.server import ThreadedMotoServer
+from helpers import free_port, object_storage, small_config
 
 from extract.extractor import ExtractConfig, run_extract
 from saejax.cli import main
@@ -24,38 +20,8 @@ from saejax.train.run import train
 def buckets():
     """A GCS emulator with bucket `gbkt` and an S3 server with bucket `sbkt`, and the
     environment that points TensorStore at them."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    saved_gcs_url = os.environ.get("TENSORSTORE_GCS_HTTP_URL")
-    gcs = start_gcs_emulator("gbkt")
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    s3.start()
-    host, port = s3.get_host_and_port()
-    env = {
-        "TENSORSTORE_GCS_HTTP_URL": gcs.url,
-        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_REGION": "us-east-1",
-    }
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
-    client.create_bucket(Bucket="sbkt")
-    saved = {k: os.environ.get(k) for k in env}
-    saved["TENSORSTORE_GCS_HTTP_URL"] = saved_gcs_url
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    s3.stop()
-    gcs.stop()
+    with object_storage("gbkt", "sbkt") as env:
+        yield env
 
 
 def extract_to(out, model, corpus):

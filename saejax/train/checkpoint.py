@@ -108,8 +108,9 @@ def remove_unfinished_saves(directory: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, directory: str, keep: int = 2, mirror=None):
         self.directory = os.path.abspath(directory)
+        self.mirror = mirror  # remote_run.Mirror of a run directory on object storage
         if jax.process_index() == 0:
             remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
@@ -137,6 +138,8 @@ class Checkpointer:
                 ),
                 force=True,
             )
+        if self.mirror is not None:
+            self.mirror.checkpoint_saved(step)
 
     @contextlib.contextmanager
     def _reporting_disk_full(self):
@@ -164,6 +167,8 @@ class Checkpointer:
         for s in self.manager.all_steps():
             if s > step:
                 self.manager.delete(s)
+        if self.mirror is not None:
+            self.mirror.checkpoints_changed()
         return self.manager.latest_step()
 
     def restore(
@@ -197,6 +202,8 @@ class Checkpointer:
                     file=sys.stderr,
                 )
                 self.manager.delete(s)
+                if self.mirror is not None:
+                    self.mirror.checkpoints_changed()
 
     def _restore_at(self, step: int, state_template, expected_info: dict, force_data: bool):
         try:
@@ -270,8 +277,11 @@ class Checkpointer:
         return set(sums) - on_disk
 
     def wait(self) -> None:
+        """Wait for the last save (and, for a run on object storage, its upload)."""
         with self._reporting_disk_full():
             self.manager.wait_until_finished()
+        if self.mirror is not None:
+            self.mirror.flush()
 
     def close(self) -> None:
         """Wait for the last save and close; a failure already reported is not raised again."""

@@ -12,9 +12,11 @@ only finishes: evaluation, RUN/sae/ and eval.json, with no training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import jax
@@ -30,6 +32,7 @@ from saejax.train.data import ArraySource, Loader, split_rows, validation_rows
 from saejax.train.launch import Launch, check_same_config, flat_config, started_together
 from saejax.train.loop import Member, finish, refill_batches, run_loop
 from saejax.train.metrics import MetricsLogger
+from saejax.train.remote_run import is_remote, read_config_text, train_remote
 from saejax.train.rundir import (
     Created,
     RunLock,
@@ -84,6 +87,13 @@ def _previous_rate(run_dir: str) -> float:
 
 
 def load_run_config(run_dir: str, overrides: list[str] = ()) -> RunConfig:
+    if is_remote(run_dir):  # read from its bucket (train_remote makes the working copy)
+        text = read_config_text(run_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            io.write_text(os.path.join(tmp, "config.yaml"), text)
+            cfg = load_config(os.path.join(tmp, "config.yaml"), overrides)
+        cfg.run_dir = run_dir
+        return cfg
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise SaejaxError(f"{run_dir} is not a saejax run (no config.yaml)")
@@ -98,6 +108,7 @@ def train(
     max_steps: int | None = None,
     force: bool = False,
     launch: Launch | None = None,
+    mirror=None,
 ) -> TrainResult:
     """Train (or resume) the run described by `cfg`. `max_steps` stops early (tests, benches);
     `force` lets a resume change what is trained (config.yaml is rewritten, the change
@@ -106,14 +117,28 @@ def train(
     On a mesh (cfg.mesh) the state is placed by `sharding.state_shardings` and the step is
     partitioned by XLA. `launch` (train.launch.resolve_launch: flags, environment) says how
     the processes of a multi-process run meet; None reads the environment.
+
+    A `gs://` or `s3://` run_dir trains in a local working copy mirrored into the bucket
+    (train.remote_run); `mirror` is that copy's uploader, passed by train_remote.
     """
     validate(cfg)
+    if is_remote(cfg.run_dir):
+        return train_remote(
+            cfg,
+            resume,
+            lambda local, mirror: train(local, resume, max_steps, force, launch, mirror),
+        )
     if cfg.train.tokens // cfg.train.batch_size == 0:
         raise SaejaxError(
             f"train.tokens ({cfg.train.tokens}) is less than one batch ({cfg.train.batch_size})"
         )
     init_distributed(cfg.mesh, launch)
     check_same_config(flat_config(cfg))  # every process trains the same config (or exit 2)
+    if mirror is not None and jax.process_count() > 1:
+        raise SaejaxError(
+            f"{mirror.url}: a run directory on object storage takes one process; multi-process "
+            "runs need a run directory on a filesystem every host sees"
+        )
     is_main = jax.process_index() == 0
     created = Created()
     lock = RunLock(cfg.run_dir, created) if is_main else None
@@ -128,7 +153,7 @@ def train(
             os.makedirs(cfg.run_dir, exist_ok=True)
     failed = False
     try:
-        return _train(cfg, resume, max_steps, force, created)
+        return _train(cfg, resume, max_steps, force, created, mirror)
     except (jax.errors.JaxRuntimeError, CollectiveFailed) as e:
         if jax.process_count() > 1:  # a collective failed: a peer died (or was stopped)
             peer_lost(cfg.run_dir, lambda: last_checkpoint(cfg.run_dir), e)
@@ -146,7 +171,7 @@ def train(
 
 
 def _train(
-    cfg: RunConfig, resume: bool, max_steps: int | None, force: bool, created: Created
+    cfg: RunConfig, resume: bool, max_steps: int | None, force: bool, created: Created, mirror
 ) -> TrainResult:
     # nobody writes into the run directory before every process has passed its checks
     with started_together():
@@ -171,7 +196,7 @@ def _train(
     state = SH.place(state, shardings)
     info = {**checkpoint_info(cfg, source.d_in), **data_identity(source, cfg.data)}
     ckpt_dir = created.add(os.path.join(cfg.run_dir, "checkpoints"))
-    ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints, mirror)
     loader = logger = None
     try:
         if resume and ckpt.latest_step() is not None:
@@ -181,7 +206,8 @@ def _train(
         elif ckpt.latest_step() is not None:
             raise SaejaxError(f"{cfg.run_dir} already has checkpoints; use --resume")
         elif is_main:
-            io.write_text(created.add(os.path.join(cfg.run_dir, "config.yaml")), dump_yaml(cfg))
+            saved = cfg if mirror is None else dataclasses.replace(cfg, run_dir=mirror.url)
+            io.write_text(created.add(os.path.join(cfg.run_dir, "config.yaml")), dump_yaml(saved))
 
         start_step = int(SH.to_host(state.step, mesh))
         if held_out_note and is_main:  # said once the run has passed its checks
@@ -259,7 +285,7 @@ def _train(
             logger.close()
         print(
             f"\nstopped at step {step}/{total_steps}; checkpoint saved. Resume with "
-            f"`saejax train --resume {cfg.run_dir}`",
+            f"`saejax train --resume {cfg.run_dir if mirror is None else mirror.url}`",
             file=sys.stderr,
         )
         return TrainResult(cfg.run_dir, state, spec, {}, True, tokens_per_s, steady)

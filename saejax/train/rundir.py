@@ -79,6 +79,11 @@ class RunLock:
         return self.acquire()
 
     def acquire(self) -> RunLock:
+        if io.is_url(self.run_dir):  # train mirrors a URL run_dir (remote_run); nothing else
+            raise SaejaxError(
+                f"{self.run_dir} is an object-storage URL; sweeps must be local (or a mounted "
+                "bucket) for now — train's run_dir and stores may be on gs:// or s3://"
+            )
         if self.created is not None:
             self.created.makedirs(self.run_dir)
         else:
