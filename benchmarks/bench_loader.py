@@ -2,14 +2,16 @@
 
 On a GPU the step can outrun the host, so what matters there is how many core-seconds the
 loader spends per token (read, NaN/Inf check, shuffle gather, device transfer), and the
-NaN/Inf check alone on one 8,192-row read block. With
+NaN/Inf check alone on one 8,192-row read block. The clock starts after `--warmup` batches
+(default one epoch: the first touch of the loader's reused buffers and JAX's start are not
+the steady state), then three epochs of the synthetic store are timed. With
 `--baseline FILE` (another version of saejax/train/data.py, e.g. from
 `git show REV:saejax/train/data.py`)
 both loaders are timed in interleaved rounds on the same store, and the ratios printed.
 
     python benchmarks/bench_loader.py [--store PATH] [--batch 4096] [--batches 96] [--rounds 3]
-                                      [--d-in 576] [--threads 0] [--gcs]
-                                      [--baseline OLD_DATA_PY] [--json]
+                                      [--d-in 576] [--threads 0] [--gcs] [--warmup -1]
+                                      [--baseline OLD_DATA_PY | --baseline-rev REV] [--json]
 
 `--gcs` writes the synthetic store into a local GCS emulator (fake-gcs-server, from the test
 extras) and reads it from there: every read an HTTP request, as from a bucket, without the
@@ -21,6 +23,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import timeit
@@ -29,23 +32,43 @@ from saejax.train import data as current
 from saejax.train.bench import StepShape, bench_loader, synthetic_store
 
 
-def load_module(path: str):
-    spec = importlib.util.spec_from_file_location("baseline_data", path)
+def load_module(path: str, name: str = "baseline_data"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
     return module
 
 
-def time_loader(module, store: str, batch: int, batches: int, block, threads: int = 0) -> dict:
+def load_revision(rev: str, tmp: str):
+    """saejax/train/data.py as it was at git revision `rev`, with that revision's NaN/Inf
+    check (saejax/store.py's check_finite) in place of today's."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    files = {}
+    for name in ("saejax/train/data.py", "saejax/store.py"):
+        text = subprocess.run(
+            ["git", "show", f"{rev}:{name}"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+        files[name] = os.path.join(tmp, name.replace("/", "_"))
+        with open(files[name], "w") as f:
+            f.write(text)
+    module = load_module(files["saejax/train/data.py"])
+    module.check_finite = load_module(files["saejax/store.py"], "baseline_store").check_finite
+    return module
+
+
+def time_loader(
+    module, store: str, batch: int, batches: int, block, threads: int = 0, warmup: int = 0
+) -> dict:
     shape = StepShape("relu", 1, 1, batch)
-    tokens_per_s, cpu_ms = bench_loader(store, shape, batches, module, loader_threads=threads)
+    r = bench_loader(store, shape, batches, module, loader_threads=threads, warmup=warmup)
     check_s = (
         min(timeit.repeat(lambda: module.check_finite(block, 0, store), number=10, repeat=3)) / 10
     )
     return {
-        "tokens_per_s": tokens_per_s,
-        "cpu_ms_per_batch": cpu_ms,
+        "tokens_per_s": r["tokens_per_s"],
+        "cpu_ms_per_batch": r["cpu_ms_per_batch"],
+        "tokens_per_cpu_s": r["tokens_per_cpu_s"],
         "check_rows_per_s": len(block) / check_s,
     }
 
@@ -58,13 +81,26 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="data.loader_threads (0: default)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=-1,
+        help="batches drawn before the clock starts (-1: one epoch of the synthetic store)",
+    )
     ap.add_argument("--gcs", action="store_true", help="the store in a local GCS emulator")
     ap.add_argument("--baseline", default=None, help="another saejax/train/data.py to compare with")
+    ap.add_argument(
+        "--baseline-rev",
+        default=None,
+        help="compare with the loader (data.py and the NaN/Inf check) at this git revision",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     loaders = {"current": current}
     if args.baseline:
         loaders["baseline"] = load_module(args.baseline)
+    elif args.baseline_rev:
+        loaders["baseline"] = load_revision(args.baseline_rev, tempfile.mkdtemp())
     emulator = None
     if args.gcs and not args.store:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -78,12 +114,15 @@ def main() -> None:
             where, args.batch * (args.batches // 3 + 2), args.d_in
         )
         source = current.ArraySource(store)
+        warmup = args.warmup if args.warmup >= 0 else source.n_rows // args.batch - 1
         block = source.read(0, min(8192, source.n_rows))  # one read block, as the loader checks
         runs = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, module in loaders.items():
                 runs[name].append(
-                    time_loader(module, store, args.batch, args.batches, block, args.threads)
+                    time_loader(
+                        module, store, args.batch, args.batches, block, args.threads, warmup
+                    )
                 )
     if emulator:
         emulator.stop()
@@ -91,7 +130,7 @@ def main() -> None:
         name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
         for name, rs in runs.items()
     }
-    if args.baseline:
+    if "baseline" in loaders:
         out["cpu_ratio"] = out["baseline"]["cpu_ms_per_batch"] / out["current"]["cpu_ms_per_batch"]
         out["wall_ratio"] = out["current"]["tokens_per_s"] / out["baseline"]["tokens_per_s"]
         out["check_ratio"] = (
@@ -103,10 +142,11 @@ def main() -> None:
     for name in loaders:
         print(
             f"{name:<9} {out[name]['tokens_per_s']:>12,.0f} tok/s  "
-            f"{out[name]['cpu_ms_per_batch']:>7.2f} CPU ms per batch of {args.batch}  "
+            f"{out[name]['cpu_ms_per_batch']:>7.2f} CPU ms per batch of {args.batch} "
+            f"({out[name]['tokens_per_cpu_s']:>10,.0f} tok/s per host core)  "
             f"NaN/Inf check {out[name]['check_rows_per_s']:>12,.0f} rows/s"
         )
-    if args.baseline:
+    if "baseline" in loaders:
         print(
             f"current / baseline: {out['wall_ratio']:.2f}× tokens/s, "
             f"{out['cpu_ratio']:.2f}× less CPU per batch, {out['check_ratio']:.2f}× the check's "
