@@ -284,8 +284,9 @@ class BatchSlot:
 
     def take(self, shape: tuple[int, int], dtype) -> np.ndarray:
         if self.sent is not None:
+            deleted = getattr(self.sent, "is_deleted", lambda: False)()  # donated: consumed
             ready = getattr(self.sent, "block_until_ready", None)
-            if ready is not None:
+            if ready is not None and not deleted:
                 ready()
             self.sent = None
         if self.array is None or self.array.shape != shape:
@@ -407,9 +408,8 @@ class Loader:
         """Each batch as pieces of shuffled groups: the rows of a group are taken in the
         order of its permutation, and a batch may run on from one group into the next.
         A yielded batch is handed to the gather threads before this generator resumes."""
-        buffers = GroupBuffers(
-            plan.shuffle_blocks * plan.block_rows, self.source.row_width, self.source.dtype
-        )
+        group_rows = min(plan.shuffle_blocks * plan.block_rows, plan.train_rows)
+        buffers = GroupBuffers(group_rows, self.source.row_width, self.source.dtype)
         epoch, group, offset = plan.locate(self.start_batch)
         pending = self._start_group(plan, epoch, group, buffers.acquire([]))
         pieces, have = [], 0
