@@ -412,29 +412,43 @@ class Loader:
         buffers = GroupBuffers(group_rows, self.source.row_width, self.source.dtype)
         epoch, group, offset = plan.locate(self.start_batch)
         pending = self._start_group(plan, epoch, group, buffers.acquire([]))
-        pieces, have = [], 0
-        while not self._stop.is_set():
-            buffer, n_rows = self._finish_group(pending)
-            order = plan.row_permutation(epoch, group, n_rows)[offset:]
-            offset = 0
-            epoch, group = (
-                (epoch, group + 1) if group + 1 < len(plan.groups(epoch)) else (epoch + 1, 0)
-            )
-            pending = None
-            at = 0
-            while at < len(order):
-                n = min(plan.batch_size - have, len(order) - at)
-                buffer.hold()
-                pieces.append((buffer, order[at : at + n]))
-                have, at = have + n, at + n
-                if have == plan.batch_size:
-                    yield pieces
-                    pieces, have = [], 0
-                    if pending is None:  # read ahead while this group is served
-                        pending = self._start_group(plan, epoch, group, buffers.acquire([buffer]))
-            if pending is None:  # this group did not fill a batch: its rows are still needed
-                busy = [buffer] + [b for b, _ in pieces]
-                pending = self._start_group(plan, epoch, group, buffers.acquire(busy))
+        try:
+            pieces, have = [], 0
+            while not self._stop.is_set():
+                buffer, n_rows = self._finish_group(pending)
+                order = plan.row_permutation(epoch, group, n_rows)[offset:]
+                offset = 0
+                epoch, group = (
+                    (epoch, group + 1) if group + 1 < len(plan.groups(epoch)) else (epoch + 1, 0)
+                )
+                pending = None
+                at = 0
+                while at < len(order):
+                    n = min(plan.batch_size - have, len(order) - at)
+                    buffer.hold()
+                    pieces.append((buffer, order[at : at + n]))
+                    have, at = have + n, at + n
+                    if have == plan.batch_size:
+                        yield pieces
+                        pieces, have = [], 0
+                        if pending is None:  # read ahead while this group is served
+                            pending = self._start_group(
+                                plan, epoch, group, buffers.acquire([buffer])
+                            )
+                if pending is None:  # this group did not fill a batch: its rows are still needed
+                    busy = [buffer] + [b for b, _ in pieces]
+                    pending = self._start_group(plan, epoch, group, buffers.acquire(busy))
+        finally:  # closed or failed: let the reads in flight finish, never abandon them
+            self._settle(pending)
+
+    def _settle(self, pending) -> None:
+        """Wait for a group's reads whatever their outcome, so that no read is still writing
+        into a group buffer once the loader has let go of it."""
+        for _, _, wait in pending[2] if pending else ():
+            try:
+                wait()
+            except Exception:  # noqa: BLE001 - only waiting; the error was or is not ours
+                pass
 
     def _batches(self) -> Iterator[list[Piece]]:
         if len(self.plans) == 1:
