@@ -236,7 +236,7 @@ def describe_loader(r: dict, where: str) -> str:
     return (
         f"loader      {r['tokens_per_s']:>10,.0f} tok/s from {where}, "
         f"{r['cpu_ms_per_batch']:.1f} host CPU ms per batch = "
-        f"{r['tokens_per_cpu_s']:,.0f} tok/s per host core ({r['threads']} loader threads)"
+        f"{r['tokens_per_cpu_s']:,.0f} tok/s per host core (loader threads: {r['threads']})"
     )
 
 
