@@ -56,9 +56,20 @@ class DataConfig:
         "rows held out from the end of the data for the final evaluation, never trained on "
         "(at most a fifth of the rows: fewer are held out from a small data set)",
     )
-    block_rows: int = setting(8192, "rows per contiguous read")
-    shuffle_blocks: int = setting(16, "blocks mixed together in the shuffle buffer")
+    block_rows: int = setting(8192, "rows per contiguous read; part of the data order")
+    shuffle_blocks: int = setting(
+        16, "blocks mixed together in the shuffle buffer; part of the data order"
+    )
+    shuffle_bytes: int = setting(
+        0,
+        "the shuffle buffer in bytes instead: shuffle_blocks = shuffle_bytes // (block_rows x "
+        "the row's bytes), at least 1; the loader holds two such buffers (0: use "
+        "shuffle_blocks); part of the data order",
+    )
     prefetch: int = setting(4, "batches prepared ahead of the step")
+    prefetch_bytes: int = setting(
+        0, "batches prepared ahead in bytes instead (at least one batch; 0: use prefetch)"
+    )
     loader_threads: int = setting(0, "threads gathering batch rows; 0: half the cores, at most 8")
     slices: int = setting(
         0,
@@ -493,6 +504,8 @@ AT_LEAST_ONE = (
     "mesh.model",
 )
 AT_LEAST_ZERO = (
+    "data.shuffle_bytes",
+    "data.prefetch_bytes",
     "data.loader_threads",
     "data.slices",
     "sae.d_in",

@@ -211,6 +211,17 @@ def _bench_arguments(p) -> None:
     )
     p.add_argument("--no-loop", action="store_true", help="skip the loader and loop figures")
     p.add_argument(
+        "--loader-only",
+        action="store_true",
+        help="measure only the loader (tokens/s, per host core) from --store, local or gs://",
+    )
+    p.add_argument(
+        "--loader-threads", type=int, default=0, help="data.loader_threads (0: the default)"
+    )
+    p.add_argument(
+        "--loader-batches", type=int, default=48, help="batches timed with --loader-only"
+    )
+    p.add_argument(
         "--loop-rounds",
         type=int,
         default=3,
@@ -221,7 +232,7 @@ def _bench_arguments(p) -> None:
 
 def _bench(args) -> int:
     from saejax.core.architectures import ARCHITECTURES, TOPK_KERNELS, selects_top_k
-    from saejax.train.bench import StepShape, run_bench
+    from saejax.train.bench import StepShape, run_bench, run_loader_bench
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for a in archs:
@@ -241,8 +252,13 @@ def _bench(args) -> int:
         or args.batch < 1
         or args.steps < 1
         or args.loop_rounds < 1
+        or args.loader_batches < 1
     ):
-        raise SaejaxError("--d-in, --d-sae, --batch, --steps and --loop-rounds must be positive")
+        raise SaejaxError(
+            "--d-in, --d-sae, --batch, --steps, --loop-rounds and --loader-batches must be positive"
+        )
+    if args.loader_threads < 0:
+        raise SaejaxError(f"--loader-threads must be at least 0, got {args.loader_threads}")
     if any(selects_top_k(a) for a in archs) and not 0 < args.k <= min(sizes):
         raise SaejaxError(f"--k {args.k} must be between 1 and the smallest --d-sae")
     if args.store is not None:
@@ -259,7 +275,18 @@ def _bench(args) -> int:
         for d in sizes
     ]
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
-    out = run_bench(shapes, args.steps, args.store, not args.no_loop, say, args.loop_rounds)
+    if args.loader_only:
+        out = run_loader_bench(shapes[0], args.loader_batches, args.store, args.loader_threads, say)
+    else:
+        out = run_bench(
+            shapes,
+            args.steps,
+            args.store,
+            not args.no_loop,
+            say,
+            args.loop_rounds,
+            args.loader_threads,
+        )
     if args.json:
         print(json.dumps(out))
     return 0

@@ -4,8 +4,9 @@ For each architecture and dictionary size: tokens/s of the compiled step on rand
 activations already on the device, and the fraction of the machine's measured matmul
 peak it reaches (counting 2·d_in·d_sae FLOPs per token for every dense matmul the step
 does: six for a dense SAE, one for TopK on the sparse kernels). Then, for the first
-configuration, the loader's tokens/s from a store on disk and the whole training
-loop's steady tokens/s from that store, as a fraction of the step's own.
+configuration, the loader's tokens/s and tokens/s per host core (process CPU time) from
+a store (on disk, or gs:// / s3://) and the whole training loop's steady tokens/s from
+that store, as a fraction of the step's own. `--loader-only` measures the loader alone.
 """
 
 from __future__ import annotations
@@ -186,14 +187,21 @@ def synthetic_store(path: str, n_rows: int, d_in: int, dtype: str = "bfloat16") 
 
 
 def bench_loader(
-    store_path: str, shape: StepShape, batches: int, data_module=None, loader_threads: int = 0
-) -> tuple[float, float]:
-    """(tokens/s, host CPU ms per batch) of the loader alone: reads, NaN/Inf check, shuffle
-    gather, device transfer. The CPU figure is what a faster device would ask of the host.
-    Timed from the loader's start, so work done once per shuffle group counts: time several
-    epochs of a small store, or many groups of a large one. `data_module` times another
-    version of saejax.data (benchmarks/bench_loader.py); `loader_threads` sets
-    data.loader_threads (0: the default)."""
+    store_path: str,
+    shape: StepShape,
+    batches: int,
+    data_module=None,
+    loader_threads: int = 0,
+    warmup: int = 0,
+) -> dict:
+    """The loader alone (reads, NaN/Inf check, shuffle gather, device transfer):
+    `tokens_per_s` (wall), `cpu_ms_per_batch` (the process's CPU time, every thread) and
+    `tokens_per_cpu_s`, its tokens per second of one host core: what a faster device would
+    ask of the host, and how many cores would feed it. Timed after `warmup` batches (the
+    first touch of the loader's buffers, JAX's start), so work done once per shuffle group
+    still counts: time several epochs of a small store, or many groups of a large one.
+    `data_module` times another version of saejax.train.data (benchmarks/bench_loader.py);
+    `loader_threads` sets data.loader_threads (0: the default)."""
     import jax
 
     from saejax.config import with_values
@@ -203,15 +211,65 @@ def bench_loader(
 
     cfg = with_values(run_config(shape, store_path), {"data.loader_threads": loader_threads})
     source = data_module.ArraySource(store_path, None)
-    cpu, wall = time.process_time(), time.perf_counter()
     loader = data_module.Loader(source, cfg.data, shape.batch, transform=jax.device_put)
     try:
+        for _ in range(warmup):
+            next(loader)
+        cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(batches):
             next(loader)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        return shape.batch * batches / wall, 1000.0 * cpu / batches
     finally:
         loader.close()
+    tokens = shape.batch * batches
+    return {
+        "tokens_per_s": tokens / wall,
+        "cpu_ms_per_batch": 1000.0 * cpu / batches,
+        "tokens_per_cpu_s": tokens / max(cpu, 1e-9),
+        "threads": loader.threads,
+        "batches": batches,
+        "warmup": warmup,
+    }
+
+
+def describe_loader(r: dict, where: str) -> str:
+    return (
+        f"loader      {r['tokens_per_s']:>10,.0f} tok/s from {where}, "
+        f"{r['cpu_ms_per_batch']:.1f} host CPU ms per batch = "
+        f"{r['tokens_per_cpu_s']:,.0f} tok/s per host core (loader threads: {r['threads']})"
+    )
+
+
+def store_place(path: str | None) -> str:
+    """How the bench names where it read from."""
+    if path is None:
+        return "a temporary store on disk"
+    from saejax.store import is_remote
+
+    return path if is_remote(path) else f"the store on disk ({path})"
+
+
+def run_loader_bench(
+    shape: StepShape, batches: int, store: str | None, loader_threads: int = 0, say=print
+) -> dict:
+    """`saejax bench --loader-only`: the loader alone, from `store` (a local path or a
+    gs:// / s3:// prefix) or from a temporary store of random rows; one epoch of warm-up,
+    then `batches` batches timed."""
+    with tempfile.TemporaryDirectory(prefix="saejax-bench-store-") as tmp:
+        path = store
+        if path is None:
+            say("store       writing a temporary store of random rows ...")
+            path = synthetic_store(
+                os.path.join(tmp, "store"), shape.batch * (batches + 2), shape.d_in
+            )
+        from saejax.store import ActivationStore
+
+        n_batches = max(1, (len(ActivationStore.open(path)) - shape.batch) // shape.batch)
+        r = bench_loader(
+            path, shape, batches, loader_threads=loader_threads, warmup=min(n_batches, batches)
+        )
+    say(describe_loader(r, store_place(store)))
+    return {"loader": {**r, "store": store_place(store), "d_in": shape.d_in, "batch": shape.batch}}
 
 
 def bench_loop(store_path: str, shape: StepShape, steps: int) -> float:
@@ -231,6 +289,7 @@ def run_bench(
     loop: bool,
     say=lambda line: None,
     loop_rounds: int = 3,
+    loader_threads: int = 0,
 ) -> dict:
     import jax
 
@@ -267,8 +326,15 @@ def run_bench(
                 path = synthetic_store(
                     os.path.join(tmp, "store"), first.batch * (max(steps, 20) + 2), first.d_in
                 )
-            # three passes over the (one-epoch) store: its group reads and shuffles count
-            loader_tps, loader_cpu_ms = bench_loader(path, first, 3 * max(steps, 20))
+            # a pass to warm up, then three over the (one-epoch) store: its group reads and
+            # shuffles count
+            loader = bench_loader(
+                path,
+                first,
+                3 * max(steps, 20),
+                loader_threads=loader_threads,
+                warmup=max(steps, 20),
+            )
             # Rounds of (loop, step): each loop is compared with the step timed on either side
             # of it, and the median round is reported; one round swings by ±3% on a shared box.
             rounds, step_before = [], results[0]["tokens_per_s"]
@@ -286,14 +352,11 @@ def run_bench(
                 step_before = step_after
         median = sorted(rounds, key=lambda r: r["fraction_of_step"])[len(rounds) // 2]
         loop_tps, step_tps = median["tokens_per_s"], median["step_tokens_per_s"]
-        out["loader_tokens_per_s"] = loader_tps
-        out["loader_cpu_ms_per_batch"] = loader_cpu_ms
+        out["loader_tokens_per_s"] = loader["tokens_per_s"]
+        out["loader_cpu_ms_per_batch"] = loader["cpu_ms_per_batch"]
+        out["loader"] = {**loader, "store": store_place(store)}
         out["loop"] = {"arch": first.arch, "d_sae": first.d_sae, **median, "rounds": rounds}
-        say(
-            f"loader      {loader_tps:>10,.0f} tok/s from the store on disk, "
-            f"{loader_cpu_ms:.1f} host "
-            f"CPU ms per batch"
-        )
+        say(describe_loader(loader, store_place(store)))
         say(
             f"loop        {loop_tps:>10,.0f} tok/s = {loop_tps / step_tps:.3f} × the step's own "
             f"({first.arch}, d_sae {first.d_sae:,}; median of {len(rounds)} rounds: "

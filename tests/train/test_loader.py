@@ -133,3 +133,90 @@ def test_several_hooks_are_read_side_by_side_at_the_same_rows(tmp_path):
         ArraySource(path, "a", also=["z"])
     with pytest.raises(SaejaxError, match="twice"):
         ArraySource(path, "a", also=["a"])
+
+
+def test_shuffle_bytes_gives_the_order_of_the_blocks_it_holds(rows_path):
+    """The shuffle buffer stated in bytes: 3.5 blocks of 100 rows × 16 bytes hold three
+    whole blocks, so the batches are those of shuffle_blocks 3 (whatever shuffle_blocks
+    says); a budget under one block still shuffles one block at a time."""
+    from saejax.train.data import shuffle_blocks
+
+    row_bytes = 4 * 4  # four float32 columns
+    by_bytes = DataConfig(
+        validation_tokens=300,
+        block_rows=100,
+        shuffle_blocks=9,
+        shuffle_bytes=350 * row_bytes,
+        seed=2,
+    )
+    by_blocks = DataConfig(validation_tokens=300, block_rows=100, shuffle_blocks=3, seed=2)
+    assert shuffle_blocks(by_bytes, row_bytes) == 3
+    assert shuffle_blocks(DataConfig(block_rows=100, shuffle_bytes=1), row_bytes) == 1
+    assert shuffle_blocks(DataConfig(shuffle_blocks=5), row_bytes) == 5  # 0: the block count
+    source = ArraySource(rows_path)
+    got = take(Loader(source, by_bytes, 128), 30)
+    for a, b in zip(got, take(Loader(source, by_blocks, 128), 30)):
+        np.testing.assert_array_equal(a, b)
+    plan = BatchPlan(2700, 128, 100, 3, 2)
+    for a, b in zip(got, reference_batches(plan, 30)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prefetch_bytes_sets_how_many_batches_wait_ready(rows_path):
+    from saejax.train.data import prefetch_batches
+
+    batch_bytes = 100 * 16
+    assert prefetch_batches(DataConfig(prefetch=4), batch_bytes) == 4  # 0: the batch count
+    assert prefetch_batches(DataConfig(prefetch_bytes=7 * batch_bytes + 5), batch_bytes) == 7
+    assert prefetch_batches(DataConfig(prefetch_bytes=1), batch_bytes) == 1  # at least one
+    cfg = DataConfig(validation_tokens=300, block_rows=100, prefetch_bytes=2 * batch_bytes)
+    loader = Loader(ArraySource(rows_path), cfg, 100)
+    assert loader.prefetch == 2
+    expected = reference_batches(BatchPlan(2700, 100, 100, 16, 0), 5)
+    for a, b in zip(take(loader, 5), expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_negative_byte_settings_are_refused():
+    from saejax.config import RunConfig, with_values
+
+    for key in ("data.shuffle_bytes", "data.prefetch_bytes"):
+        with pytest.raises(SaejaxError, match=f"{key} must be 0 or more, got -1"):
+            with_values(RunConfig(), {key: -1})
+
+
+@pytest.mark.parametrize("transfer", [False, True])
+def test_batches_kept_by_the_consumer_stay_intact_while_buffers_are_reused(rows_path, transfer):
+    """The loader gathers into a ring of reused arrays: a batch it handed out (the array
+    itself, or the device array made from it) must not change as later batches are made,
+    well past the ring's length."""
+    import jax
+
+    cfg = DataConfig(validation_tokens=300, block_rows=100, shuffle_blocks=2, prefetch=1)
+    loader = Loader(
+        ArraySource(rows_path), cfg, 100, transform=jax.device_put if transfer else None
+    )
+    try:
+        kept = [next(loader) for _ in range(40)]
+    finally:
+        loader.close()
+    expected = reference_batches(BatchPlan(2700, 100, 100, 2, 0), 40)
+    for b, (got, rows) in enumerate(zip(kept, expected)):
+        assert isinstance(got, jax.Array) == transfer
+        np.testing.assert_array_equal(np.asarray(got)[:, 0].astype(int), rows, err_msg=f"{b}")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_nonfinite_value_in_a_store_names_its_row(tmp_path, dtype):
+    """The NaN/Inf check reads the stored dtype's exponent bits in cache-sized slices."""
+    from saejax.store import DTYPES, check_finite
+
+    rows = np.ones((3000, 40), DTYPES[dtype])
+    check_finite(rows, 0, "x")  # all finite: nothing raised
+    for value, row in ((np.inf, 2999), (np.nan, 0), (-np.inf, 1717)):
+        bad = rows.copy()
+        bad[row, 39] = value
+        with pytest.raises(SaejaxError, match=f"row {row + 10} of x contains NaN or Inf"):
+            check_finite(bad, 10, "x")
+        with pytest.raises(SaejaxError, match=f"row {row + 10} of x contains NaN or Inf"):
+            check_finite(bad[:, 20:], 10, "x")  # a view of some columns, as a hook's read is
