@@ -46,6 +46,9 @@ SAFE_TO_CHANGE = frozenset(
         "mesh.distributed",
         "mesh.step_timeout_factor",
         "mesh.step_timeout_min_seconds",
+        "data.prefetch",
+        "data.prefetch_bytes",
+        "data.loader_threads",
     }
 )
 

@@ -27,6 +27,13 @@ def main():
         return original(self, start, stop)
 
     D.ArraySource.read_async = logged_read
+    original_into = D.ArraySource.read_into
+
+    def logged_read_into(self, start, stop, out):
+        reads.append([int(start), int(stop)])
+        return original_into(self, start, stop, out)
+
+    D.ArraySource.read_into = logged_read_into
     sets = [
         "train.tokens=8192",
         "train.batch_size=256",
