@@ -150,3 +150,48 @@ def test_an_input_hook_after_the_target_is_one_line(two_hook_store, mlp):
             call()
         message = str(err.value)
         assert OUT_HOOK in message and IN_HOOK in message and "\n" not in message
+
+
+def test_saejax_eval_on_a_saved_linear_transcoder(capsys, two_hook_store, tmp_path):
+    """The whole `saejax eval RUN` path: a saved ReLU SAE whose W_enc = [A, −A] and
+    W_dec = [I; −I] computes x·A, here A the least-squares linear map from MLP input to MLP
+    output on the training rows; its info names the target hook (written by hand until the
+    trainer writes it). A linear map is a fair but imperfect MLP: it recovers part of the
+    loss, and its row FVU is that of the least-squares fit on the held-out target rows."""
+    import json
+
+    from saejax.cli import main
+    from saejax.config import load_config
+    from saejax.core import sae as S
+    from saejax.io import write_json
+    from saejax.train.sae_files import save_sae
+
+    source = ArraySource(two_hook_store, IN_HOOK, also=[OUT_HOOK])
+    x, y = split_columns(source.read(0, source.n_rows), source.widths)
+    cut = source.n_rows - VALIDATION
+    A = np.linalg.lstsq(x[:cut], y[:cut], rcond=None)[0].astype(np.float32)
+    d = A.shape[0]
+    eye = np.eye(d, dtype=np.float32)
+    cfg = load_config(None, [f"data.path={two_hook_store}", f"sae.d_sae={2 * d}"], check=False)
+    params = {
+        "W_enc": np.concatenate([A, -A], 1),
+        "b_enc": np.zeros(2 * d, np.float32),
+        "W_dec": np.concatenate([eye, -eye], 0),
+        "b_dec": np.zeros(d, np.float32),
+    }
+    run = tmp_path / "linear"
+    store = ActivationStore.open(two_hook_store)
+    save_sae(str(run / "sae"), params, S.SAESpec("relu", d, 2 * d), 1.0, cfg, store.meta, IN_HOOK)
+    info = json.loads((run / "sae" / "sae.json").read_text())
+    write_json(str(run / "sae" / "sae.json"), {**info, "target_hook": OUT_HOOK})
+
+    assert main(["eval", str(run), "--sequences", "8", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"at {IN_HOOK} → {OUT_HOOK}" in printed
+    result = json.loads((run / "eval_lm.json").read_text())
+    lm, rows = result["lm"], result["sae"]
+    assert 0.0 < lm["ce_loss_recovered"] < 1.0 and 0.0 < lm["kl_spliced"] < lm["kl_zero"]
+    held_x, held_y = x[-rows["tokens"] :], y[-rows["tokens"] :]
+    residual = held_y - held_x @ A
+    expected = np.sum(residual**2) / np.sum((held_y - held_y.mean(0)) ** 2)
+    assert rows["fvu"] == pytest.approx(expected, rel=1e-3) and 0.0 < rows["fvu"] < 1.0
