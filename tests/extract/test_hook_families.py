@@ -19,7 +19,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from extract.hooks import Capture, Splice, hook_width, parse_hooks, validate_hooks  # noqa: E402
+from extract.hooks import (  # noqa: E402
+    Capture,
+    Splice,
+    SpliceFrom,
+    hook_width,
+    parse_hooks,
+    validate_hooks,
+)
 from saejax.errors import SaejaxError  # noqa: E402
 
 N_LAYERS, VOCAB = 3, 64
@@ -487,3 +494,21 @@ def test_mlp_input_points_are_refused_where_the_block_has_none(family):
             assert kind_name in message and point.name in message and "\n" not in message
             assert "refused" in message
     assert n_hooks() == before
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if mlp_input_kinds(REF[f])])
+def test_splice_from_the_mlp_input_into_the_mlp_output(family):
+    """SpliceFrom hands the replacement the MLP input of the same forward: the result equals
+    two passes, one capturing the clean input and one splicing a function of it by Splice."""
+    model, ids = tiny_model(family), _ids()
+    for kind in mlp_input_kinds(REF[family]):
+        source, target = parse_hooks([f"blocks.1.{kind}", "blocks.1.hook_mlp_out"])
+        with Capture(model, [source]) as capture, torch.no_grad():
+            clean_input = capture.run(ids)[source.name]
+        with Splice(model, target, lambda t: t + 0.5 * clean_input), torch.no_grad():
+            expected = model(input_ids=ids, use_cache=False).logits
+        with SpliceFrom(model, source, target, lambda x, t: t + 0.5 * x), torch.no_grad():
+            got = model(input_ids=ids, use_cache=False).logits
+        _close(got, expected, f"{family} {source.name} -> {target.name}")
+    with pytest.raises(SaejaxError, match="not reached before"):
+        SpliceFrom(model, target, source, lambda x, t: x)
