@@ -12,11 +12,12 @@
                                exactly what the MLP receives (transcoders read it)
 
 Inside a block the points come in this order (`hook_order`): resid_pre, attn_out, resid_mid,
-ln2.hook_normalized, mlp.hook_pre, mlp_out, resid_post. The two MLP-input points exist only in
-sequential pre-norm blocks (`block_form`): parallel blocks (GPT-J, Pythia, Falcon) have no
-residual stream between attention and MLP, and where the MLP reads the attention's own norm
-output a splice there would change the attention too; OPT-350m's post-norm blocks feed the MLP
-a normalised residual, so neither name means there what it means elsewhere. Those are refused.
+ln2.hook_normalized, mlp.hook_pre, mlp_out, resid_post. The two MLP-input points are defined in
+sequential pre-norm blocks (`block_form`). Parallel blocks (GPT-J, Pythia, Falcon) have no
+residual stream between attention and MLP, so no resid_mid; of them only Pythia's MLP has a norm
+of its own for ln2.hook_normalized (GPT-J's and Falcon's read the attention's input norm, and a
+splice there would change the attention too). OPT-350m's post-norm blocks feed the MLP a
+normalised residual, so neither name means there what it means elsewhere. Those are refused.
 
 Where each point lives differs per family, so it is written down per `model_type` in
 `LAYOUTS` (each layout is checked against a plain forward-hook reference in
@@ -165,8 +166,8 @@ def mlp_input_norm(model, point: HookPoint, layout: Layout) -> str:
         "normalised residual and the point would mean something else here",
     }.get(form, "has no norm of its own in front of the MLP")
     if form == "parallel" and point.kind == "ln2_normalized":
-        why = "feeds its MLP the attention's own input norm, so a splice there would change "
-        why += "the attention too"
+        why = "runs attention and the MLP in parallel with no norm known to be the MLP's own "
+        why += "(a splice of a norm both read would change the attention too)"
     raise SaejaxError(f"hook {point.name}: model type '{kind}' {why}; it is refused")
 
 
