@@ -47,7 +47,9 @@ def _eval(args) -> int:
     recovered = lm["ce_loss_recovered"]
     print(f"sae          {describe_metrics(s)}   ({s['tokens']:,} rows)")
     print(
-        f"model        {lm['model']} at {lm['hook']}, {lm['sequences']} held-out sequences, "
+        f"model        {lm['model']} at {lm['hook']}"
+        + (f" → {lm['target_hook']}" if lm.get("target_hook") else "")
+        + f", {lm['sequences']} held-out sequences, "
         f"{lm['predicted_tokens']:,} predicted tokens"
     )
     print(

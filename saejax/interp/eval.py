@@ -25,6 +25,15 @@ eval_lm.json records the convention (`scored_positions`, `special_token_ids`) an
 of the evaluated sequences. Alongside, the SAE's own held-out metrics (train.evaluate:
 explained variance, FVU with and without outlier rows, median relative error, L0, ...) in
 model units.
+
+Transcoders (`info["target_hook"]` set: the input from `info["hook"]`, the output in place of
+the target hook, e.g. blocks.L.ln2.hook_normalized → blocks.L.hook_mlp_out) are judged the
+same way with the target in the SAE's place: in one forward pass the input hook is read and
+the target hook replaced by the transcoder's output of it, and the zero-ablation baselines
+zero the target hook. So ce_loss_recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean) with
+CE_zero the model with the target (the MLP output) deleted. The held-out row metrics compare
+the transcoder's output with the target hook's rows, read beside the input rows (same rows of
+one store, aligned by construction); FVU and its outliers are those of the target rows.
 """
 
 from __future__ import annotations
@@ -89,6 +98,20 @@ def _scores(logp_clean, logp, ids, mask) -> tuple[float, float, int, int]:
     )
 
 
+def check_transcoder_hooks(hook: str, target_hook: str | None) -> None:
+    """One line when a transcoder's input hook is not reached before its target hook."""
+    from extract.hooks import hook_order, parse_hooks
+
+    if target_hook is None:
+        return
+    source, target = parse_hooks(hook)[0], parse_hooks(target_hook)[0]
+    if hook_order(source) >= hook_order(target):
+        raise SaejaxError(
+            f"the transcoder's input hook {hook} is not reached before its target hook "
+            f"{target_hook} in the forward pass, so it cannot be spliced in for the target"
+        )
+
+
 def run_lm_eval(
     sae,
     store,
@@ -104,8 +127,10 @@ def run_lm_eval(
     import torch
     from tqdm import tqdm
 
-    from extract.hooks import Splice, parse_hooks, validate_hooks
+    from extract.hooks import Splice, SpliceFrom, parse_hooks, validate_hooks
 
+    target_hook = sae.info.get("target_hook")
+    check_transcoder_hooks(hook, target_hook)
     meta = store.meta
     first_kept = 1 if meta.get("prepend_bos") and meta.get("bos_dropped", True) else 0
     if int(meta.get("skip_positions") or 0) > first_kept:
@@ -115,17 +140,34 @@ def run_lm_eval(
         )
     loaded = load_cached(*model_for(sae.info, meta, model_name), model_dtype, device)
     point = parse_hooks(hook)[0]
-    validate_hooks([point], loaded.model)
+    target = parse_hooks(target_hook)[0] if target_hook else None
+    validate_hooks([point] + ([target] if target else []), loaded.model)
+    ablated = target or point  # the point the splice replaces and the baselines zero
     special = special_token_ids(loaded.tokenizer)
     sequences = held_out_sequences(store, validation_tokens, n_sequences)
     if not sequences:
         raise SaejaxError(f"the store {store.path} has no whole held-out sequence to evaluate on")
 
-    def reconstruct(t):
-        """The SAE runs in JAX on float32 host arrays; its output goes back where t lives."""
+    def reconstruct(t, like=None):
+        """The SAE runs in JAX on float32 host arrays; its output goes back where `like` (the
+        activation it replaces: t itself for an SAE, the target for a transcoder) lives."""
+        like = t if like is None else like
         flat = t.detach().float().cpu().numpy().reshape(-1, t.shape[-1])
-        recon = np.array(sae.reconstruct(flat), np.float32).reshape(t.shape)  # a writable copy
-        return torch.from_numpy(recon).to(device=t.device, dtype=t.dtype)
+        recon = np.array(sae.reconstruct(flat), np.float32)  # a writable copy
+        if recon.shape != (flat.shape[0], like.shape[-1]):
+            raise SaejaxError(
+                f"the SAE maps {t.shape[-1]} inputs to {recon.shape[1:]} outputs, but "
+                f"{ablated.name} has width {like.shape[-1]}"
+            )
+        return torch.from_numpy(recon.reshape(like.shape)).to(device=like.device, dtype=like.dtype)
+
+    def spliced(keep):
+        """The context that puts the SAE's output in place, where `keep` is true."""
+        if target is None:
+            return Splice(model, point, lambda t: torch.where(keep, reconstruct(t), t))
+        return SpliceFrom(
+            model, point, target, lambda x, t: torch.where(keep, reconstruct(x, like=t), t)
+        )
 
     names = ("clean", "spliced", "zero", "zero_bos_kept")
     ce = dict.fromkeys(names, 0.0)
@@ -148,16 +190,20 @@ def run_lm_eval(
             keep = mask[..., None].to(loaded.device)  # where the splice acts
             ids_on_model = ids.to(loaded.device)
 
-            def only_scored(fn, keep=keep):
-                return lambda t: torch.where(keep, fn(t), t)
-
             logp = {"clean": _log_probs(model, ids_on_model)}
-            for name, fn in (
-                ("spliced", only_scored(reconstruct)),
-                ("zero", torch.zeros_like),
-                ("zero_bos_kept", only_scored(torch.zeros_like)),
+            for name, context in (
+                ("spliced", spliced(keep)),
+                ("zero", Splice(model, ablated, torch.zeros_like)),
+                (
+                    "zero_bos_kept",
+                    Splice(
+                        model,
+                        ablated,
+                        lambda t, keep=keep: torch.where(keep, torch.zeros_like(t), t),
+                    ),
+                ),
             ):
-                with Splice(model, point, fn):
+                with context:
                     logp[name] = _log_probs(model, ids_on_model)
             for name in names:
                 c, k, nc, nk = _scores(logp["clean"], logp[name], ids, mask)
@@ -183,6 +229,8 @@ def run_lm_eval(
         zero_ablation="every position",
         model=loaded.model_id,
         hook=hook,
+        target_hook=target_hook,
+        ablated_hook=ablated.name,
         bos_left_clean=bool(meta.get("prepend_bos")),
     )
     return out
@@ -223,7 +271,67 @@ def resolve_run_store(run: str, sae, store_path: str | None = None):
             f"the SAE has d_in {sae.spec.d_in} but {hook} in {store_path} has "
             f"width {store.d_in_of(hook)}"
         )
+    target = sae.info.get("target_hook")
+    if target:
+        d_out = getattr(sae.spec, "d_out", None) or sae.spec.d_in
+        if target not in store.hooks:
+            raise SaejaxError(
+                f"the store {store_path} has no hook {target}, the transcoder's target "
+                f"(it has {store.hooks})"
+            )
+        if store.d_in_of(target) != d_out:
+            raise SaejaxError(
+                f"the transcoder has d_out {d_out} but {target} in {store_path} has "
+                f"width {store.d_in_of(target)}"
+            )
     return store, hook
+
+
+def transcoder_row_metrics(sae, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict:
+    """Held-out metrics of a transcoder: its output for input rows `x` against the target rows
+    `y`, with train.evaluate's definitions (pooled FVU about the mean of y, the same outlier
+    rule on the norms of y, median relative error, L0 and latents silent on these rows)."""
+    from saejax.train.evaluate import OUTLIER_NORM_RATIO
+
+    n = len(x)
+    row_err, row_sq = np.zeros(n), np.zeros(n)
+    fires, l0 = np.zeros(sae.spec.d_sae), 0.0
+    for i in range(0, n, batch_size):
+        xs = np.asarray(x[i : i + batch_size], np.float32)
+        ys = np.asarray(y[i : i + batch_size], np.float64)
+        y_hat = np.asarray(sae.reconstruct(xs), np.float64)
+        row_err[i : i + len(xs)] = np.sum(np.square(ys - y_hat), -1)
+        row_sq[i : i + len(xs)] = np.sum(ys * ys, -1)
+        active = np.asarray(sae.encode(xs)) > 0
+        fires += active.sum(0)
+        l0 += float(active.sum())
+    y64 = np.asarray(y, np.float64)
+    norms = np.sqrt(row_sq)
+    inliers = norms <= OUTLIER_NORM_RATIO * np.median(norms)
+
+    def fvu(mask) -> float | None:
+        if not mask.any():
+            return None
+        centred = y64[mask] - y64[mask].mean(0)
+        return float(row_err[mask].sum() / max(float(np.sum(centred * centred)), 1e-12))
+
+    whole, without = fvu(np.ones(n, bool)), fvu(inliers)
+    silent = float(np.mean(fires == 0))
+    return {
+        "tokens": n,
+        "compared_with": "the target hook's rows (a transcoder)",
+        "mse": float(row_err.sum() / n),
+        "fvu": whole,
+        "explained_variance": 1.0 - whole,
+        "fvu_without_outliers": without,
+        "explained_variance_without_outliers": None if without is None else 1.0 - without,
+        "outlier_rows": int(n - inliers.sum()),
+        "outlier_norm_ratio": OUTLIER_NORM_RATIO,
+        "median_relative_error": float(np.median(np.sqrt(row_err) / np.maximum(norms, 1e-12))),
+        "l0": l0 / n,
+        "silent_in_eval_fraction": silent,
+        "dead_fraction": silent,
+    }
 
 
 def evaluate_run(
@@ -241,7 +349,7 @@ def evaluate_run(
     `device` in `model_dtype` (None: the defaults of extract.models.resolve_device)."""
     from extract.models import resolve_device, resolve_model_dtype
     from saejax.config import load_config
-    from saejax.train.data import ArraySource, validation_rows
+    from saejax.train.data import ArraySource, split_columns, validation_rows
     from saejax.train.evaluate import evaluate_rows
     from saejax.train.sae_files import load_sae
 
@@ -255,10 +363,17 @@ def evaluate_run(
     config_path = os.path.join(run, "config.yaml")
     cfg = load_config(config_path, check=False) if os.path.exists(config_path) else None
     store, hook = resolve_run_store(run, sae, store_path)
+    check_transcoder_hooks(hook, sae.info.get("target_hook"))
     store_path = store.path
     data_cfg = cfg.data if cfg else load_config(None, [f"data.path={store_path}"]).data
-    rows = validation_rows(ArraySource(store_path, hook), data_cfg)
-    result = {"sae": evaluate_rows(sae.params, sae.spec, 1.0, rows)}
+    target = sae.info.get("target_hook")
+    if target:  # the input and target rows side by side, the same rows of one store
+        source = ArraySource(store_path, hook, also=[target])
+        x, y = split_columns(validation_rows(source, data_cfg), source.widths)
+        result = {"sae": transcoder_row_metrics(sae, x, y)}
+    else:
+        rows = validation_rows(ArraySource(store_path, hook), data_cfg)
+        result = {"sae": evaluate_rows(sae.params, sae.spec, 1.0, rows)}
     result["lm"] = run_lm_eval(
         sae,
         store,

@@ -5,6 +5,11 @@ forward hooks registered here on the modules named in REF below, and identities 
 residual stream (attn_out + mlp_out = resid_post - resid_pre; for sequential blocks the
 input of the norm that feeds the MLP is resid_pre + attn_out). Every norm weight and bias
 is random, so a point taken on the wrong side of a norm differs.
+
+The MLP-input points (issue 21, for transcoders) are checked the same way: hook_resid_mid is
+the input of the norm that feeds the MLP and equals resid_pre + attn_out; ln2.hook_normalized
+is what the MLP's first projection receives. Families whose blocks have no such point (parallel
+attention and MLP, post-norm) refuse them in one line.
 """
 
 import functools
@@ -14,11 +19,19 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from extract.hooks import Capture, Splice, hook_width, parse_hooks, validate_hooks  # noqa: E402
+from extract.hooks import (  # noqa: E402
+    Capture,
+    Splice,
+    SpliceFrom,
+    hook_width,
+    parse_hooks,
+    validate_hooks,
+)
 from saejax.errors import SaejaxError  # noqa: E402
 
 N_LAYERS, VOCAB = 3, 64
 KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_pre")
+MLP_INPUT_KINDS = ("hook_resid_mid", "ln2.hook_normalized")
 SMALL = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -139,8 +152,13 @@ REF = {
     "gpt2": dict(blocks="transformer.h", attn="attn", mlp="mlp", mid="ln_2", up="mlp.c_fc"),
     "gpt_neo": dict(blocks="transformer.h", attn="attn", mlp="mlp", mid="ln_2", up="mlp.c_fc"),
     "gptj": dict(blocks="transformer.h", attn="attn", mlp="mlp", mid=None, up="mlp.fc_in"),
-    "gpt_neox_parallel": dict(
-        blocks="gpt_neox.layers", attn="attention", mlp="mlp", mid=None, up="mlp.dense_h_to_4h"
+    "gpt_neox_parallel": dict(  # the MLP has a norm of its own, of the block input
+        blocks="gpt_neox.layers",
+        attn="attention",
+        mlp="mlp",
+        mid=None,
+        up="mlp.dense_h_to_4h",
+        mlp_norm="post_attention_layernorm",
     ),
     "gpt_neox_sequential": dict(
         blocks="gpt_neox.layers",
@@ -187,6 +205,18 @@ REF = {
     ),
 }
 FAMILIES = list(REF)
+
+
+def mlp_input_kinds(ref) -> tuple:
+    """The MLP-input points a family has: both in sequential pre-norm blocks, the normalised
+    input alone where a parallel block's MLP has a norm of its own (Pythia)."""
+    if ref["mid"]:
+        return MLP_INPUT_KINDS
+    return ("ln2.hook_normalized",) if ref.get("mlp_norm") else ()
+
+
+def mlp_norm(ref):
+    return ref["mid"] or ref.get("mlp_norm")
 
 
 def _get(root, path):
@@ -289,14 +319,15 @@ def _close(actual, expected, what):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_hook_equals_the_plain_reference(family):
     model, ref, ids = tiny_model(family), REF[family], _ids()
-    names = [f"blocks.{layer}.{kind}" for layer in range(N_LAYERS) for kind in KINDS]
+    kinds = KINDS + mlp_input_kinds(ref)
+    names = [f"blocks.{layer}.{kind}" for layer in range(N_LAYERS) for kind in kinds]
     points = parse_hooks(names)
     validate_hooks(points, model)
     with Capture(model, points, stop_early=False) as capture, torch.no_grad():
         got = capture.run(ids)
     seen, hidden, _ = _reference(model, ref, ids)
     for layer in range(N_LAYERS):
-        g = {kind: got[f"blocks.{layer}.{kind}"] for kind in KINDS}
+        g = {kind: got[f"blocks.{layer}.{kind}"] for kind in kinds}
         pre, post = seen[("in", layer)], seen[("out", layer)]
         _close(pre, hidden[layer], f"{family}: block {layer} input vs hidden_states")
         if layer < N_LAYERS - 1:  # the last hidden state has the final norm applied
@@ -306,7 +337,12 @@ def test_every_hook_equals_the_plain_reference(family):
         _close(g["hook_attn_out"], seen[("attn", layer)], f"{family} L{layer} attn_out")
         _close(g["hook_mlp_out"], seen[("mlp", layer)], f"{family} L{layer} mlp_out")
         _close(g["mlp.hook_pre"], seen[("pre", layer)], f"{family} L{layer} mlp.hook_pre")
-        for kind in KINDS:
+        if "ln2.hook_normalized" in g:  # what the MLP's first projection reads
+            _close(g["ln2.hook_normalized"], seen[("up_in", layer)], f"{family} L{layer} ln2")
+        if "hook_resid_mid" in g:
+            _close(g["hook_resid_mid"], seen[("mid", layer)], f"{family} L{layer} resid_mid")
+            _close(g["hook_resid_mid"], pre + g["hook_attn_out"], f"{family} L{layer} mid sum")
+        for kind in kinds:
             assert g[kind].shape[-1] == hook_width(parse_hooks(f"blocks.{layer}.{kind}")[0], model)
         block = _get(model, ref["blocks"])[layer]
         if "post_norms" in ref:  # post-norm: resid_post = ln2(ln1(resid_pre + attn) + mlp)
@@ -324,7 +360,7 @@ def test_every_hook_equals_the_plain_reference(family):
             _close(g["hook_attn_out"], seen[("mid", layer)] - pre, f"{family} L{layer} attn_out")
             _close(g["hook_mlp_out"], post - seen[("mid", layer)], f"{family} L{layer} mlp_out")
     # the truncated forward that extraction uses records the same values
-    early = parse_hooks([f"blocks.1.{kind}" for kind in KINDS])
+    early = parse_hooks([f"blocks.1.{kind}" for kind in kinds])
     with Capture(model, early) as capture, torch.no_grad():
         truncated = capture.run(ids)
     for p in early:
@@ -335,6 +371,7 @@ def _edited_logits(model, ref, layer, kind, ids, edit):
     """Logits with `edit` applied to the activation [batch, positions, width] by a plain hook
     registered here (OPT's flattened rows unflattened, Phi-3's gate rows only)."""
     block = _get(model, ref["blocks"])[layer]
+    handles = []
     if kind == "hook_resid_pre":
 
         def edit_input(m, args, kwargs):
@@ -343,11 +380,29 @@ def _edited_logits(model, ref, layer, kind, ids, edit):
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
 
         handle = block.register_forward_pre_hook(edit_input, with_kwargs=True)
+    elif kind == "hook_resid_mid":
+        # the MLP's norm reads the edited value, and the block's output moves by the same
+        # difference (the sum after the MLP reads resid_mid too)
+        delta = {}
+
+        def edit_norm_input(m, args):
+            new = edit(_rows(args[0], ids)).reshape(args[0].shape)
+            delta["d"] = new - args[0]
+            return (new, *args[1:])
+
+        def add_delta(m, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            new = t + delta["d"].reshape(t.shape)
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        handles.append(_get(block, ref["mid"]).register_forward_pre_hook(edit_norm_input))
+        handle = block.register_forward_hook(add_delta)
     else:
         path = {
             "hook_attn_out": ref["attn"],
             "hook_mlp_out": ref["mlp"],
             "mlp.hook_pre": ref["up"],
+            "ln2.hook_normalized": mlp_norm(ref),
         }.get(kind)
         module = block if path is None else _get(block, path)
         rows = ref.get("gate_rows") if kind == "mlp.hook_pre" else None
@@ -366,7 +421,8 @@ def _edited_logits(model, ref, layer, kind, ids, edit):
         with torch.no_grad():
             return model(input_ids=ids, use_cache=False).logits
     finally:
-        handle.remove()
+        for h in [handle, *handles]:
+            h.remove()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -378,7 +434,7 @@ def test_splice_matches_the_plain_reference(family):
     with torch.no_grad():
         clean = model(input_ids=ids, use_cache=False).logits
     layer = 1
-    for kind in KINDS:
+    for kind in KINDS + mlp_input_kinds(ref):
         point = parse_hooks(f"blocks.{layer}.{kind}")[0]
         with Capture(model, [point]) as capture, torch.no_grad():
             own = capture.run(ids)[point.name]
@@ -410,3 +466,49 @@ def test_an_unknown_family_is_refused_in_one_line():
             message = str(err.value)
             assert "olmo2" in message and point.name in message and "\n" not in message
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if len(mlp_input_kinds(REF[f])) < 2])
+def test_mlp_input_points_are_refused_where_the_block_has_none(family):
+    """Parallel blocks have no residual stream between attention and MLP, GPT-J's and Falcon's
+    MLP reads the attention's own norm output, OPT-350m is post-norm: one line each."""
+    model = tiny_model(family)
+    kind_name = model.config.model_type
+
+    def n_hooks():  # transformers keeps hooks of its own once hidden states were asked for
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = n_hooks()
+    for kind in MLP_INPUT_KINDS:
+        if kind in mlp_input_kinds(REF[family]):
+            continue
+        point = parse_hooks(f"blocks.1.{kind}")[0]
+        for call in (
+            lambda: validate_hooks([point], model),
+            lambda: Capture(model, [point]).__enter__(),
+            lambda: Splice(model, point, torch.zeros_like).__enter__(),
+        ):
+            with pytest.raises(SaejaxError) as err:
+                call()
+            message = str(err.value)
+            assert kind_name in message and point.name in message and "\n" not in message
+            assert "refused" in message
+    assert n_hooks() == before
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if mlp_input_kinds(REF[f])])
+def test_splice_from_the_mlp_input_into_the_mlp_output(family):
+    """SpliceFrom hands the replacement the MLP input of the same forward: the result equals
+    two passes, one capturing the clean input and one splicing a function of it by Splice."""
+    model, ids = tiny_model(family), _ids()
+    for kind in mlp_input_kinds(REF[family]):
+        source, target = parse_hooks([f"blocks.1.{kind}", "blocks.1.hook_mlp_out"])
+        with Capture(model, [source]) as capture, torch.no_grad():
+            clean_input = capture.run(ids)[source.name]
+        with Splice(model, target, lambda t: t + 0.5 * clean_input), torch.no_grad():
+            expected = model(input_ids=ids, use_cache=False).logits
+        with SpliceFrom(model, source, target, lambda x, t: t + 0.5 * x), torch.no_grad():
+            got = model(input_ids=ids, use_cache=False).logits
+        _close(got, expected, f"{family} {source.name} -> {target.name}")
+    with pytest.raises(SaejaxError, match="not reached before"):
+        SpliceFrom(model, target, source, lambda x, t: x)
