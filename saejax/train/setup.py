@@ -13,6 +13,7 @@ from saejax.config import MeshConfig, RunConfig, SAEConfig
 from saejax.core import sae as S
 from saejax.core.architectures import has_l1_penalty, matryoshka_prefixes
 from saejax.core.sharding import make_mesh
+from saejax.errors import SaejaxError
 from saejax.train import step as T
 from saejax.train.data import ArraySource, sample_rows, split_columns, split_rows
 from saejax.train.launch import Launch, resolve_launch
@@ -90,6 +91,10 @@ def checkpoint_info(cfg: RunConfig, d_in: int, d_out: int | None = None) -> dict
 def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple:
     """(input scale, initial b_dec) from a seeded sample of training rows. A transcoder's
     scale is (x's, y's), each to its own mean norm sqrt(width), and b_dec comes from y."""
+    if cfg.data.target_hook and len(source.widths) == 1:  # a caller that read x alone
+        raise SaejaxError(
+            "data.target_hook (a transcoder) is supported by `saejax train`, not here yet"
+        )
     split = split_rows(source.n_rows, cfg.data.validation_tokens, source.store)
     sample = sample_rows(source, 16384, cfg.data.seed, split.train_rows)
     parts = split_columns(sample, source.widths)

@@ -215,7 +215,7 @@ MESH_SCRIPT = textwrap.dedent(
 
     store, out, arch = sys.argv[2:5]
     extra = {
-        "relu": ["sae.architecture=relu", "sae.l1_coefficient=5.0", "sae.l1_warmup_steps=4",
+        "relu": ["sae.architecture=relu", "sae.l1_coefficient=20.0", "sae.l1_warmup_steps=4",
                  "train.resample.steps=[40]", "sae.dead_tokens=256"],
         "topk": ["sae.architecture=topk", "sae.k=4", "sae.dead_tokens=1024"],
     }[arch]
@@ -252,8 +252,6 @@ def test_meshes_match_one_device(arch, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = {m: dict(np.load(tmp_path / f"{arch}{m}.npz")) for m in ("1x1", "8x1", "4x2", "1x8")}
     ref = out["1x1"]
-    if arch == "relu":
-        assert int(ref["resampled"]) > 0
     for mesh, got in out.items():
         d, m = map(int, mesh.split("x"))
         assert int(got["shards"]) == d * m
@@ -261,6 +259,8 @@ def test_meshes_match_one_device(arch, tmp_path):
             np.testing.assert_allclose(
                 got[key], ref[key], rtol=2e-3, atol=5e-5, err_msg=f"{mesh}: {key}"
             )
+    if arch == "relu":
+        assert int(ref["resampled"]) > 0
 
 
 def test_stop_and_resume_equals_uninterrupted(toy_store, tmp_path):
@@ -426,3 +426,12 @@ def test_bad_transcoder_configs_are_refused(toy_store, tmp_path, overrides, mess
     with pytest.raises(SaejaxError, match=message):
         train(transcoder_config(toy_store[0], str(tmp_path / "run"), *overrides))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_sweep_refuses_a_target_hook_in_one_line(toy_store, tmp_path, capsys):
+    """`saejax sweep` reads one hook: it must not train SAEs where transcoders were asked."""
+    sets = [f"data.path={toy_store[0]}", "data.hook=in", "data.target_hook=out"]
+    args = ["sweep", "--d-sae", "32,64", "--out", str(tmp_path / "sweep")]
+    assert main(args + [f"--set={s}" for s in sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.target_hook" in err[0], err
