@@ -272,7 +272,8 @@ def describe(est: dict) -> str:
     m = est["mesh"]
     lines = [
         f"mesh         data {m['data']} × model {m['model']} = {m['data'] * m['model']} devices",
-        f"sae          d_in {est['d_in']:,}  d_sae {est['d_sae']:,}  batch {est['batch_size']:,}",
+        f"sae          d_in {est['d_in']:,}  d_sae {est['d_sae']:,}  batch {est['batch_size']:,}"
+        + (f"  d_out {est['d_out']:,}" if est.get("d_out", est["d_in"]) != est["d_in"] else ""),
         "per device",
     ]
     for key, value in est["bytes_per_device"].items():
