@@ -22,7 +22,13 @@ from typing import Literal
 
 import yaml
 
-from saejax.core.architectures import ARCHITECTURES, TOPK_KERNELS, selects_top_k
+from saejax.core.architectures import (
+    ARCHITECTURES,
+    TOPK_KERNELS,
+    TRANSCODER_ARCHITECTURES,
+    selects_top_k,
+    supports_transcoder,
+)
 from saejax.errors import SaejaxError
 from saejax.io import is_url
 
@@ -50,6 +56,11 @@ class DataConfig:
 
     path: str = setting("", "an activation store directory, or a .npy file [n, d_in]")
     hook: str | None = setting(None, "which hook of a multi-hook store (null: its only hook)")
+    target_hook: str | None = setting(
+        None,
+        "a transcoder's target: another hook of the same store that the SAE reconstructs from "
+        "`hook` (null: an ordinary SAE)",
+    )
     seed: int = setting(0, "shuffling seed: the same seed gives the same batches")
     validation_tokens: int = setting(
         8192,
@@ -156,6 +167,9 @@ class SAEConfig:
         True, "scale inputs to mean norm sqrt(d_in); folded back into the saved SAE"
     )
     dtype: Dtype = setting("float32", "compute dtype of the matmuls; master weights stay float32")
+    skip_connection: bool = setting(
+        False, "transcoders: add a linear skip x·W_skipᵀ (W_skip [d_out, d_in], starts at zero)"
+    )
     topk_kernel: TopkKernel = setting(
         "sparse",
         "topk: sparse (gather/scatter on the k selected; C++ on the CPU, XLA's primitives "
@@ -583,6 +597,28 @@ def _check_matryoshka_widths(s: SAEConfig) -> None:
         raise SaejaxError(f"sae.matryoshka_widths must be strictly increasing, got {widths}")
 
 
+def _check_transcoder(cfg: RunConfig) -> None:
+    """A target hook needs a store, a hook other than the input's and a supported activation;
+    a skip connection needs a target. (That the hook exists is checked when the store opens.)"""
+    d, s = cfg.data, cfg.sae
+    if not d.target_hook:
+        d.target_hook = None  # "" from the command line means none
+        if s.skip_connection:
+            raise SaejaxError("sae.skip_connection needs data.target_hook (a transcoder)")
+        return
+    if d.path.endswith(".npy"):
+        raise SaejaxError(
+            f"data.target_hook needs an activation store with both hooks; {d.path} is a plain array"
+        )
+    if d.target_hook == d.hook:
+        raise SaejaxError(f"data.target_hook must differ from data.hook (both {d.hook!r})")
+    if not supports_transcoder(s.architecture):
+        raise SaejaxError(
+            f"transcoders (data.target_hook) support sae.architecture "
+            f"{', '.join(TRANSCODER_ARCHITECTURES)}, not {s.architecture}"
+        )
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     s, t = cfg.sae, cfg.train
     _check_choices(cfg)
@@ -590,6 +626,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if selects_top_k(s.architecture) and not 0 < s.k <= s.d_sae:
         raise SaejaxError(f"sae.k must be in 1..d_sae ({s.d_sae}), got {s.k}")
     _check_matryoshka_widths(s)
+    _check_transcoder(cfg)
     if cfg.data.slices and t.batch_size % cfg.data.slices:
         raise SaejaxError(
             f"data.slices {cfg.data.slices} must divide train.batch_size {t.batch_size}"

@@ -65,3 +65,13 @@ def revived_vectors(architecture: str) -> tuple[str, ...]:
     """The [d_sae] parameters a resampled latent starts again from zero (the threshold keeps
     its value: it is a scale, not a bias)."""
     return ("b_gate", "r_mag", "b_mag") if is_gated(architecture) else ("b_enc",)
+
+
+# Transcoders (input from one hook, target from another) work with these activations; gated
+# and matryoshka_batchtopk are refused (their extra reconstructions assume x̂ ≈ x)
+TRANSCODER_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+def supports_transcoder(architecture: str) -> bool:
+    """Whether `architecture` may be trained as a transcoder (`data.target_hook`)."""
+    return architecture in TRANSCODER_ARCHITECTURES

@@ -1,10 +1,15 @@
-"""Sparse autoencoders in Flax: relu, topk, batchtopk, jumprelu and gated.
+"""Sparse autoencoders in Flax: relu, topk, batchtopk, jumprelu and gated; and transcoders.
 
 Parameters follow the ecosystem's layout: W_enc [d_in, d_sae], b_enc [d_sae],
 W_dec [d_sae, d_in], b_dec [d_in], and threshold [d_sae] (jumprelu; batchtopk
 keeps its learned inference threshold there too, updated as a running statistic,
 not by gradients). Gated SAEs have b_gate, r_mag and b_mag [d_sae] in place of b_enc
-(SAELens's names). All maths is in pure functions of the parameter dict so that
+(SAELens's names).
+
+A transcoder (`SAESpec.transcoder`) encodes x from one hook and reconstructs y of another:
+W_dec [d_sae, d_out], b_dec [d_out], its input is not centred by b_dec (SAELens's and
+sparsify's transcoders neither), and with `skip_connection` it adds x·W_skipᵀ, W_skip
+[d_out, d_in] (initialised to zeros). All maths is in pure functions of the parameter dict so that
 training, evaluation and export share one definition; `SparseAutoencoder` is the
 Flax module that declares and initialises the parameters.
 """
@@ -22,10 +27,12 @@ import numpy as np
 from saejax.core import cpu_kernels, pallas_kernels
 from saejax.core.architectures import (
     TOPK_KERNELS,
+    TRANSCODER_ARCHITECTURES,
     batch_selects,
     has_threshold,
     is_gated,
     selects_top_k,
+    supports_transcoder,
     uses_sparse_kernels,
 )
 from saejax.core.sharding import LATENT_BLOCK, LATENT_SPECS, ROW_BLOCK, constrain, varying_axes
@@ -48,11 +55,24 @@ class SAESpec:
     # matryoshka_batchtopk: the nested prefix widths, the whole dictionary last
     # (`architectures.matryoshka_prefixes`); a tuple (a JSON list read back is made one)
     matryoshka_widths: tuple = ()
+    # transcoders: the target's width (0: d_in, an SAE), whether the input is left uncentred
+    # and reconstructs another hook, and the optional linear skip W_skip [d_out, d_in]
+    d_out: int = 0
+    transcoder: bool = False
+    skip_connection: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
+        object.__setattr__(self, "d_out", int(self.d_out or self.d_in))
         if self.topk_kernel not in TOPK_KERNELS:
             raise ValueError(f"topk_kernel must be one of {TOPK_KERNELS}, got {self.topk_kernel!r}")
+        if self.transcoder and not supports_transcoder(self.architecture):
+            raise ValueError(
+                f"transcoders support {', '.join(TRANSCODER_ARCHITECTURES)}, "
+                f"not {self.architecture}"
+            )
+        if not self.transcoder and (self.skip_connection or self.d_out != self.d_in):
+            raise ValueError("d_out != d_in and skip_connection need transcoder=True")
 
     @property
     def uses_sparse_kernels(self) -> bool:
@@ -102,11 +122,15 @@ class SparseAutoencoder(nn.Module):
             w = jax.random.normal(key, shape, dtype)
             return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
-        W_dec = self.param("W_dec", unit_rows, (s.d_sae, s.d_in))
-        # Tied initialisation: each encoder column starts as its decoder row.
-        W_enc = self.param("W_enc", lambda key: W_dec.T)
-        b_dec = self.param("b_dec", nn.initializers.zeros, (s.d_in,))
+        W_dec = self.param("W_dec", unit_rows, (s.d_sae, s.d_out))
+        if s.transcoder:  # input and output live in different spaces: nothing to tie
+            W_enc = self.param("W_enc", lambda key: unit_rows(key, (s.d_sae, s.d_in)).T)
+        else:  # tied initialisation: each encoder column starts as its decoder row
+            W_enc = self.param("W_enc", lambda key: W_dec.T)
+        b_dec = self.param("b_dec", nn.initializers.zeros, (s.d_out,))
         params = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec}
+        if s.skip_connection:
+            params["W_skip"] = self.param("W_skip", nn.initializers.zeros, (s.d_out, s.d_in))
         if is_gated(s.architecture):  # both paths start as a ReLU SAE's encoder
             for name in ("b_gate", "r_mag", "b_mag"):
                 params[name] = self.param(name, nn.initializers.zeros, (s.d_sae,))
@@ -346,6 +370,8 @@ def encoder_scores(params, x, spec: SAESpec):
     it over the rows, and on a latent-split mesh all-reduce that [rows, d_in] block over
     "model" first.
     """
+    if spec.transcoder:  # no centring: b_dec lives in the output space
+        return constrain(matmul(x, params["W_enc"], spec.compute_dtype), LATENT_BLOCK)
     b_dec, W_enc = params["b_dec"], params["W_enc"]
     fixed_b_dec = jax.lax.stop_gradient(b_dec)
     scores = matmul(x - fixed_b_dec, W_enc, spec.compute_dtype)
@@ -515,8 +541,20 @@ def gated_loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
 
 
 def decode(params, f, spec: SAESpec):
-    """On a mesh: per-shard partial reconstructions summed over "model" (`constrain`)."""
+    """f·W_dec + b_dec (a skip transcoder's x·W_skipᵀ is added by `output`). On a mesh:
+    per-shard partial reconstructions summed over "model" (`constrain`)."""
     return constrain(matmul(f, params["W_dec"], spec.compute_dtype), ROW_BLOCK) + params["b_dec"]
+
+
+def skip_term(params, x, spec: SAESpec):
+    """x·W_skipᵀ [rows, d_out]: a skip transcoder's linear path (W_skip is replicated)."""
+    return constrain(matmul(x, params["W_skip"].T, spec.compute_dtype), ROW_BLOCK)
+
+
+def output(params, x, f, spec: SAESpec):
+    """The reconstruction of the target from latents f of input x: decode, plus the skip."""
+    out = decode(params, f, spec)
+    return out + skip_term(params, x, spec) if spec.skip_connection else out
 
 
 def encode(params, x, spec: SAESpec, training: bool = False):
@@ -533,7 +571,7 @@ def forward(params, x, spec: SAESpec, training: bool = False):
         return decode(params, f, spec), f, pi_mag
     pre = pre_activations(params, x, spec)
     f = activate(params, pre, spec, training)
-    return decode(params, f, spec), f, pre
+    return output(params, x, f, spec), f, pre
 
 
 # ---- losses -----------------------------------------------------------------------
@@ -663,6 +701,7 @@ def select_and_decode(params, x, scores, k: int, spec: SAESpec):
     """
     scores = jax.lax.stop_gradient(scores)
     kernels = spec.kernels
+    params = _selection_params(params, spec)
     if _model_shards() == 1:
         return _select_and_decode_local(params, x, scores, k, kernels)
     from jax.sharding import PartitionSpec as P
@@ -705,6 +744,7 @@ def decode_top_k(params, x, scores, k: int, spec: SAESpec):
     reconstruction alone (an exact tie at the k-th value keeps every tied latent)."""
     scores = jax.lax.stop_gradient(scores)
     kernels = spec.kernels
+    params = _selection_params(params, spec)
     if _model_shards() == 1:
         return _select_and_decode_local(params, x, scores, k, kernels)[0]
     from jax.sharding import PartitionSpec as P
@@ -718,12 +758,25 @@ def decode_top_k(params, x, scores, k: int, spec: SAESpec):
     )(params, x, scores)
 
 
+def _selection_params(params, spec: SAESpec) -> dict:
+    """The parameters the sparse selection and decode read. Their "b_dec" is only the centre
+    subtracted from the input; a transcoder's input is not centred, so a zero centre of width
+    d_in stands in (its gradient is dropped; the real b_dec is added by the caller)."""
+    chosen = {name: value for name, value in params.items() if name in LATENT_SPECS}
+    if spec.transcoder:
+        chosen["b_dec"] = jnp.zeros(spec.d_in, jnp.float32)
+    return chosen
+
+
 def _sparse_forward(params, x, spec: SAESpec):
     """TopK through the sparse kernels: (reconstruction, values [B,k], idx [B,k], scores),
     scores being the pre-activations without b_enc."""
     scores = jax.lax.stop_gradient(encoder_scores(params, x, spec))
     decoded, acts, idx = select_and_decode(params, x, scores, spec.k, spec)
-    return decoded + params["b_dec"], acts, idx, scores
+    out = decoded + params["b_dec"]
+    if spec.skip_connection:
+        out = out + skip_term(params, x, spec)
+    return out, acts, idx, scores
 
 
 def matryoshka_loss(params, x, f, spec: SAESpec, variance, fvu):
@@ -741,8 +794,9 @@ def matryoshka_loss(params, x, f, spec: SAESpec, variance, fvu):
     return total / len(spec.matryoshka_widths)
 
 
-def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
-    """The main training loss (AuxK apart, see `loss_and_grads`). `x` is in training units.
+def loss_fn(params, x, spec: SAESpec, sparsity_coefficient, y=None):
+    """The main training loss (AuxK apart, see `loss_and_grads`). `x` is in training units;
+    `y` is a transcoder's target (None: x itself), which the errors and FVU are measured on.
 
     Returns (loss, (parts, fires, smallest_active, pre, err)): fires [d_sae] counts the
     rows in which each latent is active; smallest_active is the smallest positive
@@ -765,13 +819,14 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
         active = f > 0
         fires = jnp.sum(active, axis=0, dtype=jnp.int32)
         smallest = jnp.min(jnp.where(active, f, jnp.inf))
-    err = x - x_hat
+    target = x if y is None else y
+    err = target - x_hat
     sq = jnp.sum(jnp.square(err))
-    variance = jnp.maximum(total_variance(x), 1e-12)
+    variance = jnp.maximum(total_variance(target), 1e-12)
     parts = {
         "mse": sq / x.shape[0],
         "fvu": sq / variance,
-        "fvu_without_outliers": fvu_without_outliers(x, err),
+        "fvu_without_outliers": fvu_without_outliers(target, err),
         "l0": jnp.mean(jnp.sum(active, axis=-1)),
         "aux_loss": jnp.float32(0.0),
         "sparsity_loss": jnp.float32(0.0),
@@ -793,20 +848,22 @@ def loss_fn(params, x, spec: SAESpec, sparsity_coefficient):
     return loss, (parts, fires, smallest, jax.lax.stop_gradient(pre), jax.lax.stop_gradient(err))
 
 
-def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coefficient):
-    """(parts, fires, smallest_active, grads) of the full loss, AuxK included.
+def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coefficient, y=None):
+    """(parts, fires, smallest_active, grads) of the full loss, AuxK included; `y` is a
+    transcoder's target (None: x). AuxK reconstructs the residual y − ŷ from x's dead latents.
 
     AuxK has its own gradient inside a lax.cond that runs only while some latent is dead:
     differentiating through the cond instead would keep both branches' residuals alive and
     cost as much as the AuxK pass itself on every step.
     """
     x = constrain(x, ROW_BLOCK)  # on a mesh: the rows regathered over "model" once, here
+    y = None if y is None else constrain(y, ROW_BLOCK)
     (_, (parts, fires, smallest, pre, err)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, x, spec, sparsity_coefficient
+        params, x, spec, sparsity_coefficient, y
     )
     if not selects_top_k(spec.architecture):
         return parts, fires, smallest, grads
-    variance = jnp.maximum(total_variance(x), 1e-12)
+    variance = jnp.maximum(total_variance(x if y is None else y), 1e-12)
 
     def with_aux(grads):
         aux, aux_grads = jax.value_and_grad(auxk_loss)(params, x, pre, err, dead, spec, variance)

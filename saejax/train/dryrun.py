@@ -17,6 +17,11 @@ architecture and compute dtype, fitted to `jax.jit(step).lower(...).compile()
 a test holds the total within 15% of argument + output − alias + temp). Other backends fuse
 differently: treat the figure as an estimate, and check on the device with one real step.
 
+A transcoder (data.target_hook) counts its decoder in the target's width d_out (W_dec
+[d_sae, d_out], b_dec [d_out]), the optional replicated W_skip [d_out, d_in] with its Adam
+moments and gradient all-reduce, and input rows d_in + d_out wide (both hooks side by side);
+the step_buffers' per-row term takes the mean of the two widths (not refitted for transcoders).
+
 Host memory (not on the device): the loader holds two shuffle groups (the one served and
 the one read ahead: 2 × shuffle_blocks × block_rows × d_in in the store's dtype) and up to
 prefetch + loader_threads ready batches.
@@ -92,10 +97,30 @@ def _groups(data: int, model: int, axis: str) -> tuple:
     return tuple(tuple(int(v) for v in row) for row in (ids if axis == "model" else ids.T))
 
 
-def collectives(cfg: RunConfig, d_in: int) -> dict:
+def target_width(cfg: RunConfig, d_in: int, d_out: int | None = None) -> int:
+    """d_out: as given, else the width of data.target_hook in the store, else d_in (an SAE)."""
+    if d_out:
+        return d_out
+    if not cfg.data.target_hook:
+        return d_in
+    from saejax.store import ActivationStore
+
+    return ActivationStore.open(cfg.data.path).d_in_of(cfg.data.target_hook)
+
+
+def _parameter_shapes(cfg: RunConfig, d_in: int, d_out: int, latents: int) -> list:
+    """The shapes of one device's parameters (latents split over "model")."""
+    s = cfg.sae
+    shapes = [(d_in, latents), (latents, d_out), (d_out,)]
+    shapes += [(latents,)] * len(latent_vectors(s.architecture))
+    return shapes + ([(d_out, d_in)] if s.skip_connection and cfg.data.target_hook else [])
+
+
+def collectives(cfg: RunConfig, d_in: int, d_out: int | None = None) -> dict:
     """{term: [Collective, ...]}: what the compiled step exchanges per step, as predicted from
     the config (terms whose names start with "auxk" run only while some latent is dead)."""
     s, data, model = cfg.sae, cfg.mesh.data, cfg.mesh.model
+    d_out = target_width(cfg, d_in, d_out)
     latents, rows = s.d_sae // model, cfg.train.batch_size // data
     over = {axis: _groups(data, model, axis) for axis in ("data", "model", "all")}
 
@@ -104,13 +129,12 @@ def collectives(cfg: RunConfig, d_in: int) -> dict:
         nbytes = sum(F32 * int(np.prod(dims)) for _, dims in shapes)
         return Collective(kind, shapes, nbytes, over[axis], "predicted", False, False)
 
-    params = [("f32", (d_in, latents)), ("f32", (latents, d_in)), ("f32", (d_in,))]
-    params += [("f32", (latents,))] * len(latent_vectors(s.architecture))
+    params = [("f32", shape) for shape in _parameter_shapes(cfg, d_in, d_out, latents)]
     gradients = op("all-reduce", "data", *params)
-    rows_d_in = ("f32", (rows, d_in))
-    recon = op("all-reduce", "model", rows_d_in)
+    rows_in = ("f32", (rows, d_in + d_out if cfg.data.target_hook else d_in))  # [x | y]
+    recon = op("all-reduce", "model", ("f32", (rows, d_out)))
     terms = {
-        "inputs_regathered_over_model": [op("all-gather", "model", rows_d_in)],
+        "inputs_regathered_over_model": [op("all-gather", "model", rows_in)],
         "reconstruction_sum_over_model": [recon],
         "gradient_all_reduce_over_data": [gradients],
         # per-row sums over the latents: L0 (and relu's or gated's L1 penalty); per-latent
@@ -160,13 +184,15 @@ def processes_of(cfg: RunConfig) -> int:
     return max(1, cfg.data.slices or 1)
 
 
-def communication(cfg: RunConfig, d_in: int, processes: int | None = None) -> dict:
+def communication(
+    cfg: RunConfig, d_in: int, processes: int | None = None, d_out: int | None = None
+) -> dict:
     """Bytes one device sends per step, per term, with the total split into within-host and
     across-host bytes for `processes` processes of mesh.data·mesh.model/processes devices."""
     n = cfg.mesh.data * cfg.mesh.model
     processes = processes or processes_of(cfg)
     per_process = max(1, n // processes)
-    terms = collectives(cfg, d_in)
+    terms = collectives(cfg, d_in, d_out)
     out = {name: traffic(ops, n, per_process)["total"] for name, ops in terms.items()}
     split = traffic([c for ops in terms.values() for c in ops], n, per_process)
     out["total"] = split["total"]
@@ -185,30 +211,39 @@ def _step_kind(architecture: str, topk_kernel: str) -> str:
 
 
 def estimate(
-    cfg: RunConfig, d_in: int, store_itemsize: int = F32, processes: int | None = None
+    cfg: RunConfig,
+    d_in: int,
+    store_itemsize: int = F32,
+    processes: int | None = None,
+    d_out: int | None = None,
 ) -> dict:
     """Bytes per device and per host, and bytes sent per step; `store_itemsize` is the size
     of one stored value (2 for a bfloat16 store, 4 for float32 and .npy float32);
-    `processes` lays the devices over that many processes (default: `processes_of`)."""
+    `processes` lays the devices over that many processes (default: `processes_of`);
+    `d_out` a transcoder's target width (None: from the store when data.target_hook is set)."""
     s, data, model = cfg.sae, cfg.mesh.data, cfg.mesh.model
+    d_out = target_width(cfg, d_in, d_out)
     latents = s.d_sae // model
     rows = cfg.train.batch_size // data
-    vectors = len(latent_vectors(s.architecture))  # b_enc (and the threshold), or gated's 3
-    params = F32 * (2 * d_in * latents + d_in + vectors * latents)
+    # b_enc (and the threshold) or gated's 3; W_skip for a skip transcoder
+    params = F32 * sum(
+        int(np.prod(shape)) for shape in _parameter_shapes(cfg, d_in, d_out, latents)
+    )
+    row_width = d_in + d_out if cfg.data.target_hook else d_in  # both hooks side by side
     b, c, e = STEP_BUFFERS[(_step_kind(s.architecture, s.topk_kernel), s.dtype)]
     per_device = {
         "parameters": params,
         "optimizer": 2 * params,
         "counters": 2 * 4 * latents,
-        "input_batch": rows * d_in * store_itemsize,
-        "step_buffers": b * rows * latents * F32 + c * params + e * rows * d_in * F32,
+        "input_batch": rows * row_width * store_itemsize,
+        "step_buffers": b * rows * latents * F32 + c * params + e * rows * (d_in + d_out) / 2 * F32,
     }
     per_device["total"] = sum(per_device.values())
     d = cfg.data
     threads = d.loader_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
     host = {
-        "shuffle_groups": 2 * d.shuffle_blocks * d.block_rows * d_in * store_itemsize,
-        "ready_batches": (d.prefetch + threads) * cfg.train.batch_size * d_in * store_itemsize,
+        "shuffle_groups": 2 * d.shuffle_blocks * d.block_rows * row_width * store_itemsize,
+        "ready_batches": (d.prefetch + threads) * cfg.train.batch_size * row_width * store_itemsize,
     }
     host["total"] = sum(host.values())
     processes = processes or processes_of(cfg)
@@ -216,11 +251,12 @@ def estimate(
         "mesh": {"data": data, "model": model},
         "processes": processes,
         "d_in": d_in,
+        "d_out": d_out,
         "d_sae": s.d_sae,
         "batch_size": cfg.train.batch_size,
         "bytes_per_device": per_device,
         "host_bytes": host,
-        "bytes_sent_per_device_per_step": communication(cfg, d_in, processes),
+        "bytes_sent_per_device_per_step": communication(cfg, d_in, processes, d_out),
     }
 
 
@@ -236,7 +272,8 @@ def describe(est: dict) -> str:
     m = est["mesh"]
     lines = [
         f"mesh         data {m['data']} × model {m['model']} = {m['data'] * m['model']} devices",
-        f"sae          d_in {est['d_in']:,}  d_sae {est['d_sae']:,}  batch {est['batch_size']:,}",
+        f"sae          d_in {est['d_in']:,}  d_sae {est['d_sae']:,}  batch {est['batch_size']:,}"
+        + (f"  d_out {est['d_out']:,}" if est.get("d_out", est["d_in"]) != est["d_in"] else ""),
         "per device",
     ]
     for key, value in est["bytes_per_device"].items():

@@ -1,6 +1,9 @@
 """An SAE judged on held-out rows, with the field's conventions (SAELens's evals are the
 reference):
 
+A transcoder is judged on its target y (the second hook of each row, `split_target`): every
+x below is then y, and x̂ its reconstruction from the input hook.
+
 - `fvu` = Σ‖x − x̂‖² / Σ‖x − mean(x)‖², pooled over every held-out token, and
   `explained_variance` = 1 − fvu. This is SAELens's `explained_variance` ("the new, correct
   formula": 1 − mean residual sum of squares / total variance over the batch), not a mean of
@@ -36,23 +39,37 @@ from saejax.train.step import DENSITY_EDGES
 OUTLIER_NORM_RATIO = S.OUTLIER_NORM_RATIO
 
 
+def split_target(rows, input_scale, spec: S.SAESpec) -> tuple:
+    """(x, target) of raw rows, each in training units: the target is x for an SAE, and the
+    y beside x for a transcoder (`input_scale` then holds x's and y's scales)."""
+    if not spec.transcoder:
+        return rows * input_scale, rows * input_scale
+    return rows[:, : spec.d_in] * input_scale[0], rows[:, spec.d_in :] * input_scale[1]
+
+
 def evaluate_rows(
-    params, spec: S.SAESpec, input_scale: float, rows: np.ndarray, batch_size: int = 4096
+    params, spec: S.SAESpec, input_scale, rows: np.ndarray, batch_size: int = 4096
 ) -> dict:
-    """The metrics above on `rows` (raw units; errors are measured after `input_scale`)."""
+    """The metrics above on `rows` (raw units; errors are measured after `input_scale`, a
+    float, or a transcoder's (x's, y's); one float scales both)."""
+    if spec.transcoder:
+        input_scale = tuple(float(s) for s in np.broadcast_to(input_scale, (2,)))
 
     @jax.jit
-    def stats(x):
-        x = x.astype(jnp.float32) * input_scale
+    def stats(rows):
+        x, target = split_target(rows.astype(jnp.float32), input_scale, spec)
         x_hat, f, _ = S.forward(params, x, spec, training=False)
-        row_err = jnp.sum(jnp.square(x - x_hat), -1)
+        row_err = jnp.sum(jnp.square(target - x_hat), -1)
         return row_err, jnp.sum(f > 0, 0), jnp.sum(f > 0)
+
+    def targets(chunk):
+        return split_target(np.asarray(chunk, np.float64), input_scale, spec)[1]
 
     n = len(rows)
     row_err = np.zeros(n)
     fires = np.zeros(spec.d_sae)
     l0 = 0.0
-    total = np.zeros(spec.d_in)
+    total = np.zeros(spec.d_out)
     row_sq = np.zeros(n)
     for i in range(0, n, batch_size):
         chunk = rows[i : i + batch_size]
@@ -60,7 +77,7 @@ def evaluate_rows(
         row_err[i : i + len(chunk)] = e
         fires += fc
         l0 += float(nz)
-        x = np.asarray(chunk, np.float64) * input_scale
+        x = targets(chunk)
         total += x.sum(0)
         row_sq[i : i + len(chunk)] = np.sum(x * x, -1)
     norms = np.sqrt(row_sq)
@@ -68,9 +85,9 @@ def evaluate_rows(
     mean = total / n
     # ‖x − mean‖² per row, for the per-token (legacy) explained variance
     centred_sq = np.zeros(n)
-    inlier_total = np.zeros(spec.d_in)
+    inlier_total = np.zeros(spec.d_out)
     for i in range(0, n, batch_size):
-        x = np.asarray(rows[i : i + batch_size], np.float64) * input_scale
+        x = targets(rows[i : i + batch_size])
         centred_sq[i : i + len(x)] = np.sum(np.square(x - mean), -1)
         inlier_total += x[inliers[i : i + len(x)]].sum(0)
     fvu = _fvu(row_err, row_sq, total, np.ones(n, bool))

@@ -1,7 +1,14 @@
 """`saejax export`: a trained SAE in SAELens's or sparsify's layout, in the model's own units
 (the input scale folded in, decoder rows unit-norm where that is exact; see
 `sae_files.fold_to_model_units`). Written whole into a temporary folder, then renamed; never
-into the run or SAE folder it reads, and never over a folder that is not an earlier export."""
+into the run or SAE folder it reads, and never over a folder that is not an earlier export.
+
+Transcoders: SAELens 6 names them "transcoder" (ReLU), "skip_transcoder" (ReLU + W_skip
+[d_out, d_in]) and "jumprelu_transcoder" (JumpReLU, and BatchTopK by its threshold), with
+`d_out` in the cfg, apply_b_dec_to_input false and the output hook as metadata.hook_name_out;
+TopK transcoders and skip connections on other activations have no SAELens class. sparsify's
+layout holds TopK transcoders (`transcode: true`, `skip_connection` with W_skip) whose output
+has the input's width (its b_dec and W_skip are sized by d_in)."""
 
 from __future__ import annotations
 
@@ -26,13 +33,40 @@ _SAELENS_ARCH = {
 }
 
 
+def _saelens_transcoder_arch(spec) -> str:
+    """SAELens's class name for a transcoder, or one line on why it has none."""
+    if spec.architecture == "relu":
+        return "skip_transcoder" if spec.skip_connection else "transcoder"
+    if spec.architecture in ("jumprelu", "batchtopk") and not spec.skip_connection:
+        return "jumprelu_transcoder"
+    if spec.architecture == "topk":
+        why = "SAELens has no TopK transcoder (export it with --format sparsify)"
+    else:
+        why = "SAELens's skip transcoder is ReLU only"
+    raise SaejaxError(
+        f"this {spec.architecture} transcoder"
+        f"{' with a skip connection' if spec.skip_connection else ''} has no SAELens layout: {why}"
+    )
+
+
+def _model_units(native: dict) -> tuple[dict, str]:
+    info = native["info"]
+    return fold_to_model_units(
+        native["params"], native["spec"], info["input_scale"], info.get("target_scale")
+    )
+
+
 def export_saelens(sae_dir: str, out: str) -> str:
     _check_out(sae_dir, out)
     native = read_native(sae_dir)
     spec, info = native["spec"], native["info"]
-    params, note = fold_to_model_units(native["params"], spec, info["input_scale"])
-    arch = _SAELENS_ARCH[spec.architecture]
+    if spec.transcoder:
+        arch = _saelens_transcoder_arch(spec)
+    else:
+        arch = _SAELENS_ARCH[spec.architecture]
+    params, note = _model_units(native)
     names = ("W_enc", "W_dec", "b_dec") + latent_vectors(spec.architecture)
+    names += ("W_skip",) if spec.skip_connection else ()
     weights = {k: params[k] for k in names}  # gated: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec
     cfg = {
         "architecture": arch,
@@ -40,7 +74,8 @@ def export_saelens(sae_dir: str, out: str) -> str:
         "d_sae": spec.d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        # a transcoder's b_dec lives in the output space: SAELens refuses it on the input
+        "apply_b_dec_to_input": not spec.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -59,6 +94,10 @@ def export_saelens(sae_dir: str, out: str) -> str:
     }
     if arch == "topk":
         cfg["k"] = spec.k
+    if spec.transcoder:
+        cfg["d_out"] = spec.d_out
+        cfg["metadata"]["hook_name_out"] = info.get("target_hook")
+        cfg["metadata"]["hook_head_index_out"] = None
     return _write_export(out, "sae_weights.safetensors", weights, cfg)
 
 
@@ -71,13 +110,20 @@ def export_sparsify(sae_dir: str, out: str) -> str:
             f"the sparsify layout holds TopK SAEs only; this SAE is {spec.architecture} "
             "(export it with --format saelens)"
         )
-    params, _ = fold_to_model_units(native["params"], spec, info["input_scale"])
+    if spec.d_out != spec.d_in:
+        raise SaejaxError(
+            f"sparsify's transcoders output the input's width; this one maps {spec.d_in} to "
+            f"{spec.d_out}"
+        )
+    params, _ = _model_units(native)
     weights = {
         "encoder.weight": np.ascontiguousarray(params["W_enc"].T),
         "encoder.bias": params["b_enc"],
         "W_dec": params["W_dec"],
         "b_dec": params["b_dec"],
     }
+    if spec.skip_connection:
+        weights["W_skip"] = params["W_skip"]
     cfg = {
         "d_in": spec.d_in,
         "num_latents": spec.d_sae,
@@ -88,10 +134,13 @@ def export_sparsify(sae_dir: str, out: str) -> str:
             np.allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, rtol=0, atol=1e-4)
         ),
         "multi_topk": False,
-        "skip_connection": False,
+        "skip_connection": spec.skip_connection,
+        "transcode": spec.transcoder,
         "hook": info.get("hook"),
         "model": info.get("model"),
     }
+    if spec.transcoder:  # not a sparsify field (it drops extra fields): saejax reads it back
+        cfg["target_hook"] = info.get("target_hook")
     return _write_export(out, "sae.safetensors", weights, cfg)
 
 

@@ -233,10 +233,9 @@ def _keeping_healthy_checkpoints():
         raise Diverged(f"{e}; {tail}", e.member) from None
 
 
-def finish(
-    cfg: RunConfig, spec: S.SAESpec, params, input_scale: float, source, extra: dict
-) -> dict:
-    """Evaluate on the held-out rows, then write RUN/sae/ and RUN/eval.json (host params)."""
+def finish(cfg: RunConfig, spec: S.SAESpec, params, input_scale, source, extra: dict) -> dict:
+    """Evaluate on the held-out rows, then write RUN/sae/ and RUN/eval.json (host params).
+    `input_scale`: a float, or a transcoder's (x's, y's)."""
     final = evaluate(
         jax.tree_util.tree_map(jnp.asarray, params), spec, input_scale, source, cfg.data
     )

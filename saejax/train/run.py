@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 
 import jax
+import numpy as np
 
 from saejax import io
 from saejax.config import RunConfig, dump_yaml, load_config
@@ -45,8 +46,10 @@ from saejax.train.setup import (
     data_slices,
     init_distributed,
     mesh_for,
+    open_source,
     prepare,
     resample_enabled,
+    target_width,
 )
 from saejax.train.watchdog import CollectiveFailed, StepWatchdog, peer_lost
 
@@ -183,7 +186,7 @@ def _train(
                 f"{n_procs} processes need data.slices ({n_slices}) to be a multiple of {n_procs}"
             )
         is_main = proc == 0
-        source = ArraySource(cfg.data.path, cfg.data.hook)
+        source = open_source(cfg)
         if cfg.sae.d_in and cfg.sae.d_in != source.d_in:
             raise SaejaxError(
                 f"sae.d_in is {cfg.sae.d_in} but the data at {cfg.data.path} has d_in {source.d_in}"
@@ -194,7 +197,10 @@ def _train(
     spec, tx, state, total_steps = prepare(cfg, source)
     shardings = SH.state_shardings(state, mesh)
     state = SH.place(state, shardings)
-    info = {**checkpoint_info(cfg, source.d_in), **data_identity(source, cfg.data)}
+    info = {
+        **checkpoint_info(cfg, source.d_in, target_width(source)),
+        **data_identity(source, cfg.data),
+    }
     ckpt_dir = created.add(os.path.join(cfg.run_dir, "checkpoints"))
     ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints, mirror)
     loader = logger = None
@@ -298,7 +304,7 @@ def _train(
                 cfg,
                 spec,
                 params,
-                float(scale),
+                scale_value(scale),
                 source,
                 {"tokens_per_s": tokens_per_s, "steps": step},
             )
@@ -307,6 +313,12 @@ def _train(
             logger.log_final(final)  # the held-out evaluation reaches TensorBoard/wandb too
         logger.close()
     return TrainResult(cfg.run_dir, state, spec, final, False, tokens_per_s, steady)
+
+
+def scale_value(scale) -> float | tuple[float, float]:
+    """The state's input scale as plain numbers: a float, or a transcoder's (x's, y's)."""
+    values = [float(v) for v in np.ravel(scale)]
+    return values[0] if np.ndim(scale) == 0 else tuple(values)
 
 
 def last_checkpoint(run_dir: str) -> int | None:

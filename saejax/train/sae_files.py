@@ -9,6 +9,10 @@ folded into the weights,
 and decoder rows are made unit-norm with their norms moved into the encoder (exact
 for relu and jumprelu; for the TopK family only when all rows share one norm, which
 unit-norm training guarantees, so the top-k choice cannot change).
+A transcoder's sae.json also records `target_hook` and `target_scale` (its target's input
+scale); in model units its W_dec, b_dec are divided by the target's scale and W_skip scaled
+by input scale / target scale. Every LoadedSAE's info has "hook" (the input hook) and
+"target_hook" (None for an SAE), and `reconstruct(x)` gives the d_out output, skip included.
 No pickle anywhere: safetensors and JSON only.
 """
 
@@ -44,7 +48,9 @@ class LoadedSAE:
         return S.decode(self.params, f, self.spec)
 
     def reconstruct(self, x):
-        return self.decode(self.encode(x))
+        """The SAE's output for raw inputs x: decode(encode(x)), plus a skip transcoder's
+        x·W_skipᵀ."""
+        return S.forward(self.params, jnp.asarray(x, jnp.float32), self.spec)[0]
 
 
 def to_numpy(params: dict) -> dict:
@@ -55,11 +61,15 @@ def save_sae(
     path: str,
     params: dict,
     spec: S.SAESpec,
-    input_scale: float,
+    input_scale,
     cfg,
     data_meta: dict,
     hook: str | None,
 ) -> None:
+    """`input_scale`: a float, or a transcoder's (x's, y's)."""
+    target_scale = None
+    if spec.transcoder:
+        input_scale, target_scale = (float(s) for s in input_scale)
     info = {
         "format": "saejax",
         "saejax_version": __version__,
@@ -68,6 +78,8 @@ def save_sae(
         "normalize_decoder": cfg.sae.normalize_decoder,
         "model": data_meta.get("model"),
         "hook": hook,
+        "target_hook": getattr(cfg.data, "target_hook", None) if spec.transcoder else None,
+        "target_scale": target_scale,
         "data_path": cfg.data.path,
         "model_spec": (data_meta.get("extract_config") or {}).get("model"),
         "context_size": data_meta.get("context_size"),
@@ -78,11 +90,17 @@ def save_sae(
         io.write_json(os.path.join(tmp, "sae.json"), info)
 
 
-def fold_to_model_units(params: dict, spec: S.SAESpec, input_scale: float) -> tuple[dict, str]:
-    """Parameters that act on raw activations and have unit-norm decoder rows when exact."""
+def fold_to_model_units(
+    params: dict, spec: S.SAESpec, input_scale: float, target_scale: float | None = None
+) -> tuple[dict, str]:
+    """Parameters that act on raw activations and have unit-norm decoder rows when exact.
+    `target_scale` is a transcoder's output scale (None: input_scale, an SAE's)."""
     p = to_numpy(params)
     s = float(input_scale)
-    out = {"W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
+    t = s if target_scale is None else float(target_scale)
+    out = {"W_enc": p["W_enc"] * s, "W_dec": p["W_dec"] / t, "b_dec": p["b_dec"] / t}
+    if spec.skip_connection:
+        out["W_skip"] = p["W_skip"] * (s / t)
     out |= {name: p[name].copy() for name in latent_vectors(spec.architecture)}
     norms = np.linalg.norm(out["W_dec"], axis=1)
     uniform = np.allclose(norms, norms.mean(), rtol=1e-5)
@@ -101,8 +119,12 @@ def fold_to_model_units(params: dict, spec: S.SAESpec, input_scale: float) -> tu
 
 def load_native(path: str) -> LoadedSAE:
     native = read_native(path)
-    params, _ = fold_to_model_units(native["params"], native["spec"], native["info"]["input_scale"])
-    return LoadedSAE({k: jnp.asarray(v) for k, v in params.items()}, native["spec"], native["info"])
+    info = native["info"]
+    params, _ = fold_to_model_units(
+        native["params"], native["spec"], info["input_scale"], info.get("target_scale")
+    )
+    info.setdefault("target_hook", None)  # written before transcoders
+    return LoadedSAE({k: jnp.asarray(v) for k, v in params.items()}, native["spec"], info)
 
 
 def check_params(params: dict, spec: S.SAESpec, where: str) -> None:
@@ -112,9 +134,11 @@ def check_params(params: dict, spec: S.SAESpec, where: str) -> None:
         raise SaejaxError(f"{where}: unknown architecture {spec.architecture!r}")
     shapes = {
         "W_enc": (spec.d_in, spec.d_sae),
-        "W_dec": (spec.d_sae, spec.d_in),
-        "b_dec": (spec.d_in,),
+        "W_dec": (spec.d_sae, spec.d_out),
+        "b_dec": (spec.d_out,),
     }
+    if spec.skip_connection:
+        shapes["W_skip"] = (spec.d_out, spec.d_in)
     shapes |= {name: (spec.d_sae,) for name in latent_vectors(spec.architecture)}
     for name, shape in shapes.items():
         if name not in params:
@@ -151,6 +175,8 @@ def read_native(sae_dir: str) -> dict:
             spec_fields["topk_kernel"] = "sparse" if spec_fields.pop("sparse_topk") else "dense"
         spec = S.SAESpec(**spec_fields)
         float(info["input_scale"])
+        if spec.transcoder:
+            float(info["target_scale"])
         params = load_file(weights)
     except _PARSE_ERRORS as e:
         raise _damaged(sae_dir, e) from None
@@ -197,6 +223,12 @@ SAELENS_ARCHITECTURES = {
     "jumprelu": "jumprelu",
     "gated": "gated",
 }
+# SAELens's transcoders (sae_lens/saes/transcoder.py) → (saejax architecture, skip connection)
+SAELENS_TRANSCODERS = {
+    "transcoder": ("relu", False),
+    "skip_transcoder": ("relu", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+}
 
 
 def load_sae(path: str) -> LoadedSAE:
@@ -211,6 +243,39 @@ def load_sae(path: str) -> LoadedSAE:
     return sae
 
 
+def _with_hooks(cfg: dict) -> dict:
+    """A SAELens cfg as LoadedSAE.info: the cfg, with "hook" and "target_hook" (the input and
+    output hooks, from its metadata: hook_name and hook_name_out) at the top level."""
+    meta = cfg.get("metadata") or {}
+    hook = cfg.get("hook_name") or meta.get("hook_name")
+    target = cfg.get("hook_name_out") or meta.get("hook_name_out")
+    return {**cfg, "hook": hook, "target_hook": target}
+
+
+def _saelens_transcoder(cfg: dict, w: dict, path: str) -> LoadedSAE:
+    """A SAELens transcoder, skip transcoder or JumpReLU transcoder. SAELens refuses
+    apply_b_dec_to_input for them (b_dec has width d_out), as saejax's transcoders never
+    centre their input, so the weights act as they are."""
+    if cfg.get("apply_b_dec_to_input"):
+        raise SaejaxError(f"{path}: a SAELens transcoder cannot have apply_b_dec_to_input: true")
+    # the same refusal of input normalisation and reshaping as for SAEs (no b_dec to fold)
+    saelens_input_convention({**cfg, "apply_b_dec_to_input": True}, w, path)
+    arch, skip = SAELENS_TRANSCODERS[cfg["architecture"]]
+    trained_as = (cfg.get("metadata") or {}).get("saejax_architecture")
+    if arch == "jumprelu" and trained_as == "batchtopk":
+        arch = trained_as
+    spec = S.SAESpec(
+        arch,
+        int(cfg["d_in"]),
+        int(cfg["d_sae"]),
+        int(cfg.get("k", 32)),
+        d_out=int(cfg["d_out"]),
+        transcoder=True,
+        skip_connection=skip,
+    )
+    return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, _with_hooks(cfg))
+
+
 def _load_any(path: str) -> LoadedSAE:
     if os.path.isdir(os.path.join(path, "sae")):
         path = os.path.join(path, "sae")
@@ -221,6 +286,8 @@ def _load_any(path: str) -> LoadedSAE:
         with open(os.path.join(path, "cfg.json")) as f:
             cfg = json.load(f)
         w = load_file(os.path.join(path, "sae_weights.safetensors"))
+        if cfg["architecture"] in SAELENS_TRANSCODERS:
+            return _saelens_transcoder(cfg, w, path)
         arch = SAELENS_ARCHITECTURES.get(cfg["architecture"])
         if arch is None:
             raise SaejaxError(f"SAELens architecture {cfg['architecture']!r} is not supported")
@@ -229,7 +296,7 @@ def _load_any(path: str) -> LoadedSAE:
             arch = trained_as
         spec = S.SAESpec(arch, int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k", 32)))
         w = saelens_input_convention(cfg, w, path)
-        return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, cfg)
+        return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, _with_hooks(cfg))
     if "cfg.json" in files and "sae.safetensors" in files:
         with open(os.path.join(path, "cfg.json")) as f:
             cfg = json.load(f)
@@ -240,13 +307,22 @@ def _load_any(path: str) -> LoadedSAE:
             "W_dec": w["W_dec"],
             "b_dec": w["b_dec"],
         }
+        # sparsify's transcoders (cfg transcode) encode x uncentred; W_skip [d_in, d_in]
+        skip = bool(cfg.get("skip_connection")) and "W_skip" in w
+        if skip:
+            params["W_skip"] = w["W_skip"]
+        transcoder = bool(cfg.get("transcode")) or skip
         spec = S.SAESpec(
             "topk",
             int(cfg.get("d_in", params["W_dec"].shape[1])),
             int(params["W_dec"].shape[0]),
             int(cfg["k"]),
+            d_out=int(params["W_dec"].shape[1]),
+            transcoder=transcoder,
+            skip_connection=skip,
         )
+        info = {**cfg, "target_hook": cfg.get("target_hook") if transcoder else None}
         return LoadedSAE(
-            {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in params.items()}, spec, cfg
+            {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in params.items()}, spec, info
         )
     raise SaejaxError(f"{path} is not a saejax, SAELens or sparsify SAE folder")

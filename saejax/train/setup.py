@@ -13,14 +13,28 @@ from saejax.config import MeshConfig, RunConfig, SAEConfig
 from saejax.core import sae as S
 from saejax.core.architectures import has_l1_penalty, matryoshka_prefixes
 from saejax.core.sharding import make_mesh
+from saejax.errors import SaejaxError
 from saejax.train import step as T
-from saejax.train.data import ArraySource, sample_rows, split_rows
+from saejax.train.data import ArraySource, sample_rows, split_columns, split_rows
 from saejax.train.launch import Launch, resolve_launch
 from saejax.train.launch import init_distributed as init_distributed_launch
 
 
-def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
-    aux_k = cfg.aux_k or max(1, d_in // 2)
+def open_source(cfg: RunConfig) -> ArraySource:
+    """The training rows: data.hook's activations, and for a transcoder data.target_hook's
+    beside them at the same rows ([x | y], see `step.scaled_rows`)."""
+    target = cfg.data.target_hook
+    return ArraySource(cfg.data.path, cfg.data.hook, also=[target] if target else [])
+
+
+def target_width(source: ArraySource) -> int | None:
+    """d_out of a transcoder's source (the target hook's width); None for an SAE's."""
+    return source.widths[1] if len(source.widths) > 1 else None
+
+
+def spec_from_config(cfg: SAEConfig, d_in: int, d_out: int | None = None) -> S.SAESpec:
+    """The SAE's spec; `d_out` (the target hook's width) makes it a transcoder."""
+    aux_k = cfg.aux_k or max(1, (d_in if d_out is None else d_out) // 2)
     return S.SAESpec(
         cfg.architecture,
         d_in,
@@ -33,6 +47,9 @@ def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
         matryoshka_prefixes(cfg.matryoshka_widths, cfg.d_sae)
         if cfg.architecture == "matryoshka_batchtopk"
         else (),
+        d_out=d_out or 0,
+        transcoder=d_out is not None,
+        skip_connection=cfg.skip_connection,
     )
 
 
@@ -46,10 +63,20 @@ def data_slices(cfg: RunConfig) -> int:
     return cfg.data.slices or jax.process_count()
 
 
-def checkpoint_info(cfg: RunConfig, d_in: int) -> dict:
-    """What a checkpoint must agree on with the config that resumes it."""
+def checkpoint_info(cfg: RunConfig, d_in: int, d_out: int | None = None) -> dict:
+    """What a checkpoint must agree on with the config that resumes it (a transcoder's also
+    its target hook, d_out and skip; an SAE's keys stay as older checkpoints recorded them)."""
     s = cfg.sae
-    return {
+    transcoder = (
+        {
+            "target_hook": cfg.data.target_hook,
+            "d_out": d_out,
+            "skip_connection": s.skip_connection,
+        }
+        if cfg.data.target_hook
+        else {}
+    )
+    return transcoder | {
         "architecture": s.architecture,
         "d_in": d_in,
         "d_sae": s.d_sae,
@@ -61,28 +88,38 @@ def checkpoint_info(cfg: RunConfig, d_in: int) -> dict:
     }
 
 
-def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple[float, np.ndarray]:
-    """(input scale, initial b_dec) from a seeded sample of training rows."""
-    d_in = source.d_in
+def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple:
+    """(input scale, initial b_dec) from a seeded sample of training rows. A transcoder's
+    scale is (x's, y's), each to its own mean norm sqrt(width), and b_dec comes from y."""
+    if cfg.data.target_hook and len(source.widths) == 1:  # a caller that read x alone
+        raise SaejaxError(
+            "data.target_hook (a transcoder) is supported by `saejax train`, not here yet"
+        )
     split = split_rows(source.n_rows, cfg.data.validation_tokens, source.store)
     sample = sample_rows(source, 16384, cfg.data.seed, split.train_rows)
-    scale = 1.0
-    if cfg.sae.scale_inputs:
-        mean_norm = float(np.linalg.norm(sample, axis=1).mean())
-        scale = math.sqrt(d_in) / mean_norm if mean_norm > 0 else 1.0
-    sample = sample * scale
+    parts = split_columns(sample, source.widths)
+    scales = [_scale_of(part, cfg.sae.scale_inputs) for part in parts]
+    target = parts[-1] * scales[-1]  # x itself for an SAE
     b_dec = {
-        "geometric_median": lambda: S.geometric_median(sample[:4096]),
-        "mean": lambda: sample.mean(0),
-        "zeros": lambda: np.zeros(d_in),
+        "geometric_median": lambda: S.geometric_median(target[:4096]),
+        "mean": lambda: target.mean(0),
+        "zeros": lambda: np.zeros(target.shape[1]),
     }[cfg.sae.b_dec_init]()
-    return scale, b_dec
+    return (scales[0] if len(scales) == 1 else tuple(scales)), b_dec
+
+
+def _scale_of(rows: np.ndarray, scale_inputs: bool) -> float:
+    """The factor that brings the rows' mean norm to sqrt(width) (1 when not scaling)."""
+    if not scale_inputs:
+        return 1.0
+    mean_norm = float(np.linalg.norm(rows, axis=1).mean())
+    return math.sqrt(rows.shape[1]) / mean_norm if mean_norm > 0 else 1.0
 
 
 def prepare(cfg: RunConfig, source: ArraySource, stats: tuple | None = None):
     """Input scale, b_dec initialisation and the initial state (deterministic in the seeds).
     `stats` reuses (scale, b_dec) already computed for the same data (sweeps)."""
-    spec = spec_from_config(cfg.sae, source.d_in)
+    spec = spec_from_config(cfg.sae, source.d_in, target_width(source))
     scale, b_dec = stats if stats is not None else data_statistics(cfg, source)
     total_steps = cfg.train.tokens // cfg.train.batch_size
     tx = T.make_optimizer(cfg.train, total_steps, cfg.sae)

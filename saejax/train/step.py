@@ -49,7 +49,9 @@ class TrainState:
     metric_sums: dict  # float32 scalars, since the last summary
     resampled: jax.Array  # int32: latents resampled since the last summary
     resampled_total: jax.Array  # int32: over the whole run
-    input_scale: jax.Array  # float32 scalar: inputs are multiplied by it before the SAE
+    # float32 scalar: inputs are multiplied by it before the SAE; a transcoder's is [2], the
+    # scales of its input x and its target y (each to its own mean norm sqrt(width))
+    input_scale: jax.Array
 
 
 # train.lr = 0 picks lr = AUTO_LR_BASE[architecture] * (d_sae / 2**14) ** -0.5: Gao et al.
@@ -104,7 +106,7 @@ def make_optimizer(
     return optax.chain(*parts)
 
 
-def init_state(params: dict, tx, seed: int, input_scale: float) -> TrainState:
+def init_state(params: dict, tx, seed: int, input_scale) -> TrainState:
     d_sae = params["W_enc"].shape[1]
     return TrainState(
         step=jnp.int32(0),
@@ -117,8 +119,18 @@ def init_state(params: dict, tx, seed: int, input_scale: float) -> TrainState:
         metric_sums={name: jnp.float32(0.0) for name in METRIC_NAMES} | {"steps": jnp.float32(0.0)},
         resampled=jnp.int32(0),
         resampled_total=jnp.int32(0),
-        input_scale=jnp.float32(input_scale),
+        input_scale=jnp.asarray(input_scale, jnp.float32),
     )
+
+
+def scaled_rows(batch, input_scale, spec: S.SAESpec):
+    """(x, y) in training units from a batch of raw rows: an SAE's rows are x (y is None); a
+    transcoder's are [x | y] side by side (data.ArraySource reads both hooks at the same
+    rows), each scaled by its own factor."""
+    rows = batch.astype(jnp.float32)
+    if not spec.transcoder:
+        return rows * input_scale, None
+    return rows[:, : spec.d_in] * input_scale[0], rows[:, spec.d_in :] * input_scale[1]
 
 
 def remove_parallel_grad(grads: dict, W_dec) -> dict:
@@ -158,10 +170,10 @@ def make_train_step(spec: S.SAESpec, sae_cfg: SAEConfig, tx, total_steps: int):
         return jnp.float32(coefficient) * jnp.minimum(1.0, (step + 1) / warm)
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        x = batch.astype(jnp.float32) * state.input_scale
+        x, y = scaled_rows(batch, state.input_scale, spec)
         dead = state.tokens_since_fired >= sae_cfg.dead_tokens
         parts, fires, smallest, grads = S.loss_and_grads(
-            state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient
+            state.params, x, spec, dead, sparsity_coefficient(state.step), aux_coefficient, y
         )
         if batch_selects(spec.architecture):  # the threshold is a running statistic
             grads = {**grads, "threshold": jnp.zeros_like(grads["threshold"])}
@@ -251,19 +263,22 @@ def resample(
 
     Dead latent i: W_dec[i] = unit(x), W_enc[:, i] = unit(x) * encoder_scale * mean live
     encoder norm, b_enc[i] = 0 (gated: b_gate, r_mag and b_mag), and its Adam moments zeroed.
-    `pool` is raw input rows.
+    A transcoder's decoder row is the sampled row's unit residual y − ŷ (what the decoder
+    fails to produce, in the output space) and its encoder column that row's unit x.
+    `pool` is raw rows, as the step receives them.
     """
-    x = pool.astype(jnp.float32) * state.input_scale
+    x, y = scaled_rows(pool, state.input_scale, spec)
     params = state.params
     x_hat, _, _ = S.forward(params, x, spec, training=True)
-    loss = jnp.sum(jnp.square(x - x_hat), axis=-1)
+    residual = (x if y is None else y) - x_hat
+    loss = jnp.sum(jnp.square(residual), axis=-1)
     weights = jnp.square(loss)
     rng, key = jax.random.split(state.rng)
     logits = jnp.where(weights > 0, jnp.log(jnp.maximum(weights, 1e-30)), -jnp.inf)
     logits = jnp.where(jnp.any(weights > 0), logits, 0.0)  # all perfect: sample uniformly
     chosen = jax.random.categorical(key, logits, shape=(spec.d_sae,))
-    directions = x[chosen]
-    directions = directions / jnp.maximum(jnp.linalg.norm(directions, axis=-1, keepdims=True), 1e-8)
+    directions = _unit(x[chosen])
+    dec_directions = directions if y is None else _unit(residual[chosen])
     dead = state.tokens_since_fired >= dead_tokens
     enc_norms = jnp.linalg.norm(params["W_enc"], axis=0)
     n_live = jnp.sum(~dead)
@@ -272,7 +287,7 @@ def resample(
     )
     new_params = {
         **params,
-        "W_dec": jnp.where(dead[:, None], directions, params["W_dec"]),
+        "W_dec": jnp.where(dead[:, None], dec_directions, params["W_dec"]),
         "W_enc": jnp.where(
             dead[None, :], directions.T * (encoder_scale * live_norm), params["W_enc"]
         ),
@@ -288,6 +303,10 @@ def resample(
         resampled=state.resampled + n_dead,
         resampled_total=state.resampled_total + n_dead,
     )
+
+
+def _unit(rows):
+    return rows / jnp.maximum(jnp.linalg.norm(rows, axis=-1, keepdims=True), 1e-8)
 
 
 def resample_steps(cfg: TrainConfig, total_steps: int) -> set[int]:
