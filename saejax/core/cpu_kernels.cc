@@ -17,6 +17,11 @@
 //                     wsum[j] = the same sum of w[b, i]. Entries are bucketed by j first
 //                     (a counting sort), so each output row is written by one thread, in a
 //                     fixed order: the result does not depend on the thread count.
+//   SaejaxTransposeBF16 / SaejaxTransposeF32  x [M, N] -> out [N, M] = xᵀ, in memory. XLA
+//                     folds its own transposes into the dot that reads them, and then runs
+//                     a bf16 weight gradient (a dot contracting the batch axis of both
+//                     operands) with float32 operands; a dot reading this opaque result
+//                     keeps its bf16 operands (saejax/core/sae.py, _weight_grad).
 
 #include <algorithm>
 #include <cstdint>
@@ -283,6 +288,43 @@ ffi::Error ScatterRowsImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> idx,
   return ffi::Error::Success();
 }
 
+// out = xᵀ for x [M, N], in 32 x 32 tiles (both reads and writes stay in cache lines),
+// rows of tiles split over the threads.
+template <typename T>
+void TransposeTiles(const T* x, T* out, int64_t m, int64_t n, int64_t threads) {
+  constexpr int64_t kTile = 32;
+  const int64_t tiles = (m + kTile - 1) / kTile;
+  ParallelFor(tiles, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const int64_t i0 = ti * kTile, i1 = std::min(m, i0 + kTile);
+      for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+        const int64_t j1 = std::min(n, j0 + kTile);
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t i = i0; i < i1; ++i) out[j * m + i] = x[i * n + j];
+        }
+      }
+    }
+  });
+}
+
+ffi::Error TransposeBF16Impl(ffi::Buffer<ffi::BF16> x, ffi::ResultBuffer<ffi::BF16> out,
+                             int64_t threads) {
+  if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("transpose: x must be 2-d");
+  // bf16 values are moved as their 16 bits
+  TransposeTiles(reinterpret_cast<const uint16_t*>(x.untyped_data()),
+                 reinterpret_cast<uint16_t*>(out->untyped_data()), x.dimensions()[0],
+                 x.dimensions()[1], threads);
+  return ffi::Error::Success();
+}
+
+ffi::Error TransposeF32Impl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out,
+                            int64_t threads) {
+  if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("transpose: x must be 2-d");
+  TransposeTiles(x.typed_data(), out->typed_data(), x.dimensions()[0], x.dimensions()[1],
+                 threads);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxTopK, TopKImpl,
@@ -317,3 +359,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxScatterRows, ScatterRowsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxTransposeBF16, TransposeBF16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaejaxTransposeF32, TransposeF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));

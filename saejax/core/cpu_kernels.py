@@ -1,7 +1,8 @@
 """C++ kernels for the sparse TopK step on XLA:CPU (top-k, row gathers, row scatter-adds).
 
 XLA:CPU runs top_k and scatter-add as single-threaded loops; at d_sae 18k they cost more
-than the rest of the step after the encoder matmul. `cpu_kernels.cc` does the same work
+than the rest of the step after the encoder matmul. A transpose XLA cannot see through keeps
+bf16 weight gradients in XLA:CPU's bf16 dot (`transpose`). `cpu_kernels.cc` does the same work
 with SIMD and every core, called through the XLA FFI. It is compiled on first use with the
 system's C++ compiler (`$CXX`, else `c++`) into `$SAEJAX_CACHE` (default
 `~/.cache/saejax/kernels`), keyed by the source, the compiler, jaxlib and the CPU's flags.
@@ -29,7 +30,14 @@ import numpy as np
 from saejax.core.sharding import varying_axes
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = ("SaejaxTopK", "SaejaxGatherRows", "SaejaxRowDots", "SaejaxScatterRows")
+TARGETS = (
+    "SaejaxTopK",
+    "SaejaxGatherRows",
+    "SaejaxRowDots",
+    "SaejaxScatterRows",
+    "SaejaxTransposeBF16",
+    "SaejaxTransposeF32",
+)
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "path": str
 
@@ -185,3 +193,13 @@ def scatter_rows(weights, idx, rows, n: int, transposed: bool = False):
         rows.astype(jnp.float32),
         transposed=np.int64(transposed),
     )
+
+
+def transpose(x):
+    """xᵀ for a 2-d bfloat16 or float32 x, written out by the kernel: opaque to XLA, so a dot
+    that reads it is not rewritten into the batch-contracting form XLA:CPU runs in float32."""
+    name = {
+        jnp.dtype(jnp.bfloat16): "SaejaxTransposeBF16",
+        jnp.dtype(jnp.float32): "SaejaxTransposeF32",
+    }[jnp.dtype(x.dtype)]
+    return _call(name, jax.ShapeDtypeStruct(x.shape[::-1], x.dtype), x)

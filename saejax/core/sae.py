@@ -316,7 +316,7 @@ def matmul(a, b, compute_dtype: str = "float32"):
     the bf16 → bf16 dot on XLA:CPU, whose output rounding also costs accuracy) and on
     GPU/TPU. Its gradients go through a custom_vjp (jax.grad of a dot with
     preferred_element_type would upcast both operands and run float32 dots): g · bᵀ in the
-    same form, aᵀ · g (the weight gradient, contracting the batch) in `_weight_grad_dtype`.
+    same form, aᵀ · g (the weight gradient, contracting the batch) as `_weight_grad` says.
     """
     if jnp.dtype(compute_dtype) == jnp.float32:
         return a.astype(jnp.float32) @ b.astype(jnp.float32)
@@ -339,20 +339,36 @@ def _mixed_matmul_fwd(a, b, compute_dtype):
     return _mixed_matmul(a, b, compute_dtype), (a, b)
 
 
-def _weight_grad_dtype(compute_dtype: str) -> str:
-    """The operand dtype of aᵀ · g, the fastest with float32 accumulation on the backend.
+def _weight_grad(a, g, compute_dtype):
+    """aᵀ · g → float32 (the weight gradient, contracting the batch), a [rows, m], g [rows, n].
 
-    XLA:CPU has no fast bf16 form for a dot that contracts the leading (batch) axis of both
-    operands: measured at [4096, 576]ᵀ × [4096, 18432], bf16 → float32 runs 15-20% slower
-    than casting both to float32 (BENCHMARKS.md), so the CPU takes float32 there. GPUs and
-    TPUs run bf16 operands at several times the float32 rate."""
-    return "float32" if jax.default_backend() == "cpu" else compute_dtype
+    XLA rewrites a dot of a transpose into a dot contracting axis 0 of both operands, a form
+    XLA:CPU's bf16 dot does not take: it casts both to float32 and runs a float32 dot
+    (measured 15-20% slower than float32 operands, 2.2x slower than bf16 in the canonical
+    form; BENCHMARKS.md). On one CPU device the C++ kernels' transpose, opaque to XLA, feeds
+    the canonical form instead (the narrower operand is transposed: fewer bytes moved). GPUs
+    and TPUs take the batch-contracting form in bf16 as it is."""
+    dt = jnp.dtype(compute_dtype)
+    if dt == jnp.float32 or not _cpu_transpose_helps():
+        return _dot_f32(a, g, ((0,), (0,)), dt if jax.default_backend() != "cpu" else jnp.float32)
+    a, g = a.astype(dt), g.astype(dt)
+    T = cpu_kernels.transpose
+    if a.shape[1] <= g.shape[1]:
+        return _dot_f32(T(a), g, ((1,), (0,)), dt)
+    return T(_dot_f32(T(g), a, ((1,), (0,)), dt))
+
+
+def _cpu_transpose_helps() -> bool:
+    """One CPU device with the C++ kernels. On a mesh the kernel's opaque output would have no
+    sharding rule (a plain jit would gather it), so meshes of CPU devices (tests) keep the
+    float32 form."""
+    return jax.device_count() == 1 and cpu_kernels.enabled()
 
 
 def _mixed_matmul_bwd(compute_dtype, residual, g):
     a, b = residual
     da = _dot_f32(g, b, ((1,), (1,)), compute_dtype)  # g · bᵀ
-    db = _dot_f32(a, g, ((0,), (0,)), _weight_grad_dtype(compute_dtype))  # aᵀ · g
+    db = _weight_grad(a, g, compute_dtype)  # aᵀ · g
     return da.astype(a.dtype), db.astype(b.dtype)
 
 

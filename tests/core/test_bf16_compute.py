@@ -1,7 +1,9 @@
-"""bfloat16 compute: every matmul of the step has float32 accumulation and output, in its
-fastest form (bf16 operands; on the CPU the weight gradients, which contract the batch, in
-float32 operands: S._weight_grad_dtype), while parameters, gradients and the threshold stay
-float32."""
+"""bfloat16 compute: every matmul of the step has float32 accumulation and output, with bf16
+operands (on one CPU device the weight gradients read a transpose made by the C++ kernels,
+which keeps XLA:CPU from casting them to float32: S._weight_grad), while parameters,
+gradients and the threshold stay float32."""
+
+import re
 
 import jax
 import jax.extend.core
@@ -41,14 +43,24 @@ def test_matmul_rounds_operands_to_bf16_and_returns_float32():
 
 
 def fast_operands(eqn) -> bool:
-    """bf16 operands, or float32 ones for a weight gradient (contracting axis 0 of both) where
-    the backend runs those faster (the CPU)."""
+    """bf16 operands, or float32 ones for a weight gradient (contracting axis 0 of both) on a
+    CPU without the C++ kernels' transpose (XLA:CPU would cast bf16 ones to float32 there)."""
     dtypes = [v.aval.dtype for v in eqn.invars]
     if dtypes == [jnp.bfloat16] * 2:
         return True
-    contracting = eqn.params["dimension_numbers"][0]
-    weight_grad = contracting == ((0,), (0,))
-    return weight_grad and S._weight_grad_dtype("bfloat16") == "float32"
+    weight_grad = eqn.params["dimension_numbers"][0] == ((0,), (0,))
+    return weight_grad and jax.default_backend() == "cpu" and not S._cpu_transpose_helps()
+
+
+def compiled_dot_operand_dtypes(fn, *args) -> list[list[str]]:
+    """For each dot XLA compiled into a computation of its own (the matrix products), the
+    dtypes of that computation's parameters: what the dot really reads after XLA's rewrites."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [
+        re.findall(r"= (\w+)\[[\d,]*\]\S* parameter\(", block)
+        for block in text.split("\n\n")
+        if "ROOT %dot" in block
+    ]
 
 
 def test_matmul_gradients_are_fast_dots_with_float32_output():
@@ -105,3 +117,29 @@ def test_step_matmuls_are_fast_bf16_dots_and_gradients_stay_float32(arch, kernel
     for name, grad in grads.items():
         assert grad.dtype == jnp.float32, name
     assert all(p.dtype == jnp.float32 for p in params.values())  # master weights
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not S._cpu_transpose_helps(),
+    reason="the C++ transpose is for one CPU device",
+)
+def test_compiled_relu_step_keeps_every_matmul_in_bf16_on_the_cpu(monkeypatch):
+    """XLA:CPU casts a batch-contracting bf16 dot (a weight gradient) to float32 operands; the
+    C++ transpose keeps all five matmuls of the ReLU step in bf16 (two were float32 before)."""
+    spec = S.SAESpec("relu", d_in=64, d_sae=256, compute_dtype="bfloat16")
+    params = S.init_params(spec, jax.random.PRNGKey(0))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(128, 64)), jnp.float32)
+    dead = jnp.zeros(256, bool)
+
+    def run(params, x):
+        return S.loss_and_grads(params, x, spec, dead, 1e-3, 1 / 128)
+
+    operands = compiled_dot_operand_dtypes(run, params, x)
+    assert len(operands) == 5, operands
+    assert all(dtypes == ["bf16", "bf16"] for dtypes in operands), operands
+    got = jax.jit(run)(params, x)[3]
+    # the same bf16 operands through XLA's own (float32-cast) weight-gradient dots
+    monkeypatch.setattr(S, "_cpu_transpose_helps", lambda: False)
+    want = jax.jit(run)(params, x)[3]
+    for name in ("W_enc", "W_dec"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)

@@ -98,3 +98,12 @@ def test_out_of_range_latent_is_an_error_not_a_write():
         np.asarray(
             K.scatter_rows(jnp.asarray(weights), jnp.asarray(idx), jnp.asarray(data), 300)[0]
         )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (4096 + 5, 31)])
+def test_transpose_is_an_exact_copy(dtype, shape):
+    x = jnp.asarray(np.random.default_rng(5).normal(size=shape), dtype)
+    got = jax.jit(K.transpose)(x)
+    assert got.dtype == dtype and got.shape == shape[::-1]
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x, np.float32).T)
