@@ -45,7 +45,7 @@ from saejax.train.checkpoint import Checkpointer, data_identity
 from saejax.train.data import ArraySource, Loader
 from saejax.train.loop import Member, finish, refill_batches, run_loop
 from saejax.train.metrics import MetricsLogger
-from saejax.train.run import has_checkpoint, load_run_config
+from saejax.train.run import has_checkpoint, load_run_config, scale_value
 from saejax.train.rundir import (
     Created,
     RunLock,
@@ -53,7 +53,14 @@ from saejax.train.rundir import (
     record_config_change,
     validate,
 )
-from saejax.train.setup import checkpoint_info, data_statistics, prepare, resample_enabled
+from saejax.train.setup import (
+    checkpoint_info,
+    data_statistics,
+    open_source,
+    prepare,
+    resample_enabled,
+    target_width,
+)
 
 
 def members_of(
@@ -126,20 +133,31 @@ class Sources:
 
 
 def open_sources(cfgs: list[tuple[str, RunConfig]]) -> Sources:
-    """One source per hook the members name, and one that reads them all at the same rows."""
-    by_setting: dict = {}  # data.hook as configured (None: the store's only hook)
+    """One source per hook the members name, and one that reads them all at the same rows.
+
+    Transcoder members (data.target_hook) read [x | y] as `saejax train` does; a transcoder
+    sweep has one (hook, target) pair for all its members, so it is not combined with
+    --hooks."""
+    by_setting: dict = {}  # (data.hook as configured, data.target_hook)
     for _, cfg in cfgs:
-        if cfg.data.hook not in by_setting:
-            by_setting[cfg.data.hook] = ArraySource(cfg.data.path, cfg.data.hook)
+        key = (cfg.data.hook, cfg.data.target_hook)
+        if key not in by_setting:
+            by_setting[key] = open_source(cfg)
+    if len(by_setting) > 1 and any(target for _, target in by_setting):
+        raise SaejaxError(
+            "a transcoder sweep (data.target_hook) trains one input/target pair; "
+            "--hooks cannot be combined with it"
+        )
     by_hook = {s.hook: s for s in by_setting.values()}
     hooks = list(by_hook)
     if len(hooks) == 1:
         together = by_hook[hooks[0]]
+        span = {hooks[0]: (0, together.row_width)}  # a transcoder's [x | y] columns
     else:
         together = ArraySource(cfgs[0][1].data.path, hooks[0], also=hooks[1:])
-    bounds = np.cumsum([0, *together.widths])
-    span = {h: (int(bounds[i]), int(bounds[i + 1])) for i, h in enumerate(hooks)}
-    alone = {name: by_setting[cfg.data.hook] for name, cfg in cfgs}
+        bounds = np.cumsum([0, *together.widths])
+        span = {h: (int(bounds[i]), int(bounds[i + 1])) for i, h in enumerate(hooks)}
+    alone = {name: by_setting[cfg.data.hook, cfg.data.target_hook] for name, cfg in cfgs}
     return Sources(together, alone, {name: span[alone[name].hook] for name, _ in cfgs})
 
 
@@ -229,7 +247,10 @@ def _sweep(
                     created.add(os.path.join(cfg.run_dir, "checkpoints")),
                     cfg.train.keep_checkpoints,
                 ),
-                info={**checkpoint_info(cfg, source.d_in), **data_identity(source, cfg.data)},
+                info={
+                    **checkpoint_info(cfg, source.d_in, target_width(source)),
+                    **data_identity(source, cfg.data),
+                },
                 step_fn=T.make_train_step(spec, cfg.sae, tx, total_steps),
             )
         )
@@ -304,7 +325,7 @@ def _sweep(
             m.cfg,
             m.spec,
             m.state.params,
-            float(m.state.input_scale),
+            scale_value(m.state.input_scale),
             source,
             {
                 "steps": loop.step,

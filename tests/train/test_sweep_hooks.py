@@ -41,15 +41,21 @@ def three_hooks(path) -> None:
 
 
 def count_reads(monkeypatch) -> list:
-    """Every ActivationStore.read_async call as (hook, start, stop)."""
+    """Every ActivationStore read (read_async, and read_into, the loader's) as (hook, start,
+    stop)."""
     calls = []
-    real = ActivationStore.read_async
+    real_async, real_into = ActivationStore.read_async, ActivationStore.read_into
 
     def read_async(self, start, stop, hook=None):
         calls.append((hook, start, stop))
-        return real(self, start, stop, hook)
+        return real_async(self, start, stop, hook)
+
+    def read_into(self, start, stop, out, hook=None):
+        calls.append((hook, start, stop))
+        return real_into(self, start, stop, out, hook)
 
     monkeypatch.setattr(ActivationStore, "read_async", read_async)
+    monkeypatch.setattr(ActivationStore, "read_into", read_into)
     return calls
 
 

@@ -433,10 +433,38 @@ def test_bad_transcoder_configs_are_refused(toy_store, tmp_path, overrides, mess
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_sweep_refuses_a_target_hook_in_one_line(toy_store, tmp_path, capsys):
-    """`saejax sweep` reads one hook: it must not train SAEs where transcoders were asked."""
-    sets = [f"data.path={toy_store[0]}", "data.hook=in", "data.target_hook=out"]
-    args = ["sweep", "--d-sae", "32,64", "--out", str(tmp_path / "sweep")]
-    assert main(args + [f"--set={s}" for s in sets]) == 2
+def test_a_transcoder_sweep_member_equals_its_separate_run(toy_store, tmp_path, capsys):
+    """`saejax sweep` trains transcoders as `saejax train` does ([x | y] rows, both scales,
+    d_out), so a member ends bit for bit where its separate run ends; --hooks (other hooks)
+    cannot be combined with a target hook."""
+    from safetensors.numpy import load_file
+
+    sets = [
+        f"data.path={toy_store[0]}",
+        "data.hook=in",
+        "data.target_hook=out",
+        "sae.skip_connection=true",
+        "sae.architecture=relu",
+        "train.tokens=8192",
+        "train.batch_size=256",
+        "data.validation_tokens=1024",
+        "log.progress=false",
+    ]
+    out = tmp_path / "sweep"
+    args = ["sweep", *[f"--set={s}" for s in sets], "--quiet"]
+    assert main([*args, "--d-sae", "32,64", "--out", str(out)]) == 0
+    member = next(p for p in out.iterdir() if p.is_dir() and p.name.endswith("d64"))
+    separate = train(load_config(None, [*sets, "sae.d_sae=64", f"run_dir={tmp_path / 'alone'}"]))
+    saved = load_file(str(member / "sae" / "sae_weights.safetensors"))
+    alone = load_file(str(tmp_path / "alone" / "sae" / "sae_weights.safetensors"))
+    assert sorted(saved) == sorted(alone) and "W_skip" in saved
+    for name in alone:
+        np.testing.assert_array_equal(saved[name], alone[name], err_msg=name)
+    assert load_sae(str(member)).info["target_hook"] == "out"
+    assert separate.spec.d_out == D_OUT
+
+    capsys.readouterr()
+    assert main([*args, "--hooks", "in,out", "--d-sae", "32", "--out", str(tmp_path / "both")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "data.target_hook" in err[0], err
+    assert len(err) == 1 and "target_hook" in err[0], err
+    assert not os.path.exists(tmp_path / "both")
