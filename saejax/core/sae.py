@@ -30,6 +30,8 @@ from saejax.core.architectures import (
 )
 from saejax.core.sharding import LATENT_BLOCK, LATENT_SPECS, ROW_BLOCK, constrain, varying_axes
 
+AUX_NORMALIZATIONS = ("input", "residual")
+
 
 @dataclass(frozen=True)
 class SAESpec:
@@ -48,11 +50,22 @@ class SAESpec:
     # matryoshka_batchtopk: the nested prefix widths, the whole dictionary last
     # (`architectures.matryoshka_prefixes`); a tuple (a JSON list read back is made one)
     matryoshka_widths: tuple = ()
+    # true: the encoder sees x − b_dec (Towards Monosemanticity); false: x itself (Gemma
+    # Scope's JumpReLU; SAELens's cfg field of the same name)
+    apply_b_dec_to_input: bool = True
+    # AuxK's squared error divided by the total variance of the "input" x, or of the
+    # "residual" error it fits (OpenAI's sparse_autoencoder); see `auxk_variance`
+    aux_normalization: str = "input"
 
     def __post_init__(self):
         object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
         if self.topk_kernel not in TOPK_KERNELS:
             raise ValueError(f"topk_kernel must be one of {TOPK_KERNELS}, got {self.topk_kernel!r}")
+        if self.aux_normalization not in AUX_NORMALIZATIONS:
+            raise ValueError(
+                f"aux_normalization must be one of {AUX_NORMALIZATIONS}, "
+                f"got {self.aux_normalization!r}"
+            )
 
     @property
     def uses_sparse_kernels(self) -> bool:
@@ -337,7 +350,8 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 # ---- the forward pass -------------------------------------------------------------
 def encoder_scores(params, x, spec: SAESpec):
-    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias.
+    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias; x·W_enc
+    when `spec.apply_b_dec_to_input` is false (b_dec then gets no gradient from the encoder).
     On a mesh the [rows, d_sae] result stays split over ("data", "model") (`constrain`).
 
     b_dec's gradient through the encoder, −W_enc·Σ_rows g, comes from a term whose value is
@@ -347,6 +361,8 @@ def encoder_scores(params, x, spec: SAESpec):
     "model" first.
     """
     b_dec, W_enc = params["b_dec"], params["W_enc"]
+    if not spec.apply_b_dec_to_input:
+        return constrain(matmul(x, W_enc, spec.compute_dtype), LATENT_BLOCK)
     fixed_b_dec = jax.lax.stop_gradient(b_dec)
     scores = matmul(x - fixed_b_dec, W_enc, spec.compute_dtype)
     zero = (fixed_b_dec - b_dec) @ jax.lax.stop_gradient(W_enc)
@@ -575,6 +591,16 @@ def _auxk_sparse(params, x, scores, residual, dead, spec: SAESpec, variance):
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
+def auxk_variance(x, residual, spec: SAESpec):
+    """What AuxK's squared error is divided by: the batch's total variance of the input x
+    ("input", as the main loss's FVU), or of the residual error that AuxK fits ("residual":
+    OpenAI's sparse_autoencoder, whose `normalized_mse` divides by the MSE of the target's
+    batch mean, so the AuxK term stays of order 1 however good the main reconstruction is).
+    A constant: the residual carries no gradient."""
+    source = residual if spec.aux_normalization == "residual" else x
+    return jnp.maximum(total_variance(jax.lax.stop_gradient(source)), 1e-12)
+
+
 def auxk_loss(params, x, pre, residual, dead, spec: SAESpec, variance):
     """AuxK: reconstruct the main residual from the top aux_k dead latents, scaled by
     min(n_dead / aux_k, 1). `pre` and `residual` are constants (no gradient); on the sparse
@@ -653,6 +679,15 @@ def _select_and_decode_sharded(params, x, scores, k: int, kernels: str):
     return jax.lax.psum(partial, "model"), acts, idx
 
 
+def _encoder_side(params, spec: SAESpec):
+    """The parameters the sparse selection reads. Without b_dec on the input, a zero b_dec
+    stands in for it: `selected_preacts` then forms its encoder gradient from x itself and
+    b_dec's share goes to the constant (the decoder's b_dec is added outside)."""
+    if spec.apply_b_dec_to_input:
+        return params
+    return {**params, "b_dec": jnp.zeros_like(params["b_dec"])}
+
+
 def select_and_decode(params, x, scores, k: int, spec: SAESpec):
     """(Σ_i acts·W_dec[idx], acts [B, k], idx [B, k]) for the top k of scores + b_enc per row.
 
@@ -663,6 +698,7 @@ def select_and_decode(params, x, scores, k: int, spec: SAESpec):
     """
     scores = jax.lax.stop_gradient(scores)
     kernels = spec.kernels
+    params = _encoder_side(params, spec)
     if _model_shards() == 1:
         return _select_and_decode_local(params, x, scores, k, kernels)
     from jax.sharding import PartitionSpec as P
@@ -705,6 +741,7 @@ def decode_top_k(params, x, scores, k: int, spec: SAESpec):
     reconstruction alone (an exact tie at the k-th value keeps every tied latent)."""
     scores = jax.lax.stop_gradient(scores)
     kernels = spec.kernels
+    params = _encoder_side(params, spec)
     if _model_shards() == 1:
         return _select_and_decode_local(params, x, scores, k, kernels)[0]
     from jax.sharding import PartitionSpec as P
@@ -806,7 +843,7 @@ def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coe
     )
     if not selects_top_k(spec.architecture):
         return parts, fires, smallest, grads
-    variance = jnp.maximum(total_variance(x), 1e-12)
+    variance = auxk_variance(x, err, spec)
 
     def with_aux(grads):
         aux, aux_grads = jax.value_and_grad(auxk_loss)(params, x, pre, err, dead, spec, variance)

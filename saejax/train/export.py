@@ -40,7 +40,7 @@ def export_saelens(sae_dir: str, out: str) -> str:
         "d_sae": spec.d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": spec.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {

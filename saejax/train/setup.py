@@ -33,6 +33,8 @@ def spec_from_config(cfg: SAEConfig, d_in: int) -> S.SAESpec:
         matryoshka_prefixes(cfg.matryoshka_widths, cfg.d_sae)
         if cfg.architecture == "matryoshka_batchtopk"
         else (),
+        apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+        aux_normalization=cfg.aux_normalization,
     )
 
 
