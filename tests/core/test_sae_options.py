@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_config, superposition_data
+from helpers import make_store, small_config, superposition_data
 
 from saejax.cli import main
 from saejax.config import load_config
@@ -177,3 +177,42 @@ def test_trained_sae_exports_and_loads_with_its_convention(tmp_path, arch, apply
     np.testing.assert_allclose(
         f_exported, numpy_encode(exported.params, x[:300], exported.spec), rtol=1e-4, atol=1e-3
     )
+
+
+GEMMA_SCOPE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "configs",
+    "jumprelu_gemma_scope.yaml",
+)
+
+
+def test_gemma_scope_preset_loads_and_trains_on_a_toy_store(tmp_path):
+    """The preset holds the paper's settings in saejax's units (for d_in 2304) and trains as
+    it is, with only the size, the budget and the warm-ups shrunk to a toy."""
+    cfg = load_config(GEMMA_SCOPE, [], check=False)  # data.path is the user's to set
+    assert cfg.sae.architecture == "jumprelu"
+    assert (cfg.train.adam_b1, cfg.train.adam_b2, cfg.train.lr) == (0.0, 0.999, 7e-5)
+    assert cfg.sae.jumprelu_bandwidth == cfg.sae.jumprelu_init_threshold == 0.001 * 48
+    assert cfg.sae.l0_coefficient == pytest.approx(1e-3 * 2304)
+    assert cfg.sae.l0_warmup_steps == 10000 and cfg.train.lr_warmup_steps == 1000
+
+    rows, _ = superposition_data(4096, d=16, m=48, p=0.05, seed=7)
+    make_store(str(tmp_path / "store"), rows * 5)
+    toy = [
+        f"data.path={tmp_path / 'store'}",
+        f"run_dir={tmp_path / 'run'}",
+        "sae.d_sae=32",
+        "train.tokens=2048",
+        "train.batch_size=256",
+        "train.lr_warmup_steps=2",
+        "sae.l0_warmup_steps=4",
+        "data.validation_tokens=512",
+        "data.block_rows=512",
+        "data.shuffle_blocks=2",
+        "train.log_every=4",
+        "train.checkpoint_every=8",
+        "log.progress=false",
+    ]
+    result = train(load_config(GEMMA_SCOPE, toy))
+    assert int(result.state.step) == 8
+    assert np.isfinite(result.final_metrics["fvu"]) and result.final_metrics["l0"] > 0
