@@ -72,9 +72,12 @@ def export_sparsify(sae_dir: str, out: str) -> str:
             "(export it with --format saelens)"
         )
     params, _ = fold_to_model_units(native["params"], spec, info["input_scale"])
+    b_enc = params["b_enc"]
+    if not spec.apply_b_dec_to_input:  # sparsify always encodes x − b_dec: fold b_dec·W_enc back
+        b_enc = (b_enc + params["b_dec"].astype(np.float64) @ params["W_enc"]).astype(np.float32)
     weights = {
         "encoder.weight": np.ascontiguousarray(params["W_enc"].T),
-        "encoder.bias": params["b_enc"],
+        "encoder.bias": b_enc,
         "W_dec": params["W_dec"],
         "b_dec": params["b_dec"],
     }

@@ -177,6 +177,11 @@ def test_trained_sae_exports_and_loads_with_its_convention(tmp_path, arch, apply
     np.testing.assert_allclose(
         f_exported, numpy_encode(exported.params, x[:300], exported.spec), rtol=1e-4, atol=1e-3
     )
+    if arch == "topk":  # sparsify's layout has no such field: b_dec·W_enc goes into the bias
+        sparsify = str(tmp_path / "sparsify")
+        assert main(["export", run, "--format", "sparsify", "--out", sparsify]) == 0
+        f_sparsify = np.asarray(load_sae(sparsify).encode(sample))
+        np.testing.assert_allclose(f_sparsify, f_own, rtol=1e-4, atol=1e-3)
 
 
 GEMMA_SCOPE = os.path.join(
