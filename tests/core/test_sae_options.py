@@ -4,12 +4,13 @@ checked against a NumPy reference, trained, and carried through the SAELens expo
 
 import json
 import os
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import make_store, small_config, superposition_data
+from helpers import make_store, run_on_fake_devices, small_config, superposition_data
 
 from saejax.cli import main
 from saejax.config import load_config
@@ -221,3 +222,42 @@ def test_gemma_scope_preset_loads_and_trains_on_a_toy_store(tmp_path):
     result = train(load_config(GEMMA_SCOPE, toy))
     assert int(result.state.step) == 8
     assert np.isfinite(result.final_metrics["fvu"]) and result.final_metrics["l0"] > 0
+
+
+MESH_CHECK = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from saejax.core import sae as S
+    from saejax.core.sharding import LATENT_SPECS
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)
+    fn = jax.jit(S.loss_and_grads, static_argnums=2)
+    dead = jnp.zeros(48, bool).at[jnp.arange(16) * 3].set(True)
+    for arch, kernel in (("topk", "sparse"), ("topk", "dense"), ("jumprelu", "dense")):
+        spec = S.SAESpec(arch, 12, 48, k=4, aux_k=6, topk_kernel=kernel,
+                         apply_b_dec_to_input=False, aux_normalization="residual")
+        params = S.init_params(spec, jax.random.PRNGKey(1), init_threshold=0.3)
+        params["b_dec"] = jnp.asarray(rng.normal(0, 1.0, 12), jnp.float32)
+        ref = fn(params, x, spec, dead, 0.01, 1 / 32)
+        with jax.set_mesh(mesh):
+            p = {k: jax.device_put(v, NamedSharding(mesh, LATENT_SPECS[k]))
+                 for k, v in params.items()}
+            xs = jax.device_put(x, NamedSharding(mesh, P(("data", "model"), None)))
+            got = fn(p, xs, spec, dead, 0.01, 1 / 32)
+        for key in ("loss", "aux_loss", "fvu"):
+            np.testing.assert_allclose(got[0][key], ref[0][key], rtol=1e-5, err_msg=arch)
+        for key in params:
+            np.testing.assert_allclose(got[3][key], ref[3][key], rtol=2e-4, atol=2e-6,
+                                       err_msg=f"{arch} {kernel}: {key}")
+        print("ok", arch, kernel)
+""")
+
+
+def test_both_options_on_a_latent_split_mesh_equal_one_device():
+    """x without b_dec and AuxK over the residual's variance, on a (4 data, 2 model) mesh of
+    fake CPU devices: loss and gradients as on one device (the sparse kernels included)."""
+    result = run_on_fake_devices(["-c", MESH_CHECK], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ok ") == 3, result.stdout
