@@ -1,5 +1,6 @@
-"""Matryoshka BatchTopK (Bussmann et al. 2025): nested prefix losses, ground truth with its
-defaults, a feature hierarchy that plain BatchTopK absorbs, meshes, and the SAELens export."""
+"""Matryoshka BatchTopK (Bussmann et al. 2025): nested prefix losses, a feature hierarchy that
+plain BatchTopK absorbs, meshes, exact resume, and the SAELens export. Ground truth on the
+superposition toy is not reached yet, nor by plain BatchTopK: BENCHMARKS.md says why."""
 
 import json
 import os
