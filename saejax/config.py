@@ -38,6 +38,7 @@ Dtype = Literal["float32", "bfloat16"]
 TopkKernel = Literal[TOPK_KERNELS]
 LrSchedule = Literal["constant", "cosine", "linear", "wsd"]
 Distributed = Literal["off", "auto"]
+AuxNormalization = Literal["input", "residual"]
 
 
 def setting(default=dataclasses.MISSING, doc: str = "", default_factory=dataclasses.MISSING):
@@ -156,6 +157,11 @@ class SAEConfig:
     )
     aux_k: int = setting(0, "topk, batchtopk: dead latents used by the AuxK loss; 0: d_in // 2")
     aux_coefficient: float = setting(1 / 32, "topk, batchtopk: weight of the AuxK loss")
+    aux_normalization: AuxNormalization = setting(
+        "input",
+        "topk, batchtopk: AuxK's squared error divided by the batch's total variance of the "
+        "input, or of the residual it fits (residual: OpenAI's sparse_autoencoder)",
+    )
     dead_tokens: int = setting(
         1_000_000, "a latent that has not fired for this many tokens counts as dead"
     )
@@ -163,6 +169,11 @@ class SAEConfig:
         True, "unit-norm decoder rows, with the parallel gradient removed"
     )
     b_dec_init: BDecInit = setting("geometric_median", "initial decoder bias, from a sample")
+    apply_b_dec_to_input: bool = setting(
+        True,
+        "the encoder sees x - b_dec; false: x itself (Gemma Scope's JumpReLU; SAELens's field "
+        "of the same name, carried by the export)",
+    )
     scale_inputs: bool = setting(
         True, "scale inputs to mean norm sqrt(d_in); folded back into the saved SAE"
     )

@@ -37,6 +37,8 @@ from saejax.core.architectures import (
 )
 from saejax.core.sharding import LATENT_BLOCK, LATENT_SPECS, ROW_BLOCK, constrain, varying_axes
 
+AUX_NORMALIZATIONS = ("input", "residual")
+
 
 @dataclass(frozen=True)
 class SAESpec:
@@ -60,6 +62,12 @@ class SAESpec:
     d_out: int = 0
     transcoder: bool = False
     skip_connection: bool = False
+    # true: the encoder sees x − b_dec (Towards Monosemanticity); false: x itself (Gemma
+    # Scope's JumpReLU; SAELens's cfg field of the same name)
+    apply_b_dec_to_input: bool = True
+    # AuxK's squared error divided by the total variance of the "input" x, or of the
+    # "residual" error it fits (OpenAI's sparse_autoencoder); see `auxk_variance`
+    aux_normalization: str = "input"
 
     def __post_init__(self):
         object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
@@ -73,6 +81,11 @@ class SAESpec:
             )
         if not self.transcoder and (self.skip_connection or self.d_out != self.d_in):
             raise ValueError("d_out != d_in and skip_connection need transcoder=True")
+        if self.aux_normalization not in AUX_NORMALIZATIONS:
+            raise ValueError(
+                f"aux_normalization must be one of {AUX_NORMALIZATIONS}, "
+                f"got {self.aux_normalization!r}"
+            )
 
     @property
     def uses_sparse_kernels(self) -> bool:
@@ -377,7 +390,8 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 # ---- the forward pass -------------------------------------------------------------
 def encoder_scores(params, x, spec: SAESpec):
-    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias.
+    """(x − b_dec)·W_enc in float32: the pre-activations before the encoder bias; x·W_enc
+    when `spec.apply_b_dec_to_input` is false (b_dec then gets no gradient from the encoder).
     On a mesh the [rows, d_sae] result stays split over ("data", "model") (`constrain`).
 
     b_dec's gradient through the encoder, −W_enc·Σ_rows g, comes from a term whose value is
@@ -389,6 +403,8 @@ def encoder_scores(params, x, spec: SAESpec):
     if spec.transcoder:  # no centring: b_dec lives in the output space
         return constrain(matmul(x, params["W_enc"], spec.compute_dtype), LATENT_BLOCK)
     b_dec, W_enc = params["b_dec"], params["W_enc"]
+    if not spec.apply_b_dec_to_input:
+        return constrain(matmul(x, W_enc, spec.compute_dtype), LATENT_BLOCK)
     fixed_b_dec = jax.lax.stop_gradient(b_dec)
     scores = matmul(x - fixed_b_dec, W_enc, spec.compute_dtype)
     zero = (fixed_b_dec - b_dec) @ jax.lax.stop_gradient(W_enc)
@@ -629,6 +645,16 @@ def _auxk_sparse(params, x, scores, residual, dead, spec: SAESpec, variance):
     return jnp.sum(jnp.square(residual_hat - residual)) / variance
 
 
+def auxk_variance(x, residual, spec: SAESpec):
+    """What AuxK's squared error is divided by: the batch's total variance of the input x
+    ("input", as the main loss's FVU), or of the residual error that AuxK fits ("residual":
+    OpenAI's sparse_autoencoder, whose `normalized_mse` divides by the MSE of the target's
+    batch mean, so the AuxK term stays of order 1 however good the main reconstruction is).
+    A constant: the residual carries no gradient."""
+    source = residual if spec.aux_normalization == "residual" else x
+    return jnp.maximum(total_variance(jax.lax.stop_gradient(source)), 1e-12)
+
+
 def auxk_loss(params, x, pre, residual, dead, spec: SAESpec, variance):
     """AuxK: reconstruct the main residual from the top aux_k dead latents, scaled by
     min(n_dead / aux_k, 1). `pre` and `residual` are constants (no gradient); on the sparse
@@ -776,10 +802,11 @@ def decode_top_k(params, x, scores, k: int, spec: SAESpec):
 
 def _selection_params(params, spec: SAESpec) -> dict:
     """The parameters the sparse selection and decode read. Their "b_dec" is only the centre
-    subtracted from the input; a transcoder's input is not centred, so a zero centre of width
-    d_in stands in (its gradient is dropped; the real b_dec is added by the caller)."""
+    subtracted from the input; an input that is not centred (a transcoder's, or
+    apply_b_dec_to_input false) gets a zero centre of width d_in: `selected_preacts` then forms
+    its encoder gradient from x itself, and the real b_dec is added by the caller."""
     chosen = {name: value for name, value in params.items() if name in LATENT_SPECS}
-    if spec.transcoder:
+    if spec.transcoder or not spec.apply_b_dec_to_input:
         chosen["b_dec"] = jnp.zeros(spec.d_in, jnp.float32)
     return chosen
 
@@ -879,7 +906,7 @@ def loss_and_grads(params, x, spec: SAESpec, dead, sparsity_coefficient, aux_coe
     )
     if not selects_top_k(spec.architecture):
         return parts, fires, smallest, grads
-    variance = jnp.maximum(total_variance(x if y is None else y), 1e-12)
+    variance = auxk_variance(x if y is None else y, err, spec)
 
     def with_aux(grads):
         aux, aux_grads = jax.value_and_grad(auxk_loss)(params, x, pre, err, dead, spec, variance)

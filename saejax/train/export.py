@@ -75,7 +75,7 @@ def export_saelens(sae_dir: str, out: str) -> str:
         "dtype": "float32",
         "device": "cpu",
         # a transcoder's b_dec lives in the output space: SAELens refuses it on the input
-        "apply_b_dec_to_input": not spec.transcoder,
+        "apply_b_dec_to_input": spec.apply_b_dec_to_input and not spec.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -116,9 +116,13 @@ def export_sparsify(sae_dir: str, out: str) -> str:
             f"{spec.d_out}"
         )
     params, _ = _model_units(native)
+    b_enc = params["b_enc"]
+    if not spec.apply_b_dec_to_input and not spec.transcoder:
+        # sparsify always encodes x − b_dec: fold b_dec·W_enc back into the encoder bias
+        b_enc = (b_enc + params["b_dec"].astype(np.float64) @ params["W_enc"]).astype(np.float32)
     weights = {
         "encoder.weight": np.ascontiguousarray(params["W_enc"].T),
-        "encoder.bias": params["b_enc"],
+        "encoder.bias": b_enc,
         "W_dec": params["W_dec"],
         "b_dec": params["b_dec"],
     }

@@ -184,15 +184,11 @@ def read_native(sae_dir: str) -> dict:
     return {"params": params, "spec": spec, "info": info}
 
 
-def saelens_input_convention(cfg: dict, w: dict, path: str) -> dict:
-    """SAELens weights made to act like saejax's encoder, or one line on what cannot be honoured.
-
-    saejax always encodes (x − b_dec) W_enc + b_enc. A SAELens SAE with
-    `apply_b_dec_to_input: false` (Gemma Scope, many third-party releases) encodes
-    x W_enc + b_enc; folding b_dec W_enc into b_enc gives exactly that pre-activation, so
-    thresholds and the top-k choice are unchanged. Input normalisation and reshaping have no
-    saejax counterpart here, so such folders are refused rather than silently misread.
-    """
+def saelens_input_convention(cfg: dict, path: str) -> bool:
+    """SAELens's `apply_b_dec_to_input` (the spec's field of the same name: false, as in Gemma
+    Scope and many third-party releases, encodes x W_enc + b_enc, the weights kept as they
+    are), or one line on what cannot be honoured: input normalisation and reshaping have no
+    saejax counterpart here, so such folders are refused rather than silently misread."""
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise SaejaxError(
@@ -202,17 +198,10 @@ def saelens_input_convention(cfg: dict, w: dict, path: str) -> dict:
     reshape = cfg.get("reshape_activations") or "none"
     if reshape != "none":
         raise SaejaxError(f"{path}: SAELens reshape_activations={reshape!r} is not supported")
-    if cfg.get("apply_b_dec_to_input", True):
-        return w
-    w = dict(w)
-    shift = np.asarray(w["b_dec"], np.float64) @ w["W_enc"]  # b_dec·W_enc, per latent
-    if cfg.get("architecture") == "gated":  # both paths: the magnitude one scaled by exp(r_mag)
-        w["b_gate"] = (np.asarray(w["b_gate"], np.float64) + shift).astype(np.float32)
-        magnitude = shift * np.exp(np.asarray(w["r_mag"], np.float64))
-        w["b_mag"] = (np.asarray(w["b_mag"], np.float64) + magnitude).astype(np.float32)
-        return w
-    w["b_enc"] = (np.asarray(w["b_enc"], np.float64) + shift).astype(np.float32)
-    return w
+    apply = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply, bool):
+        raise SaejaxError(f"{path}: apply_b_dec_to_input must be true or false, got {apply!r}")
+    return apply
 
 
 # SAELens's architecture names → saejax's (a "jumprelu" exported from batchtopk says so in
@@ -259,7 +248,7 @@ def _saelens_transcoder(cfg: dict, w: dict, path: str) -> LoadedSAE:
     if cfg.get("apply_b_dec_to_input"):
         raise SaejaxError(f"{path}: a SAELens transcoder cannot have apply_b_dec_to_input: true")
     # the same refusal of input normalisation and reshaping as for SAEs (no b_dec to fold)
-    saelens_input_convention({**cfg, "apply_b_dec_to_input": True}, w, path)
+    saelens_input_convention({**cfg, "apply_b_dec_to_input": True}, path)
     arch, skip = SAELENS_TRANSCODERS[cfg["architecture"]]
     trained_as = (cfg.get("metadata") or {}).get("saejax_architecture")
     if arch == "jumprelu" and trained_as == "batchtopk":
@@ -294,8 +283,13 @@ def _load_any(path: str) -> LoadedSAE:
         trained_as = cfg.get("metadata", {}).get("saejax_architecture")
         if arch == "jumprelu" and trained_as in ("batchtopk", "matryoshka_batchtopk"):
             arch = trained_as
-        spec = S.SAESpec(arch, int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k", 32)))
-        w = saelens_input_convention(cfg, w, path)
+        spec = S.SAESpec(
+            arch,
+            int(cfg["d_in"]),
+            int(cfg["d_sae"]),
+            int(cfg.get("k", 32)),
+            apply_b_dec_to_input=saelens_input_convention(cfg, path),
+        )
         return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, _with_hooks(cfg))
     if "cfg.json" in files and "sae.safetensors" in files:
         with open(os.path.join(path, "cfg.json")) as f:

@@ -50,6 +50,8 @@ def spec_from_config(cfg: SAEConfig, d_in: int, d_out: int | None = None) -> S.S
         d_out=d_out or 0,
         transcoder=d_out is not None,
         skip_connection=cfg.skip_connection,
+        apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+        aux_normalization=cfg.aux_normalization,
     )
 
 
