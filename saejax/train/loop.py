@@ -11,9 +11,9 @@ writes a checkpoint, so running the same command again resumes. `finish` evaluat
 member on its held-out rows and writes its SAE and eval.json.
 
 Divergence is caught from the metrics the host fetches anyway: a non-finite loss or FVU, or
-an FVU above `DIVERGED_FVU` at two fetches in a row, stops the run (`Diverged`, exit 2)
-without saving that state; checkpoints written after the last healthy fetch are deleted, so
-a resume starts from a state that was seen to be healthy.
+an FVU above `DIVERGED_FVU` and twice the best so far at two fetches in a row, stops the run
+(`Diverged`, exit 2) without saving that state; checkpoints written after the last healthy
+fetch are deleted, so a resume starts from a state that was seen to be healthy.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from saejax.train.metrics import MetricsLogger
 from saejax.train.sae_files import save_sae
 from saejax.train.watchdog import must_pace, stop_agreed
 
-DIVERGED_FVU = 100.0  # an SAE that reconstructs 100× worse than the mean has diverged
+DIVERGED_FVU = 100.0  # an SAE that reconstructs 100× worse than the mean has diverged ...
+RISEN = 2.0  # ... and more than this many times its best FVU so far
 
 
 class Diverged(SaejaxError):
@@ -94,6 +95,7 @@ class Member:
     step_fn: Callable | None = None  # the pure step (the sweep compiles all members in one)
     last_good: int = 0  # the last step whose fetched metrics were healthy (or resumed from)
     suspect: bool = False  # the last fetch had FVU > DIVERGED_FVU: no checkpoint until healthy
+    best_fvu: float = math.inf  # the lowest FVU fetched in this call
 
 
 @dataclass
@@ -145,6 +147,8 @@ def run_loop(
     # the SAE's shard_map kernels read the mesh from jax.set_mesh
     for m in members:
         m.last_good, m.suspect = start_step, False
+        # a fresh run may start far above the line; a resumed one was healthy when saved
+        m.best_fvu = math.inf if start_step == 0 else DIVERGED_FVU / RISEN
     with (
         StopFlag() as stop,
         jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
@@ -206,14 +210,23 @@ def _member_cadence(m: Member, step: int, end_step: int, pool) -> None:
 
 
 def _check_health(m: Member, step: int, values: dict) -> None:
-    """Raise Diverged on a non-finite loss or FVU, or on a second FVU > DIVERGED_FVU."""
+    """Raise Diverged on a non-finite loss or FVU, or on a second FVU > DIVERGED_FVU that is
+    also more than RISEN× the best FVU fetched so far: a wide ReLU SAE can start far above the
+    line (its tied initial encoder lets half of d_sae latents fire, ~d_sae/(2 d_in) times the
+    input: FVU ≈ 1000 at 64× expansion) and come down slowly through the lr warm-up, which is
+    training, not divergence."""
     loss, fvu = float(values["loss"]), float(values["fvu"])
     where = f"{m.cfg.run_dir}: training diverged at step {step}"
     if not (math.isfinite(loss) and math.isfinite(fvu)):
         raise Diverged(f"{where} (loss {loss:g}, FVU {fvu:g})", m)
-    if fvu > DIVERGED_FVU and m.suspect:
-        raise Diverged(f"{where} (FVU {fvu:.3g} at two fetches in a row)", m)
-    m.suspect = fvu > DIVERGED_FVU
+    high = fvu > DIVERGED_FVU and fvu > RISEN * m.best_fvu
+    if high and m.suspect:
+        raise Diverged(
+            f"{where} (FVU {fvu:.3g} at two fetches in a row, {fvu / m.best_fvu:.3g}× its best "
+            f"{m.best_fvu:.3g})",
+            m,
+        )
+    m.suspect, m.best_fvu = high, min(m.best_fvu, fvu)
     if not m.suspect:
         m.last_good = step
 

@@ -239,6 +239,28 @@ def test_a_diverging_run_stops_and_keeps_its_last_healthy_checkpoint(rows_path, 
     assert not (run / "sae").exists()
 
 
+def test_a_wide_relu_sae_starting_far_above_the_divergence_line_is_not_stopped(tmp_path):
+    """At 64× expansion a tied ReLU SAE starts with half its latents firing: its output is
+    ~32× the input (FVU ~1000). That falls as it trains; only a high FVU that does not fall
+    is divergence (this run used to be stopped at its second fetch)."""
+    rows, _ = superposition_data(20_000, d=16, m=64)
+    data = tmp_path / "rows.npy"
+    np.save(data, rows)
+    run = tmp_path / "run"
+    cfg = small_config(
+        str(data),
+        str(run),
+        "sae.architecture=relu",
+        "sae.d_sae=1024",
+        "train.log_every=4",
+        "train.lr_warmup_steps=8",  # down sooner (the rule is under test, not the recipe)
+    )
+    train(cfg, max_steps=48)
+    fvus = [r["fvu"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert fvus[0] > 100 and fvus[1] > 100  # two fetches above the line ...
+    assert fvus[-1] < fvus[0] / 2  # ... on the way down
+
+
 def test_keep_checkpoints_zero_is_refused(rows_path, tmp_path):
     with pytest.raises(SaejaxError, match="keep_checkpoints"):
         train(small_config(rows_path, str(tmp_path / "run"), "train.keep_checkpoints=0"))
