@@ -1,5 +1,6 @@
 """BatchTopK: k x batch activations per batch in training; a learned threshold at inference."""
 
+import jax
 import numpy as np
 from helpers import small_config, superposition_data
 
@@ -27,3 +28,24 @@ def test_batchtopk_trains_and_learns_its_inference_threshold(tmp_path):
     # The inference threshold keeps a comparable sparsity without looking at the batch.
     assert 1.5 <= result.final_metrics["l0"] <= 10
     assert result.final_metrics["fvu"] < 0.9
+
+
+def test_the_batch_cutoff_is_the_exact_kth_largest_even_when_one_row_holds_most_of_it():
+    """The cutoff is searched among each row's 4k largest first; a row holding more of the
+    batch's largest entries than that (here one row far above the rest, as at initialisation)
+    sends the search over the whole batch. Both ways give NumPy's answer, ties included (every entry
+    equal to the cutoff is kept)."""
+    rng = np.random.default_rng(0)
+    k = 3
+    spread = np.maximum(rng.normal(size=(64, 200)), 0).astype(np.float32)
+    one_loud_row = spread.copy()
+    one_loud_row[5] += 10.0  # row 5 holds the 192 largest entries of the batch
+    ties = np.round(spread, 1)  # many equal values at the cutoff
+    few_positive = np.where(rng.random((64, 200)) < 0.01, spread, 0.0).astype(np.float32)
+    for pre in (spread, one_loud_row, ties, few_positive):
+        expected = np.sort(pre.reshape(-1))[::-1][k * 64 - 1]
+        for kernels in ("xla", S.sparse_kernels("auto")):
+            got = jax.jit(lambda p: S._batchtopk_cutoff(p, k, kernels))(pre)
+            assert float(got) == expected
+        kept = np.asarray(S.batchtopk_activation(pre, k)) > 0
+        assert (kept == ((pre >= expected) & (pre > 0))).all()
