@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from saejax.errors import SaejaxError
-from saejax.train.watchdog import catch_jax_abort
+from saejax.train.watchdog import catch_jax_abort, start_beacon
 
 ENV_PREFIX = "SAEJAX_"
 DEFAULT_INIT_TIMEOUT = 300  # seconds for every process to arrive (JAX's own default)
@@ -159,6 +159,7 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             timed_out = time.monotonic() - started >= launch.init_timeout - 1
             raise SaejaxError(_init_failure(launch, e, timed_out)) from None
         catch_jax_abort()  # JAX's later aborts (a lost coordinator or peer): one line
+        start_beacon(_client())  # how the others tell a lost peer from a bug (watchdog)
     elif mode == "auto":
         try:
             jax.distributed.initialize(initialization_timeout=launch.init_timeout)
@@ -356,6 +357,12 @@ def _first(error: Exception) -> str:
     return " ".join(text.splitlines()[0].split())[:300] if text else type(error).__name__
 
 
+def _client():
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
 def _forget_client() -> None:
     from jax._src import distributed as jax_distributed
 
@@ -398,6 +405,8 @@ def started_together():
         yield
     except Exception as e:
         _agree(_first(e) if isinstance(e, SaejaxError) else f"{type(e).__name__}: {_first(e)}")
+        with contextlib.suppress(AttributeError):  # the peers end with this line: not a
+            e.saejax_peers_told = True  # lost peer when they then go (watchdog)
         raise
     _agree("")
 

@@ -51,7 +51,7 @@ from saejax.train.setup import (
     resample_enabled,
     target_width,
 )
-from saejax.train.watchdog import CollectiveFailed, StepWatchdog, peer_lost
+from saejax.train.watchdog import StepWatchdog, end_if_peer_lost
 
 
 @dataclass
@@ -157,11 +157,9 @@ def train(
     failed = False
     try:
         return _train(cfg, resume, max_steps, force, created, mirror)
-    except (jax.errors.JaxRuntimeError, CollectiveFailed) as e:
-        if jax.process_count() > 1:  # a collective failed: a peer died (or was stopped)
-            peer_lost(cfg.run_dir, lambda: last_checkpoint(cfg.run_dir), e)
-        raise
-    except BaseException:
+    except BaseException as e:
+        # a lost peer surfaces as any type: the peers' beacons decide (watchdog's rule)
+        end_if_peer_lost(e, cfg.run_dir, lambda: last_checkpoint(cfg.run_dir))
         failed = is_main and not has_checkpoint(cfg.run_dir)
         if failed:  # nothing to resume: leave the directory as it was before this call
             created.undo(keep=(lock.path,))
