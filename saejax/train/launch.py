@@ -167,6 +167,10 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             raise SaejaxError(
                 f"mesh.distributed auto: JAX could not set up the processes ({_first(e)})"
             ) from None
+        if jax.process_count() > 1:
+            # a lost peer that fails a collective is one line here too; JAX's own client
+            # (no callback of ours) still ends a lost heartbeat with its own message
+            start_beacon(_client())
 
 
 ROLL_CALL = b"saejax-roll-call"
