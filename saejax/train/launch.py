@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from saejax.errors import SaejaxError
-from saejax.train.watchdog import catch_jax_abort, start_beacon
+from saejax.train.watchdog import catch_jax_abort, mark_peers_alive, start_beacon
 
 ENV_PREFIX = "SAEJAX_"
 DEFAULT_INIT_TIMEOUT = 300  # seconds for every process to arrive (JAX's own default)
@@ -409,8 +409,7 @@ def started_together():
         yield
     except Exception as e:
         _agree(_first(e) if isinstance(e, SaejaxError) else f"{type(e).__name__}: {_first(e)}")
-        with contextlib.suppress(AttributeError):  # the peers end with this line: not a
-            e.saejax_peers_told = True  # lost peer when they then go (watchdog)
+        mark_peers_alive(e)  # they end with this line: not a lost peer when they then go
         raise
     _agree("")
 

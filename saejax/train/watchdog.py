@@ -41,6 +41,7 @@ CollectiveFailed anywhere in the exception's chain counts as a lost peer, as bef
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -196,13 +197,16 @@ def _chain(error: BaseException):
 def end_if_peer_lost(error: BaseException, run_dir: str, last_checkpoint) -> None:
     """The one rule for a failure in a multi-process run (see the module doc): when a peer is
     gone, end this process with one line and exit 75; otherwise return (the caller raises).
-    SaejaxErrors (user errors), Ctrl-C and errors the peers were already told of are never
-    a lost peer."""
+    SaejaxErrors (user errors), Ctrl-C and errors whose peers are known to be alive (they
+    were told of it, `launch.started_together`, or already probed) are never a lost peer."""
     if jax.process_count() == 1 or not isinstance(error, Exception):
         return
-    if isinstance(error, SaejaxError) or getattr(error, "saejax_peers_told", False):
+    if isinstance(error, SaejaxError) or getattr(error, PEERS_ALIVE, False):
         return
-    gone = peers_gone()
+    try:
+        gone = peers_gone()
+    except Exception:  # noqa: BLE001 - the caller's error must not be masked
+        gone = None
     if gone is None:  # no beacon: judge by the type, as JAX reports a failed collective
         if any(
             isinstance(e, (jax.errors.JaxRuntimeError, CollectiveFailed)) for e in _chain(error)
@@ -211,6 +215,26 @@ def end_if_peer_lost(error: BaseException, run_dir: str, last_checkpoint) -> Non
         return
     if gone:
         peer_lost(run_dir, last_checkpoint, error, gone)
+    mark_peers_alive(error)  # a second look (train() after the watchdog) need not wait again
+
+
+@contextlib.contextmanager
+def ending_on_lost_peer(run_dir: str, last_checkpoint):
+    """`end_if_peer_lost` for whatever fails inside (then the error goes on)."""
+    try:
+        yield
+    except BaseException as e:
+        end_if_peer_lost(e, run_dir, last_checkpoint)
+        raise
+
+
+PEERS_ALIVE = "saejax_peers_alive"
+
+
+def mark_peers_alive(error: BaseException) -> None:
+    """Record on `error` that the peers were alive after it: not a lost peer."""
+    with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+        setattr(error, PEERS_ALIVE, True)
 
 
 def _kept(last_checkpoint) -> str:

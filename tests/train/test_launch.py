@@ -179,15 +179,19 @@ def test_any_failure_is_a_lost_peer_when_a_peer_stopped_beating(three_processes)
 
 
 def test_a_failure_while_every_peer_beats_is_not_a_lost_peer(three_processes):
-    three_processes(Beacons(beating={0, 1, 2}))
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
     assert W.peers_gone() == []
-    W.end_if_peer_lost(ValueError("a plain bug"), "RUN", lambda: 8)  # returns: caller raises
+    bug = ValueError("a plain bug")
+    W.end_if_peer_lost(bug, "RUN", lambda: 8)  # returns: the caller raises it
+    W.end_if_peer_lost(bug, "RUN", lambda: 8)  # looked at once only (the watchdog, then train)
+    assert store.reads == 4
     # user errors, Ctrl-C and a failure the peers were told of are never probed
     three_processes(Beacons(beating={0}, answers=False))
     W.end_if_peer_lost(SaejaxError("train.lr must be positive"), "RUN", lambda: 8)
     W.end_if_peer_lost(KeyboardInterrupt(), "RUN", lambda: 8)
-    told = ValueError("cannot read the store")
-    told.saejax_peers_told = True
+    told = ValueError("cannot read the store")  # the peers were told (started_together)
+    W.mark_peers_alive(told)
     W.end_if_peer_lost(told, "RUN", lambda: 8)
 
 
