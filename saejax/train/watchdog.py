@@ -35,8 +35,10 @@ SaejaxError (a user error, said the same way on every process), the survivor rea
 twice, `PROBE_SECONDS` apart. A peer whose counter did not move, or a store that does not
 answer (process 0, which hosts it, is gone), is a lost peer: one line with the last checkpoint
 and the resume command, exit 75. Peers all beating is a plain bug: the exception goes on (a
-traceback, exit 1). Without a beacon (mesh.distributed auto) a JaxRuntimeError or
-CollectiveFailed anywhere in the exception's chain counts as a lost peer, as before.
+traceback, exit 1). Without a beacon (no JAX client to keep it in) a JaxRuntimeError or
+CollectiveFailed anywhere in the exception's chain counts as a lost peer, as before. The
+probe costs a lost peer ~10 s more than judging by the type did; a healthy peer's beacon
+thread would have to stall 10 s to be taken for a lost one.
 """
 
 from __future__ import annotations
