@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from saejax.errors import SaejaxError
-from saejax.train.watchdog import catch_jax_abort
+from saejax.train.watchdog import catch_jax_abort, mark_peers_alive, start_beacon
 
 ENV_PREFIX = "SAEJAX_"
 DEFAULT_INIT_TIMEOUT = 300  # seconds for every process to arrive (JAX's own default)
@@ -159,6 +159,7 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             timed_out = time.monotonic() - started >= launch.init_timeout - 1
             raise SaejaxError(_init_failure(launch, e, timed_out)) from None
         catch_jax_abort()  # JAX's later aborts (a lost coordinator or peer): one line
+        start_beacon(_client())  # how the others tell a lost peer from a bug (watchdog)
     elif mode == "auto":
         try:
             jax.distributed.initialize(initialization_timeout=launch.init_timeout)
@@ -166,6 +167,10 @@ def init_distributed(launch: Launch, mode: str = "off") -> None:
             raise SaejaxError(
                 f"mesh.distributed auto: JAX could not set up the processes ({_first(e)})"
             ) from None
+        if jax.process_count() > 1:
+            # a lost peer that fails a collective is one line here too; JAX's own client
+            # (no callback of ours) still ends a lost heartbeat with its own message
+            start_beacon(_client())
 
 
 ROLL_CALL = b"saejax-roll-call"
@@ -356,6 +361,12 @@ def _first(error: Exception) -> str:
     return " ".join(text.splitlines()[0].split())[:300] if text else type(error).__name__
 
 
+def _client():
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
 def _forget_client() -> None:
     from jax._src import distributed as jax_distributed
 
@@ -398,6 +409,7 @@ def started_together():
         yield
     except Exception as e:
         _agree(_first(e) if isinstance(e, SaejaxError) else f"{type(e).__name__}: {_first(e)}")
+        mark_peers_alive(e)  # they end with this line: not a lost peer when they then go
         raise
     _agree("")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -51,7 +52,7 @@ from saejax.train.setup import (
     resample_enabled,
     target_width,
 )
-from saejax.train.watchdog import CollectiveFailed, StepWatchdog, peer_lost
+from saejax.train.watchdog import StepWatchdog, end_if_peer_lost, ending_on_lost_peer
 
 
 @dataclass
@@ -136,7 +137,9 @@ def train(
             f"train.tokens ({cfg.train.tokens}) is less than one batch ({cfg.train.batch_size})"
         )
     init_distributed(cfg.mesh, launch)
-    check_same_config(flat_config(cfg))  # every process trains the same config (or exit 2)
+    kept = functools.partial(last_checkpoint, cfg.run_dir)  # named in a lost peer's line
+    with ending_on_lost_peer(cfg.run_dir, kept):  # a peer that dies at the start, too
+        check_same_config(flat_config(cfg))  # every process trains the same config (or exit 2)
     if mirror is not None and jax.process_count() > 1:
         raise SaejaxError(
             f"{mirror.url}: a run directory on object storage takes one process; multi-process "
@@ -145,7 +148,8 @@ def train(
     is_main = jax.process_index() == 0
     created = Created()
     lock = RunLock(cfg.run_dir, created) if is_main else None
-    with started_together():  # a process failing here ends its peers with its line
+    # a process failing here ends its peers with its line
+    with ending_on_lost_peer(cfg.run_dir, kept), started_together():
         if lock is not None:
             try:
                 lock.acquire()
@@ -157,11 +161,9 @@ def train(
     failed = False
     try:
         return _train(cfg, resume, max_steps, force, created, mirror)
-    except (jax.errors.JaxRuntimeError, CollectiveFailed) as e:
-        if jax.process_count() > 1:  # a collective failed: a peer died (or was stopped)
-            peer_lost(cfg.run_dir, lambda: last_checkpoint(cfg.run_dir), e)
-        raise
-    except BaseException:
+    except BaseException as e:
+        # a lost peer surfaces as any type: the peers' beacons decide (watchdog's rule)
+        end_if_peer_lost(e, cfg.run_dir, kept)
         failed = is_main and not has_checkpoint(cfg.run_dir)
         if failed:  # nothing to resume: leave the directory as it was before this call
             created.undo(keep=(lock.path,))

@@ -24,10 +24,26 @@ thread, which cannot hand the status to Python (std::bad_cast) and aborts the pr
 `catch_jax_abort` puts a SIGABRT handler in front of that abort: one line naming what is known
 (`when_jax_aborts` sets it: before training, after a checkpoint) and exit 75 instead of a core
 dump. JAX's own error lines and the C++ runtime's "terminate called" line come first.
+
+Lost peers. A peer that dies surfaces in a survivor as whatever the call waiting on it raises:
+JaxRuntimeError from a step, ValueError from a host-side all-gather (orbax's barrier before a
+checkpoint, `process_allgather`), TimeoutError from orbax's background commit, and so on. So
+the type does not decide; the peers do (`end_if_peer_lost`): every process of a multi-process
+run keeps a beacon in JAX's coordination key-value store (a counter bumped every
+`BEACON_SECONDS`, `start_beacon`), and when training fails with any exception but a
+SaejaxError (a user error, said the same way on every process), the survivor reads the beacons
+twice, `PROBE_SECONDS` apart. A peer whose counter did not move, or a store that does not
+answer (process 0, which hosts it, is gone), is a lost peer: one line with the last checkpoint
+and the resume command, exit 75. Peers all beating is a plain bug: the exception goes on (a
+traceback, exit 1). Without a beacon (no JAX client to keep it in) a JaxRuntimeError or
+CollectiveFailed anywhere in the exception's chain counts as a lost peer, as before. The
+probe costs a lost peer ~10 s more than judging by the type did; a healthy peer's beacon
+thread would have to stall 10 s to be taken for a lost one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -40,6 +56,8 @@ from collections import deque
 
 import jax
 import numpy as np
+
+from saejax.errors import SaejaxError
 
 RESTART_EXIT = 75  # EX_TEMPFAIL: try again (resume); what an orchestrator restarts on
 _ABORT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
@@ -92,15 +110,133 @@ def exit_now(line: str, code: int = RESTART_EXIT) -> None:
     # say their own line (catch_jax_abort)
 
 
-def peer_lost(run_dir: str, last_checkpoint, error: Exception) -> None:
+def peer_lost(run_dir: str, last_checkpoint, error: Exception, gone=None) -> None:
     """A collective failed in a multi-process run: one line and the resume command, then exit
-    at once (waiting on the lost peer would hang until JAX's heartbeat timeout aborts)."""
+    at once (waiting on the lost peer would hang until JAX's heartbeat timeout aborts).
+    `gone`: the processes found silent, when known."""
     text = str(error).strip()
     first = " ".join(text.splitlines()[0].split())[:200] if text else type(error).__name__
+    who = "a process has died or was stopped"
+    if gone:
+        who = f"process(es) {', '.join(str(i) for i in gone)} died or were stopped"
     exit_now(
-        f"process {jax.process_index()} lost contact with its peers ({first}): a process has "
-        f"died or was stopped; {_kept(last_checkpoint)}; {resume_hint(run_dir)}"
+        f"process {jax.process_index()} lost contact with its peers ({first}): {who}; "
+        f"{_kept(last_checkpoint)}; {resume_hint(run_dir)}"
     )
+
+
+BEACON_SECONDS = 1.0  # how often each process bumps its beacon
+PROBE_SECONDS = 10.0  # a beacon that does not move in this long belongs to a lost peer
+BEACON_KEY = "saejax/alive/"
+_beacon = {"client": None}
+
+
+def start_beacon(client) -> None:
+    """Bump this process's counter in the coordination service's key-value store every
+    BEACON_SECONDS from a daemon thread, for `peers_gone` on the other processes."""
+    if _beacon["client"] is not None or client is None:
+        return
+    _beacon["client"] = client
+    key = f"{BEACON_KEY}{jax.process_index()}"
+
+    def beat():
+        count = 0
+        while True:
+            try:
+                client.key_value_set(key, str(count), allow_overwrite=True)
+            except Exception:  # noqa: BLE001 - the service is gone: peers_gone says so
+                return
+            count += 1
+            time.sleep(BEACON_SECONDS)
+
+    threading.Thread(target=beat, name="saejax-beacon", daemon=True).start()
+
+
+def _read_beacons(client, timeout: float) -> dict | None:
+    """{process: counter}, or None when the store does not answer within `timeout`."""
+    box = {}
+
+    def read():
+        try:
+            box["rows"] = client.key_value_dir_get(BEACON_KEY)
+        except Exception:  # noqa: BLE001 - no answer is the answer
+            pass
+
+    reader = threading.Thread(target=read, name="saejax-probe", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if "rows" not in box:
+        return None
+    return {int(k.rstrip("/").rpartition("/")[2]): v for k, v in box["rows"]}
+
+
+def peers_gone(wait: float | None = None) -> list[int] | None:
+    """The peers whose beacon did not move in `wait` seconds (PROBE_SECONDS; [0] when the
+    store in process 0 does not answer); None without a beacon (cannot tell)."""
+    client = _beacon["client"]
+    if client is None:
+        return None
+    wait = PROBE_SECONDS if wait is None else wait
+    me, count = jax.process_index(), jax.process_count()
+    before = _read_beacons(client, wait)
+    if before is None:
+        return [0]
+    time.sleep(wait)
+    after = _read_beacons(client, wait)
+    if after is None:
+        return [0]
+    return [i for i in range(count) if i != me and after.get(i, before.get(i)) == before.get(i)]
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def end_if_peer_lost(error: BaseException, run_dir: str, last_checkpoint) -> None:
+    """The one rule for a failure in a multi-process run (see the module doc): when a peer is
+    gone, end this process with one line and exit 75; otherwise return (the caller raises).
+    SaejaxErrors (user errors), Ctrl-C and errors whose peers are known to be alive (they
+    were told of it, `launch.started_together`, or already probed) are never a lost peer."""
+    if jax.process_count() == 1 or not isinstance(error, Exception):
+        return
+    if isinstance(error, SaejaxError) or getattr(error, PEERS_ALIVE, False):
+        return
+    try:
+        gone = peers_gone()
+    except Exception:  # noqa: BLE001 - the caller's error must not be masked
+        gone = None
+    if gone is None:  # no beacon: judge by the type, as JAX reports a failed collective
+        if any(
+            isinstance(e, (jax.errors.JaxRuntimeError, CollectiveFailed)) for e in _chain(error)
+        ):
+            peer_lost(run_dir, last_checkpoint, error)
+        return
+    if gone:
+        peer_lost(run_dir, last_checkpoint, error, gone)
+    mark_peers_alive(error)  # a second look (train() after the watchdog) need not wait again
+
+
+@contextlib.contextmanager
+def ending_on_lost_peer(run_dir: str, last_checkpoint):
+    """`end_if_peer_lost` for whatever fails inside (then the error goes on)."""
+    try:
+        yield
+    except BaseException as e:
+        end_if_peer_lost(e, run_dir, last_checkpoint)
+        raise
+
+
+PEERS_ALIVE = "saejax_peers_alive"
+
+
+def mark_peers_alive(error: BaseException) -> None:
+    """Record on `error` that the peers were alive after it: not a lost peer."""
+    with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+        setattr(error, PEERS_ALIVE, True)
 
 
 def _kept(last_checkpoint) -> str:
@@ -182,8 +318,8 @@ class StepWatchdog:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if isinstance(exc, jax.errors.JaxRuntimeError):  # before anything waits on the peers
-            peer_lost(self.run_dir, self.last_checkpoint, exc)
+        if exc is not None:  # decided before anything (a checkpoint's close) waits on peers
+            end_if_peer_lost(exc, self.run_dir, self.last_checkpoint)
         self._stop.set()
         self._thread.join()
         if self._pipe is not None:

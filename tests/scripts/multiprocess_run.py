@@ -1,12 +1,15 @@
 """One process of a multi-process run on the CPU (launched by test_multiprocess.py).
 
-usage: python multiprocess_run.py DATA.npy RUN_DIR READ_LOG PROCESS_ID NUM_PROCESSES PORT
+usage: python multiprocess_run.py DATA.npy RUN_DIR READ_LOG PROCESS_ID NUM_PROCESSES PORT [DIE]
 Trains with mesh.data = NUM_PROCESSES (one CPU device per process) and records every row
 range this process reads from the data (test instrumentation, patched in here only).
+DIE (a step): process 1 kills itself (SIGKILL) as it starts that step's checkpoint, so its
+peers are inside that checkpoint's save when it dies.
 """
 
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,8 +20,23 @@ from saejax.train.launch import resolve_launch  # noqa: E402
 from saejax.train.run import train  # noqa: E402
 
 
+def die_at_save(step: int) -> None:
+    import saejax.train.checkpoint as C
+
+    original = C.Checkpointer.save
+
+    def save(self, at, state, info):
+        if at == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, at, state, info)
+
+    C.Checkpointer.save = save
+
+
 def main():
-    data, run_dir, read_log, pid, nproc, port = sys.argv[1:]
+    data, run_dir, read_log, pid, nproc, port, *die = sys.argv[1:]
+    if die and pid == "1":
+        die_at_save(int(die[0]))
     reads = []
     original = D.ArraySource.read_async
 

@@ -135,6 +135,81 @@ def test_a_signal_that_is_not_acted_on_ends_the_process(monkeypatch):
         dog._check(102.5)
 
 
+class Beacons:
+    """The coordination store's beacons as `peers_gone` reads them: `beating` processes bump
+    their counter between reads, the others stay put; `answers=False` is a lost process 0."""
+
+    def __init__(self, beating, count=3, answers=True):
+        self.beating, self.count, self.answers, self.reads = beating, count, answers, 0
+
+    def key_value_dir_get(self, prefix):
+        if not self.answers:
+            raise RuntimeError("UNAVAILABLE: failed to connect to all addresses")
+        self.reads += 1
+        return [
+            (f"{prefix}{i}", str(self.reads if i in self.beating else 7)) for i in range(self.count)
+        ]
+
+
+@pytest.fixture
+def three_processes(monkeypatch):
+    """This process is process 0 of 3; exit_now raises Fired(line) instead of exiting."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(W, "PROBE_SECONDS", 0.01)
+    monkeypatch.setattr(W, "exit_now", lambda line, code=75: (_ for _ in ()).throw(Fired(line)))
+
+    def beacons(store):
+        monkeypatch.setattr(W, "_beacon", {"client": store})
+
+    return beacons
+
+
+def test_any_failure_is_a_lost_peer_when_a_peer_stopped_beating(three_processes):
+    three_processes(Beacons(beating={0, 1}))
+    assert W.peers_gone() == [2]
+    # orbax's barrier before a save raises Gloo's failure as a ValueError (issue 22)
+    with pytest.raises(Fired, match=r"lost contact.*Gloo AllGather.*process\(es\) 2 died"):
+        W.end_if_peer_lost(ValueError("Gloo AllGather failed"), "RUN", lambda: 8)
+    three_processes(Beacons(beating={0}, answers=False))  # process 0, the store's host, died
+    assert W.peers_gone() == [0]
+    with pytest.raises(Fired, match=r"the last checkpoint is step 8.*--resume RUN"):
+        W.end_if_peer_lost(TimeoutError("barrier"), "RUN", lambda: 8)
+
+
+def test_a_failure_while_every_peer_beats_is_not_a_lost_peer(three_processes):
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
+    assert W.peers_gone() == []
+    bug = ValueError("a plain bug")
+    W.end_if_peer_lost(bug, "RUN", lambda: 8)  # returns: the caller raises it
+    W.end_if_peer_lost(bug, "RUN", lambda: 8)  # looked at once only (the watchdog, then train)
+    assert store.reads == 4
+    # user errors, Ctrl-C and a failure the peers were told of are never probed
+    three_processes(Beacons(beating={0}, answers=False))
+    W.end_if_peer_lost(SaejaxError("train.lr must be positive"), "RUN", lambda: 8)
+    W.end_if_peer_lost(KeyboardInterrupt(), "RUN", lambda: 8)
+    told = ValueError("cannot read the store")  # the peers were told (started_together)
+    W.mark_peers_alive(told)
+    W.end_if_peer_lost(told, "RUN", lambda: 8)
+
+
+def test_without_a_beacon_a_failed_collective_is_a_lost_peer(three_processes):
+    import jax
+
+    three_processes(None)
+    assert W.peers_gone() is None
+    W.end_if_peer_lost(ValueError("a plain bug"), "RUN", lambda: None)
+    try:
+        raise jax.errors.JaxRuntimeError("UNAVAILABLE: Gloo")
+    except jax.errors.JaxRuntimeError as e:
+        wrapped = TimeoutError("timed out at a barrier")
+        wrapped.__cause__ = e
+    with pytest.raises(Fired, match="no checkpoint yet"):
+        W.end_if_peer_lost(wrapped, "RUN", lambda: None)
+
+
 def test_a_flag_fills_in_what_the_environment_leaves_out():
     env = {"SAEJAX_COORDINATOR": "h0:1234", "SAEJAX_NUM_PROCESSES": "4"}
     launch = resolve_launch(process_id=2, environ=env)

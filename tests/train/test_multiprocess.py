@@ -200,6 +200,44 @@ def test_two_processes_read_only_their_own_slices(data, tmp_path):
     assert os.path.exists(tmp_path / "two" / "eval.json")
 
 
+def test_a_peer_killed_during_a_checkpoint_save_ends_the_survivor_with_one_line(data, tmp_path):
+    """Process 1 dies as step 16's checkpoint starts: process 0, inside orbax's barrier
+    before that save, sees a ValueError (Gloo's failed all-gather), not a JaxRuntimeError.
+    It ended with a traceback (exit 1 in a CI rehearsal, issue 22); now the peers' beacons
+    show process 1 is gone: one line, the resume command, exit 75, without waiting for JAX's
+    60 s heartbeat timeout."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    port, run = free_port(), str(tmp_path / "run")
+    script = os.path.join(SCRIPTS, "multiprocess_run.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, data, run, str(tmp_path / f"p{i}.json"), str(i), "2"]
+            + [str(port), "16"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        procs[1].wait(timeout=TIMEOUT)
+        died = time.monotonic()
+        assert procs[1].returncode == -signal.SIGKILL
+        _, err = procs[0].communicate(timeout=TIMEOUT)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 75, err[:3000] + " ... " + err[-1500:]
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = errors(err)
+    assert "lost contact with its peers" in line and "process(es) 1 died" in line, line
+    assert f"--resume {run}" in line and "no checkpoint yet" in line, line
+    assert time.monotonic() - died < 45  # the beacons, not JAX's heartbeat timeout
+
+
 def test_a_killed_process_ends_its_peer_with_one_line_and_resume_finishes(
     data, tmp_path, processes
 ):
