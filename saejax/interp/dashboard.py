@@ -124,10 +124,11 @@ class LLMExplainer:
 
 def unembedding_effects(loaded, sae, n: int = 8) -> tuple[np.ndarray, np.ndarray] | None:
     """Per latent, the tokens its decoder row promotes and suppresses most (W_U · (g ⊙ d)),
-    where g is the final norm's weight; None when the hook is not in the residual stream."""
+    where g is the final norm's weight; None when the hook the decoder writes to (a
+    transcoder's target) is not as wide as the residual stream."""
     model = loaded.model
     head = model.get_output_embeddings()
-    if head is None or head.weight.shape[1] != sae.spec.d_in:
+    if head is None or head.weight.shape[1] != getattr(sae.spec, "d_out", sae.spec.d_in):
         return None
     W_U = head.weight.detach().float().cpu().numpy()
     norm = None
