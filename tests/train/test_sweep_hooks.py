@@ -6,6 +6,7 @@ import collections
 import json
 
 import numpy as np
+import pytest
 import yaml
 from helpers import make_store, superposition_data
 from safetensors.numpy import load_file
@@ -179,3 +180,22 @@ def test_all_hooks_of_the_store(tmp_path):
     three_hooks(str(store))
     assert sweep_hooks(str(store), ["all"]) == ["a", "b", "c"]
     assert sweep_hooks(str(store), ["c", "a"]) == ["c", "a"]
+
+
+def test_a_transcoder_s_statistics_need_its_target_beside_the_input(tmp_path):
+    """Every command reads a transcoder's rows through `open_source` ([x | y]); a library
+    caller that opens the input hook alone gets one line saying how to open them instead."""
+    from saejax.errors import SaejaxError
+    from saejax.train.data import ArraySource
+    from saejax.train.setup import data_statistics, open_source
+
+    store = tmp_path / "store"
+    three_hooks(str(store))
+    cfg = load_config(None, [f"data.path={store}", "data.hook=a", "data.target_hook=c", *SETS])
+    with pytest.raises(SaejaxError) as err:
+        data_statistics(cfg, ArraySource(str(store), "a"))
+    message = str(err.value)
+    assert "data.target_hook c" in message and "open_source(cfg)" in message
+    assert "\n" not in message
+    (x_scale, y_scale), b_dec = data_statistics(cfg, open_source(cfg))
+    assert x_scale > 0 and y_scale > 0 and b_dec.shape == (48,)  # b_dec in the target's width
