@@ -72,13 +72,19 @@ def max_difference(run_dir, params) -> float:
 
 
 def test_three_hooks_read_once_per_block_and_members_equal_separate_runs(tmp_path, monkeypatch):
+    """`saejax sweep --hooks a,b,c --d-sae 32,64 --k 4`, through the library calls the command
+    makes, without timing each member's step alone (nothing here reads that figure)."""
+    from saejax.train.sweep import members_of, run_sweep, sweep_hooks
+    from saejax.train.sweep_table import write_table
+
     store = tmp_path / "store"
     three_hooks(str(store))
     sets = [f"data.path={store}", *SETS]
     out = tmp_path / "sweep"
     calls = count_reads(monkeypatch)
-    args = ["sweep", *sum((["--set", s] for s in sets), []), "--hooks", "a,b,c"]
-    assert main([*args, "--d-sae", "32,64", "--k", "4", "--out", str(out), "--quiet"]) == 0
+    grid = members_of("topk", [32, 64], [4], [], hooks=sweep_hooks(str(store), ["a", "b", "c"]))
+    rows = run_sweep(load_config(None, sets), grid, str(out), progress=False, time_alone=False)
+    write_table(rows, str(out))
 
     # "once": each block of training rows is read once per hook (one read per hook per
     # block, issued together), however many members read that hook (two here), just as a
@@ -139,9 +145,11 @@ def test_a_stopped_hook_sweep_with_resampling_resumes_to_the_separate_runs(tmp_p
     ]
     grid = members_of("topk", [64], [], [], hooks=["b", "c"])
     out = tmp_path / "sweep"
-    run_sweep(load_config(None, sets), grid, str(out), progress=False, max_steps=7)
+    run_sweep(
+        load_config(None, sets), grid, str(out), progress=False, max_steps=7, time_alone=False
+    )
     assert (out / "c-d64" / "checkpoints" / "7").is_dir()
-    rows = run_sweep(load_config(None, sets), grid, str(out), progress=False)
+    rows = run_sweep(load_config(None, sets), grid, str(out), progress=False, time_alone=False)
     assert [r["hook"] for r in rows] == ["b", "c"]
     for hook in ("b", "c"):
         alone = tmp_path / f"alone-{hook}"
