@@ -1,6 +1,7 @@
 """Small builders shared by the tests (fixtures live in conftest.py)."""
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -198,23 +199,82 @@ def trained_tiny_gpt2(model_dir, out_dir):
 
 
 TRAINED_GPT2_HOOK = "blocks.1.hook_resid_post"  # the hook of the trained_gpt2_store fixture
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+SCRIPTS_DIR = os.path.join(TESTS_DIR, "scripts")
 
 
 def run_on_fake_devices(args: list[str], devices: int = 8, timeout: float = 900):
     """`python ARGS` in a fresh process that sees `devices` fake CPU devices (XLA reads the
     flag once, at start-up, so a test process cannot change it for itself), with the
-    repository on its path. Returns the CompletedProcess (text output captured)."""
+    repository and this folder on its path (a script can `from helpers import ...`). Returns
+    the CompletedProcess (text output captured)."""
+    path = [REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH", "")]
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join(path),
     )
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+@functools.cache
+def _loss_and_grads_jit():
+    """One jit of S.loss_and_grads per process, so every call below shares its compiles."""
+    import jax
+
+    from saejax.core import sae as S
+
+    return jax.jit(S.loss_and_grads, static_argnums=2)
+
+
+def loss_and_grads_on_latent_mesh(params, x, spec, dead, data: int = 4, model: int = 2):
+    """For a script run by `run_on_fake_devices`: `S.loss_and_grads` (L1 0.01, AuxK 1/32)
+    on one device, and again with the latents split over a (data, model) mesh (parameters
+    placed by `sharding.LATENT_SPECS`, rows over every device). Returns (reference, mesh's)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from saejax.core.sharding import LATENT_SPECS
+
+    mesh = Mesh(np.array(jax.devices()).reshape(data, model), ("data", "model"))
+    fn = _loss_and_grads_jit()
+    ref = fn(params, x, spec, dead, 0.01, 1 / 32)
+    with jax.set_mesh(mesh):
+        placed = {
+            k: jax.device_put(v, NamedSharding(mesh, LATENT_SPECS[k])) for k, v in params.items()
+        }
+        rows = jax.device_put(x, NamedSharding(mesh, P(("data", "model"), None)))
+        got = fn(placed, rows, spec, dead, 0.01, 1 / 32)
+    return ref, got
+
+
+# the meshes a short training is compared across: one device first, the reference
+TRAINING_MESHES = {"m1x1": "1,1", "m8x1": "8,1", "m4x2": "4,2", "m1x8": "1,8"}
+
+
+def train_on_meshes(tmp_path, arch: str, meshes: dict = TRAINING_MESHES) -> dict:
+    """tests/scripts/mesh_runs.py's short training of `arch` on superposition rows, once per
+    mesh ({name: "data,model"}), in one process with 8 fake devices; each run's state is split
+    over data × model devices. Returns {name: the run's arrays (final parameters, losses)}."""
+    data = os.path.join(tmp_path, "acts.npy")
+    if not os.path.exists(data):
+        rows, _ = superposition_data(16384, d=32, m=128, p=0.03)
+        np.save(data, rows)
+    runs = [f"{name}:{mesh}" for name, mesh in meshes.items()]
+    script = os.path.join(SCRIPTS_DIR, "mesh_runs.py")
+    result = run_on_fake_devices([script, data, str(tmp_path), arch, *runs])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = {name: dict(np.load(os.path.join(tmp_path, f"{name}.npz"))) for name in meshes}
+    for name, mesh in meshes.items():
+        data_n, model_n = map(int, mesh.split(","))
+        assert int(out[name]["shards"]) == data_n * model_n, name
+    return out
 
 
 def start_gcs_emulator(bucket: str):

@@ -287,53 +287,6 @@ def resolve_run_store(run: str, sae, store_path: str | None = None):
     return store, hook
 
 
-def transcoder_row_metrics(sae, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict:
-    """Held-out metrics of a transcoder: its output for input rows `x` against the target rows
-    `y`, with train.evaluate's definitions (pooled FVU about the mean of y, the same outlier
-    rule on the norms of y, median relative error, L0 and latents silent on these rows)."""
-    from saejax.train.evaluate import OUTLIER_NORM_RATIO
-
-    n = len(x)
-    row_err, row_sq = np.zeros(n), np.zeros(n)
-    fires, l0 = np.zeros(sae.spec.d_sae), 0.0
-    for i in range(0, n, batch_size):
-        xs = np.asarray(x[i : i + batch_size], np.float32)
-        ys = np.asarray(y[i : i + batch_size], np.float64)
-        y_hat = np.asarray(sae.reconstruct(xs), np.float64)
-        row_err[i : i + len(xs)] = np.sum(np.square(ys - y_hat), -1)
-        row_sq[i : i + len(xs)] = np.sum(ys * ys, -1)
-        active = np.asarray(sae.encode(xs)) > 0
-        fires += active.sum(0)
-        l0 += float(active.sum())
-    y64 = np.asarray(y, np.float64)
-    norms = np.sqrt(row_sq)
-    inliers = norms <= OUTLIER_NORM_RATIO * np.median(norms)
-
-    def fvu(mask) -> float | None:
-        if not mask.any():
-            return None
-        centred = y64[mask] - y64[mask].mean(0)
-        return float(row_err[mask].sum() / max(float(np.sum(centred * centred)), 1e-12))
-
-    whole, without = fvu(np.ones(n, bool)), fvu(inliers)
-    silent = float(np.mean(fires == 0))
-    return {
-        "tokens": n,
-        "compared_with": "the target hook's rows (a transcoder)",
-        "mse": float(row_err.sum() / n),
-        "fvu": whole,
-        "explained_variance": 1.0 - whole,
-        "fvu_without_outliers": without,
-        "explained_variance_without_outliers": None if without is None else 1.0 - without,
-        "outlier_rows": int(n - inliers.sum()),
-        "outlier_norm_ratio": OUTLIER_NORM_RATIO,
-        "median_relative_error": float(np.median(np.sqrt(row_err) / np.maximum(norms, 1e-12))),
-        "l0": l0 / n,
-        "silent_in_eval_fraction": silent,
-        "dead_fraction": silent,
-    }
-
-
 def evaluate_run(
     run: str,
     store_path: str | None = None,
@@ -370,7 +323,8 @@ def evaluate_run(
     if target:  # the input and target rows side by side, the same rows of one store
         source = ArraySource(store_path, hook, also=[target])
         x, y = split_columns(validation_rows(source, data_cfg), source.widths)
-        result = {"sae": transcoder_row_metrics(sae, x, y)}
+        metrics = evaluate_rows(sae.params, sae.spec, 1.0, x, target=y)
+        result = {"sae": {**metrics, "compared_with": "the target hook's rows (a transcoder)"}}
     else:
         rows = validation_rows(ArraySource(store_path, hook), data_cfg)
         result = {"sae": evaluate_rows(sae.params, sae.spec, 1.0, rows)}

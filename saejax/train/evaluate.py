@@ -48,22 +48,42 @@ def split_target(rows, input_scale, spec: S.SAESpec) -> tuple:
 
 
 def evaluate_rows(
-    params, spec: S.SAESpec, input_scale, rows: np.ndarray, batch_size: int = 4096
+    params,
+    spec: S.SAESpec,
+    input_scale,
+    rows: np.ndarray,
+    batch_size: int = 4096,
+    target: np.ndarray | None = None,
 ) -> dict:
     """The metrics above on `rows` (raw units; errors are measured after `input_scale`, a
-    float, or a transcoder's (x's, y's); one float scales both)."""
-    if spec.transcoder:
+    float, or a transcoder's (x's, y's); one float scales both). `target`: the rows y the
+    output is compared with, when `rows` hold the input x alone (a transcoder read as two
+    arrays, or any map from one hook to another); None: y is in `rows` (`split_target`)."""
+    if spec.transcoder or target is not None:
         input_scale = tuple(float(s) for s in np.broadcast_to(input_scale, (2,)))
 
+    def pair(chunk, target_chunk, dtype) -> tuple:
+        """(x, y) of a chunk in training units."""
+        if target_chunk is None:
+            return split_target(chunk.astype(dtype), input_scale, spec)
+        return chunk.astype(dtype) * input_scale[0], target_chunk.astype(dtype) * input_scale[1]
+
     @jax.jit
-    def stats(rows):
-        x, target = split_target(rows.astype(jnp.float32), input_scale, spec)
+    def stats(rows, target_rows):
+        x, y = pair(rows, target_rows, jnp.float32)
         x_hat, f, _ = S.forward(params, x, spec, training=False)
-        row_err = jnp.sum(jnp.square(target - x_hat), -1)
+        row_err = jnp.sum(jnp.square(y - x_hat), -1)
         return row_err, jnp.sum(f > 0, 0), jnp.sum(f > 0)
 
-    def targets(chunk):
-        return split_target(np.asarray(chunk, np.float64), input_scale, spec)[1]
+    def chunks(i):
+        """Rows i.. of the input and of the target (None: in the input)."""
+        end = i + batch_size
+        return rows[i:end], None if target is None else target[i:end]
+
+    def targets(i):
+        chunk, target_chunk = chunks(i)
+        on_host = None if target_chunk is None else np.asarray(target_chunk)
+        return pair(np.asarray(chunk), on_host, np.float64)[1]
 
     n = len(rows)
     row_err = np.zeros(n)
@@ -72,12 +92,13 @@ def evaluate_rows(
     total = np.zeros(spec.d_out)
     row_sq = np.zeros(n)
     for i in range(0, n, batch_size):
-        chunk = rows[i : i + batch_size]
-        e, fc, nz = jax.device_get(stats(jnp.asarray(chunk)))
+        chunk, target_chunk = chunks(i)
+        on_device = None if target_chunk is None else jnp.asarray(target_chunk)
+        e, fc, nz = jax.device_get(stats(jnp.asarray(chunk), on_device))
         row_err[i : i + len(chunk)] = e
         fires += fc
         l0 += float(nz)
-        x = targets(chunk)
+        x = targets(i)
         total += x.sum(0)
         row_sq[i : i + len(chunk)] = np.sum(x * x, -1)
     norms = np.sqrt(row_sq)
@@ -87,7 +108,7 @@ def evaluate_rows(
     centred_sq = np.zeros(n)
     inlier_total = np.zeros(spec.d_out)
     for i in range(0, n, batch_size):
-        x = targets(rows[i : i + batch_size])
+        x = targets(i)
         centred_sq[i : i + len(x)] = np.sum(np.square(x - mean), -1)
         inlier_total += x[inliers[i : i + len(x)]].sum(0)
     fvu = _fvu(row_err, row_sq, total, np.ones(n, bool))

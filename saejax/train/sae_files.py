@@ -29,7 +29,12 @@ from safetensors.numpy import load_file, save_file
 
 from saejax import __version__, io
 from saejax.core import sae as S
-from saejax.core.architectures import ARCHITECTURES, latent_vectors, selects_top_k
+from saejax.core.architectures import (
+    ARCHITECTURES,
+    latent_vectors,
+    selects_top_k,
+    supports_transcoder,
+)
 from saejax.errors import SaejaxError
 
 
@@ -205,7 +210,7 @@ def saelens_input_convention(cfg: dict, path: str) -> bool:
 
 
 # SAELens's architecture names → saejax's (a "jumprelu" exported from batchtopk says so in
-# its metadata, see `_load_any`)
+# its metadata, see `_saelens_spec`)
 SAELENS_ARCHITECTURES = {
     "standard": "relu",
     "topk": "topk",
@@ -241,6 +246,27 @@ def _with_hooks(cfg: dict) -> dict:
     return {**cfg, "hook": hook, "target_hook": target}
 
 
+# saejax architectures that SAELens saves as "jumprelu" (their running threshold), named in
+# the export's metadata as saejax_architecture so that loading gives them back
+_SAVED_AS_JUMPRELU = ("batchtopk", "matryoshka_batchtopk")
+
+
+def _saelens_spec(cfg: dict, arch: str, **extra) -> S.SAESpec:
+    """The SAESpec of a SAELens cfg.json whose architecture maps to saejax's `arch`; `extra`
+    holds the fields only some folders set (a transcoder's d_out and skip, an SAE's input
+    convention). A "jumprelu" that saejax exported from an architecture it can load back as
+    itself (a transcoder only where that architecture has transcoders) is loaded as it."""
+    trained_as = (cfg.get("metadata") or {}).get("saejax_architecture")
+    transcoder = extra.get("transcoder", False)
+    if (
+        arch == "jumprelu"
+        and trained_as in _SAVED_AS_JUMPRELU
+        and (not transcoder or supports_transcoder(trained_as))
+    ):
+        arch = trained_as
+    return S.SAESpec(arch, int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k", 32)), **extra)
+
+
 def _saelens_transcoder(cfg: dict, w: dict, path: str) -> LoadedSAE:
     """A SAELens transcoder, skip transcoder or JumpReLU transcoder. SAELens refuses
     apply_b_dec_to_input for them (b_dec has width d_out), as saejax's transcoders never
@@ -250,18 +276,7 @@ def _saelens_transcoder(cfg: dict, w: dict, path: str) -> LoadedSAE:
     # the same refusal of input normalisation and reshaping as for SAEs (no b_dec to fold)
     saelens_input_convention({**cfg, "apply_b_dec_to_input": True}, path)
     arch, skip = SAELENS_TRANSCODERS[cfg["architecture"]]
-    trained_as = (cfg.get("metadata") or {}).get("saejax_architecture")
-    if arch == "jumprelu" and trained_as == "batchtopk":
-        arch = trained_as
-    spec = S.SAESpec(
-        arch,
-        int(cfg["d_in"]),
-        int(cfg["d_sae"]),
-        int(cfg.get("k", 32)),
-        d_out=int(cfg["d_out"]),
-        transcoder=True,
-        skip_connection=skip,
-    )
+    spec = _saelens_spec(cfg, arch, d_out=int(cfg["d_out"]), transcoder=True, skip_connection=skip)
     return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, _with_hooks(cfg))
 
 
@@ -280,16 +295,7 @@ def _load_any(path: str) -> LoadedSAE:
         arch = SAELENS_ARCHITECTURES.get(cfg["architecture"])
         if arch is None:
             raise SaejaxError(f"SAELens architecture {cfg['architecture']!r} is not supported")
-        trained_as = cfg.get("metadata", {}).get("saejax_architecture")
-        if arch == "jumprelu" and trained_as in ("batchtopk", "matryoshka_batchtopk"):
-            arch = trained_as
-        spec = S.SAESpec(
-            arch,
-            int(cfg["d_in"]),
-            int(cfg["d_sae"]),
-            int(cfg.get("k", 32)),
-            apply_b_dec_to_input=saelens_input_convention(cfg, path),
-        )
+        spec = _saelens_spec(cfg, arch, apply_b_dec_to_input=saelens_input_convention(cfg, path))
         return LoadedSAE({k: jnp.asarray(v) for k, v in w.items()}, spec, _with_hooks(cfg))
     if "cfg.json" in files and "sae.safetensors" in files:
         with open(os.path.join(path, "cfg.json")) as f:

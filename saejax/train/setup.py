@@ -93,9 +93,13 @@ def checkpoint_info(cfg: RunConfig, d_in: int, d_out: int | None = None) -> dict
 def data_statistics(cfg: RunConfig, source: ArraySource) -> tuple:
     """(input scale, initial b_dec) from a seeded sample of training rows. A transcoder's
     scale is (x's, y's), each to its own mean norm sqrt(width), and b_dec comes from y."""
-    if cfg.data.target_hook and len(source.widths) == 1:  # a caller that read x alone
+    # every command reads through `open_source`; this guards a library caller that opened
+    # data.hook alone, whose statistics would otherwise be an SAE's, not the transcoder's
+    if cfg.data.target_hook and len(source.widths) == 1:
         raise SaejaxError(
-            "data.target_hook (a transcoder) is supported by `saejax train`, not here yet"
+            f"data.target_hook {cfg.data.target_hook} is set (a transcoder) but the rows read "
+            f"hold {source.hook or cfg.data.path} alone; "
+            "open them with saejax.train.setup.open_source(cfg)"
         )
     split = split_rows(source.n_rows, cfg.data.validation_tokens, source.store)
     sample = sample_rows(source, 16384, cfg.data.seed, split.train_rows)

@@ -18,7 +18,9 @@ members at the same steps; running the same command again resumes (or, at the fi
 only finishes: evaluates and saves every member). The sweep holds the lock of OUT/ and of
 every member; a start that fails before any checkpoint removes exactly what it created; a
 run again that changes what the members train needs `force`. `sweep_table` writes the
-comparison.
+comparison. Its "tokens/s (alone)" is each member's own step, compiled by itself and timed
+on the last batch after training (the lockstep program's time is shared by all members and
+is the sweep's wall time beside it); `time_alone=False` skips that second compile.
 """
 
 from __future__ import annotations
@@ -168,9 +170,13 @@ def run_sweep(
     progress: bool = True,
     max_steps: int | None = None,
     force: bool = False,
+    time_alone: bool = True,
 ) -> list[dict]:
     """Train the grid's members in lockstep; `max_steps` stops early (checkpointed), as a test
-    would; `force` lets a run again change what the members train."""
+    would; `force` lets a run again change what the members train. `time_alone` times each
+    member's step on its own at the end (`tokens_per_s`: a second compile of every member's
+    step, a few seconds each on a CPU); off, `tokens_per_s` is None and only the sweep's
+    wall time is measured, for callers that do not read the figure (tests)."""
     cfgs = [
         (name, with_values(base, {**values, "run_dir": os.path.join(out, name)}))
         for name, values in grid
@@ -196,7 +202,7 @@ def run_sweep(
             created.remove_empty()
             raise
         try:
-            return _sweep(base, cfgs, sources, out, progress, max_steps, force, created)
+            return _sweep(base, cfgs, sources, out, progress, max_steps, force, created, time_alone)
         except BaseException:
             failed = not any(has_checkpoint(cfg.run_dir) for _, cfg in cfgs)
             if failed:  # nothing to resume: leave OUT/ as it was before this call
@@ -218,6 +224,7 @@ def _sweep(
     max_steps: int | None,
     force: bool,
     created: Created,
+    time_alone: bool,
 ) -> list[dict]:
     changes = {}
     for name, cfg in cfgs:
@@ -310,8 +317,8 @@ def _sweep(
             file=sys.stderr,
         )
         raise KeyboardInterrupt
-    batch = loop.last_batch
-    if batch is None:  # nothing trained in this call (a finished sweep run again)
+    batch = loop.last_batch  # what each member's step alone is timed on
+    if batch is None and time_alone:  # nothing trained in this call (a finished sweep run again)
         first = Loader(sources.together, base.data, base.train.batch_size, transform=jax.device_put)
         batch = next(first)
         first.close()
@@ -320,7 +327,7 @@ def _sweep(
     for m in members:
         source = sources.alone[m.name]
         lo, hi = sources.columns[m.name]
-        alone = _tokens_per_s_alone(m.step_fn, m.state, batch[:, lo:hi])
+        alone = _tokens_per_s_alone(m.step_fn, m.state, batch[:, lo:hi]) if time_alone else None
         final = finish(
             m.cfg,
             m.spec,

@@ -2,8 +2,9 @@
 it when the members read more than one), d_sae, k or λ, FVU,
 explained variance, FVU without outlier rows, median relative error, L0, the fraction of
 latents silent on the held-out rows and the dense fraction, optionally CE loss recovered,
-the member's own step tokens/s and the sweep's wall time) and sweep.png (the FVU-L0
-frontier per size, silent fraction and throughput against size).
+the member's own step tokens/s ("–" when the sweep did not time it, `run_sweep`'s
+time_alone) and the sweep's wall time) and sweep.png (the FVU-L0 frontier per size, silent
+fraction and throughput against size).
 
 The held-out metrics a member's row lacks are read from its RUN/eval.json (train.evaluate
 writes them all there). `dead_fraction` in these rows is the eval's silent-latent fraction
@@ -97,11 +98,14 @@ def write_table(rows: list[dict], out: str) -> None:
             + f"| {r['d_sae']:,} | {knob} | {r['fvu']:.4f} | "
             f"{_num(r.get('fvu_without_outliers'), '.4f')} | "
             f"{_num(r.get('median_relative_error'), '.3f')} | {r['l0']:.1f} | "
-            f"{r['dead_fraction']:.1%} | {ce}{r['tokens_per_s']:,.0f} | {r['run_dir']} |"
+            f"{r['dead_fraction']:.1%} | {ce}{_num(r.get('tokens_per_s'), ',.0f')} | "
+            f"{r['run_dir']} |"
         )
     wall = next((r["sweep_wall_s"] for r in rows if r.get("sweep_wall_s") is not None), None)
     if wall is not None:
         lines += ["", f"All {len(rows)} members trained in lockstep in {wall:,.0f} s of wall time."]
+    if any(r.get("tokens_per_s") is None for r in rows):
+        lines += ["", "tokens/s (alone) –: the sweep did not time the member's step alone."]
     io.write_text(os.path.join(out, "sweep.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(rows, os.path.join(out, "sweep.png"))
@@ -138,7 +142,9 @@ def _plot(rows: list[dict], path: str) -> None:
         knobs = {(r.get("hook") or "", r["k"], r["l1"]) for r in rows}
         for knob in sorted(knobs, key=str):
             pts = sorted(
-                (r["d_sae"], r[key]) for r in rows if (r.get("hook") or "", r["k"], r["l1"]) == knob
+                (r["d_sae"], r[key])
+                for r in rows
+                if (r.get("hook") or "", r["k"], r["l1"]) == knob and r.get(key) is not None
             )
             label = (
                 f"k {knob[1]}"

@@ -8,15 +8,12 @@ from helpers import run_on_fake_devices
 
 MESH_CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from helpers import loss_and_grads_on_latent_mesh
     from saejax.core import sae as S
-    from saejax.core.sharding import LATENT_SPECS
 
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     rng = np.random.default_rng(0)
     d_in, d_sae = 24, 96
     x = jnp.asarray(rng.normal(size=(128, d_in)), jnp.float32)
-    fn = jax.jit(S.loss_and_grads, static_argnums=2)
     for arch, kernel in (("relu", "dense"), ("jumprelu", "dense"), ("topk", "dense"),
                          ("batchtopk", "dense")):
         spec = S.SAESpec(arch, d_in, d_sae, k=6, aux_k=10, topk_kernel=kernel)
@@ -29,12 +26,7 @@ MESH_CHECK = textwrap.dedent("""
         }
         for n_dead in (0, 30):
             dead = jnp.zeros(d_sae, bool).at[jnp.arange(n_dead) * 3].set(True)
-            ref = fn(params, x, spec, dead, 0.01, 1 / 32)
-            with jax.set_mesh(mesh):
-                p = {k: jax.device_put(v, NamedSharding(mesh, LATENT_SPECS[k]))
-                     for k, v in params.items()}
-                xs = jax.device_put(x, NamedSharding(mesh, P(("data", "model"), None)))
-                got = fn(p, xs, spec, dead, 0.01, 1 / 32)
+            ref, got = loss_and_grads_on_latent_mesh(params, x, spec, dead)  # a (4, 2) mesh
             what = f"{arch}, {n_dead} dead"
             for key in ("loss", "aux_loss", "fvu", "l0", "sparsity_loss"):
                 np.testing.assert_allclose(got[0][key], ref[0][key], rtol=1e-5, atol=1e-7,

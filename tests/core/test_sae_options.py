@@ -226,26 +226,18 @@ def test_gemma_scope_preset_loads_and_trains_on_a_toy_store(tmp_path):
 
 MESH_CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from helpers import loss_and_grads_on_latent_mesh
     from saejax.core import sae as S
-    from saejax.core.sharding import LATENT_SPECS
 
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)
-    fn = jax.jit(S.loss_and_grads, static_argnums=2)
     dead = jnp.zeros(48, bool).at[jnp.arange(16) * 3].set(True)
     for arch, kernel in (("topk", "sparse"), ("topk", "dense"), ("jumprelu", "dense")):
         spec = S.SAESpec(arch, 12, 48, k=4, aux_k=6, topk_kernel=kernel,
                          apply_b_dec_to_input=False, aux_normalization="residual")
         params = S.init_params(spec, jax.random.PRNGKey(1), init_threshold=0.3)
         params["b_dec"] = jnp.asarray(rng.normal(0, 1.0, 12), jnp.float32)
-        ref = fn(params, x, spec, dead, 0.01, 1 / 32)
-        with jax.set_mesh(mesh):
-            p = {k: jax.device_put(v, NamedSharding(mesh, LATENT_SPECS[k]))
-                 for k, v in params.items()}
-            xs = jax.device_put(x, NamedSharding(mesh, P(("data", "model"), None)))
-            got = fn(p, xs, spec, dead, 0.01, 1 / 32)
+        ref, got = loss_and_grads_on_latent_mesh(params, x, spec, dead)  # a (4, 2) mesh
         for key in ("loss", "aux_loss", "fvu"):
             np.testing.assert_allclose(got[0][key], ref[0][key], rtol=1e-5, err_msg=arch)
         for key in params:

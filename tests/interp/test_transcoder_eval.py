@@ -15,14 +15,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from extract.hooks import SpliceFrom, parse_hooks  # noqa: E402
+from saejax.core import sae as S  # noqa: E402
 from saejax.errors import SaejaxError  # noqa: E402
-from saejax.interp.eval import (  # noqa: E402
-    check_transcoder_hooks,
-    run_lm_eval,
-    transcoder_row_metrics,
-)
+from saejax.interp.eval import check_transcoder_hooks, run_lm_eval  # noqa: E402
 from saejax.store import ActivationStore  # noqa: E402
 from saejax.train.data import ArraySource, split_columns  # noqa: E402
+from saejax.train.evaluate import evaluate_rows  # noqa: E402
 
 LAYER = 1
 IN_HOOK = f"blocks.{LAYER}.ln2.hook_normalized"
@@ -103,11 +101,48 @@ def test_a_perfect_transcoder_recovers_all_of_the_loss(two_hook_store, mlp):
     assert lm["kl_spliced"] == pytest.approx(0.0, abs=1e-5)
     assert lm["target_hook"] == OUT_HOOK and lm["ablated_hook"] == OUT_HOOK
 
+
+def relu_identity(d: int, transcoder: bool) -> tuple[dict, S.SAESpec]:
+    """A ReLU SAE (or transcoder) whose output is its input: W_enc = [I, −I], W_dec = [I; −I]."""
+    eye = np.eye(d, dtype=np.float32)
+    params = {
+        "W_enc": np.concatenate([eye, -eye], 1),
+        "b_enc": np.zeros(2 * d, np.float32),
+        "W_dec": np.concatenate([eye, -eye], 0),
+        "b_dec": np.zeros(d, np.float32),
+    }
+    return params, S.SAESpec("relu", d, 2 * d, transcoder=transcoder)
+
+
+def test_held_out_rows_of_a_perfect_map_have_fvu_zero(two_hook_store):
+    """evaluate_rows given the target rows beside the input (as `saejax eval` gives a
+    transcoder's): a map whose output is exactly the target, here the identity applied to
+    the target hook's own held-out rows, has FVU 0 and fires latents."""
     source = ArraySource(two_hook_store, IN_HOOK, also=[OUT_HOOK])
-    x, y = split_columns(source.read(source.n_rows - VALIDATION, source.n_rows), source.widths)
-    rows = transcoder_row_metrics(MLPTranscoder(mlp, width), x, y)
+    _, y = split_columns(source.read(source.n_rows - VALIDATION, source.n_rows), source.widths)
+    params, spec = relu_identity(y.shape[1], transcoder=True)
+    rows = evaluate_rows(params, spec, 1.0, y, target=y)
     assert rows["fvu"] == pytest.approx(0.0, abs=1e-6) and rows["tokens"] == VALIDATION
     assert rows["l0"] > 0
+
+
+def test_a_target_beside_the_input_gives_the_figures_of_paired_rows():
+    """A transcoder's held-out metrics are the same whether its rows come as one [x | y]
+    array (training's validation) or as x with the target y beside it (`saejax eval`), and an
+    SAE whose info names a target hook is judged against that target the same way."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=(8, 8)) + 0.1 * rng.normal(size=(300, 8))).astype(np.float32)
+    y[:3] *= 40  # outlier rows, so the figures without them differ
+    params, spec = relu_identity(8, transcoder=True)
+    paired = evaluate_rows(params, spec, 1.0, np.concatenate([x, y], 1), batch_size=128)
+    beside = evaluate_rows(params, spec, 1.0, x, batch_size=128, target=y)
+    assert paired.keys() == beside.keys() and paired["outlier_rows"] == 3
+    for name, value in paired.items():
+        assert beside[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name  # float32 sums
+    sae_params, sae_spec = relu_identity(8, transcoder=False)  # uncentred: b_dec is zero
+    as_sae = evaluate_rows(sae_params, sae_spec, 1.0, x, batch_size=128, target=y)
+    assert as_sae["fvu"] == pytest.approx(paired["fvu"], rel=1e-6)
 
 
 def test_a_zero_transcoder_recovers_nothing(two_hook_store, mlp, trained_gpt2):

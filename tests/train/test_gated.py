@@ -8,14 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import mean_max_cosine, run_on_fake_devices, small_config, superposition_data
+from helpers import (
+    TRAINING_MESHES,
+    mean_max_cosine,
+    small_config,
+    superposition_data,
+    train_on_meshes,
+)
 
 from saejax.cli import main
 from saejax.core import sae as S
 from saejax.train.run import load_run_config, train
 from saejax.train.sae_files import load_sae, read_native
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 GATED_KEYS = {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
 
 
@@ -97,21 +102,10 @@ def test_gated_recovers_features_with_its_defaults(tmp_path):
 def test_gated_on_meshes_matches_one_device(tmp_path):
     """(8,1), (4,2) and (1,8) against one device, across a resampling event, in one process
     with 8 fake devices."""
-    rows, _ = superposition_data(16384, d=32, m=128, p=0.03)
-    np.save(tmp_path / "acts.npy", rows)
-    meshes = {"m1x1": "1,1", "m8x1": "8,1", "m4x2": "4,2", "m1x8": "1,8"}
-    runs = [f"{name}:{mesh}" for name, mesh in meshes.items()]
-    script = os.path.join(SCRIPTS, "mesh_runs.py")
-    result = run_on_fake_devices(
-        [script, str(tmp_path / "acts.npy"), str(tmp_path), "gated", *runs]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = {name: dict(np.load(tmp_path / f"{name}.npz")) for name in meshes}
+    out = train_on_meshes(tmp_path, "gated")  # each run's state split over its mesh's devices
     ref = out["m1x1"]
     assert ref["resampled"].sum() > 0
-    for name, mesh in meshes.items():
-        data_n, model_n = map(int, mesh.split(","))
-        assert int(out[name]["shards"]) == data_n * model_n
+    for name, mesh in TRAINING_MESHES.items():
         np.testing.assert_allclose(out[name]["loss"], ref["loss"], rtol=2e-4, err_msg=mesh)
         for key in sorted(GATED_KEYS):
             np.testing.assert_allclose(

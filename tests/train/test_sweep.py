@@ -75,11 +75,12 @@ def test_stopped_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     sets = [f"data.path={data}", *SETS]
     grid = members_of("topk", [64, 128], [], [])
     base = load_config(None, sets)
-    run_sweep(base, grid, str(tmp_path / "stopped"), progress=False, max_steps=21)
+    untimed = {"progress": False, "time_alone": False}  # no member's step compiled twice
+    run_sweep(base, grid, str(tmp_path / "stopped"), max_steps=21, **untimed)
     for name in ("d64", "d128"):  # both members checkpointed where the sweep stopped
         assert (tmp_path / "stopped" / name / "checkpoints" / "21").is_dir()
-    resumed = run_sweep(base, grid, str(tmp_path / "stopped"), progress=False)
-    whole = run_sweep(base, grid, str(tmp_path / "whole"), progress=False)
+    resumed = run_sweep(base, grid, str(tmp_path / "stopped"), **untimed)
+    whole = run_sweep(base, grid, str(tmp_path / "whole"), **untimed)
     from safetensors.numpy import load_file
 
     for name in ("d64", "d128"):

@@ -6,6 +6,7 @@ import collections
 import json
 
 import numpy as np
+import pytest
 import yaml
 from helpers import make_store, superposition_data
 from safetensors.numpy import load_file
@@ -71,13 +72,19 @@ def max_difference(run_dir, params) -> float:
 
 
 def test_three_hooks_read_once_per_block_and_members_equal_separate_runs(tmp_path, monkeypatch):
+    """`saejax sweep --hooks a,b,c --d-sae 32,64 --k 4`, through the library calls the command
+    makes, without timing each member's step alone (nothing here reads that figure)."""
+    from saejax.train.sweep import members_of, run_sweep, sweep_hooks
+    from saejax.train.sweep_table import write_table
+
     store = tmp_path / "store"
     three_hooks(str(store))
     sets = [f"data.path={store}", *SETS]
     out = tmp_path / "sweep"
     calls = count_reads(monkeypatch)
-    args = ["sweep", *sum((["--set", s] for s in sets), []), "--hooks", "a,b,c"]
-    assert main([*args, "--d-sae", "32,64", "--k", "4", "--out", str(out), "--quiet"]) == 0
+    grid = members_of("topk", [32, 64], [4], [], hooks=sweep_hooks(str(store), ["a", "b", "c"]))
+    rows = run_sweep(load_config(None, sets), grid, str(out), progress=False, time_alone=False)
+    write_table(rows, str(out))
 
     # "once": each block of training rows is read once per hook (one read per hook per
     # block, issued together), however many members read that hook (two here), just as a
@@ -138,9 +145,11 @@ def test_a_stopped_hook_sweep_with_resampling_resumes_to_the_separate_runs(tmp_p
     ]
     grid = members_of("topk", [64], [], [], hooks=["b", "c"])
     out = tmp_path / "sweep"
-    run_sweep(load_config(None, sets), grid, str(out), progress=False, max_steps=7)
+    run_sweep(
+        load_config(None, sets), grid, str(out), progress=False, max_steps=7, time_alone=False
+    )
     assert (out / "c-d64" / "checkpoints" / "7").is_dir()
-    rows = run_sweep(load_config(None, sets), grid, str(out), progress=False)
+    rows = run_sweep(load_config(None, sets), grid, str(out), progress=False, time_alone=False)
     assert [r["hook"] for r in rows] == ["b", "c"]
     for hook in ("b", "c"):
         alone = tmp_path / f"alone-{hook}"
@@ -179,3 +188,22 @@ def test_all_hooks_of_the_store(tmp_path):
     three_hooks(str(store))
     assert sweep_hooks(str(store), ["all"]) == ["a", "b", "c"]
     assert sweep_hooks(str(store), ["c", "a"]) == ["c", "a"]
+
+
+def test_a_transcoder_s_statistics_need_its_target_beside_the_input(tmp_path):
+    """Every command reads a transcoder's rows through `open_source` ([x | y]); a library
+    caller that opens the input hook alone gets one line saying how to open them instead."""
+    from saejax.errors import SaejaxError
+    from saejax.train.data import ArraySource
+    from saejax.train.setup import data_statistics, open_source
+
+    store = tmp_path / "store"
+    three_hooks(str(store))
+    cfg = load_config(None, [f"data.path={store}", "data.hook=a", "data.target_hook=c", *SETS])
+    with pytest.raises(SaejaxError) as err:
+        data_statistics(cfg, ArraySource(str(store), "a"))
+    message = str(err.value)
+    assert "data.target_hook c" in message and "open_source(cfg)" in message
+    assert "\n" not in message
+    (x_scale, y_scale), b_dec = data_statistics(cfg, open_source(cfg))
+    assert x_scale > 0 and y_scale > 0 and b_dec.shape == (48,)  # b_dec in the target's width
