@@ -143,6 +143,12 @@ def _sweep_arguments(p) -> None:
     model_device_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
+        "--no-time-alone",
+        action="store_true",
+        help="skip timing each member's step alone after training (one compile per member "
+        "fewer; the table's tokens/s column shows –)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="let a sweep run again change what its members train (config.yaml updated)",
@@ -175,7 +181,14 @@ def _sweep(args) -> int:
         from extract.models import resolve_device
 
         resolve_device(args.device)
-    rows = run_sweep(base, grid, args.out, progress=not args.quiet, force=args.force)
+    rows = run_sweep(
+        base,
+        grid,
+        args.out,
+        progress=not args.quiet,
+        force=args.force,
+        time_alone=not args.no_time_alone,
+    )
     if args.ce:
         from saejax.interp.eval import evaluate_run
 

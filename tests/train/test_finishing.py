@@ -158,6 +158,7 @@ def sweep_args(rows_path, out, *extra):
         "--out",
         str(out),
         "--quiet",
+        "--no-time-alone",
         *extra,
     ]
 

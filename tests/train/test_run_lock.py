@@ -66,7 +66,14 @@ def test_a_held_run_directory_is_refused(rows_path, tmp_path, capsys):
 def test_a_sweep_holds_its_members(rows_path, tmp_path, capsys):
     out = tmp_path / "sweep"
     sets = [f"data.path={rows_path}", "train.tokens=4096", "train.batch_size=256", "sae.k=4"]
-    args = ["sweep", *sum((["--set", s] for s in sets), []), "--d-sae", "32", "--quiet"]
+    args = [
+        "sweep",
+        *sum((["--set", s] for s in sets), []),
+        "--d-sae",
+        "32",
+        "--quiet",
+        "--no-time-alone",
+    ]
     with RunLock(str(out / "d32")):
         assert os.listdir(out) == ["d32"]
         assert main([*args, "--out", str(out)]) == 2

@@ -451,7 +451,7 @@ def test_a_transcoder_sweep_member_equals_its_separate_run(toy_store, tmp_path, 
         "log.progress=false",
     ]
     out = tmp_path / "sweep"
-    args = ["sweep", *[f"--set={s}" for s in sets], "--quiet"]
+    args = ["sweep", *[f"--set={s}" for s in sets], "--quiet", "--no-time-alone"]
     assert main([*args, "--d-sae", "32,64", "--out", str(out)]) == 0
     member = next(p for p in out.iterdir() if p.is_dir() and p.name.endswith("d64"))
     separate = train(load_config(None, [*sets, "sae.d_sae=64", f"run_dir={tmp_path / 'alone'}"]))
