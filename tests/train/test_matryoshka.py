@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import mean_max_cosine, run_on_fake_devices, small_config, superposition_data
+from helpers import (
+    TRAINING_MESHES,
+    mean_max_cosine,
+    small_config,
+    superposition_data,
+    train_on_meshes,
+)
 
 from saejax.cli import main
 from saejax.config import load_config
@@ -20,7 +26,6 @@ from saejax.errors import SaejaxError
 from saejax.train.run import load_run_config, train
 from saejax.train.sae_files import load_sae
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 ARCH = "sae.architecture=matryoshka_batchtopk"
 
 
@@ -141,19 +146,9 @@ def test_the_inner_prefix_learns_the_parent_that_batchtopk_absorbs(tmp_path):
 
 
 def test_matryoshka_on_meshes_matches_one_device(tmp_path):
-    rows, _ = superposition_data(16384, d=32, m=128, p=0.03)
-    np.save(tmp_path / "acts.npy", rows)
-    meshes = {"m1x1": "1,1", "m8x1": "8,1", "m4x2": "4,2", "m1x8": "1,8"}
-    runs = [f"{name}:{mesh}" for name, mesh in meshes.items()]
-    script = os.path.join(SCRIPTS, "mesh_runs.py")
-    args = [script, str(tmp_path / "acts.npy"), str(tmp_path), "matryoshka_batchtopk", *runs]
-    result = run_on_fake_devices(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = {name: dict(np.load(tmp_path / f"{name}.npz")) for name in meshes}
+    out = train_on_meshes(tmp_path, "matryoshka_batchtopk")  # (1,1), (8,1), (4,2), (1,8)
     ref = out["m1x1"]
-    for name, mesh in meshes.items():
-        data_n, model_n = map(int, mesh.split(","))
-        assert int(out[name]["shards"]) == data_n * model_n
+    for name, mesh in TRAINING_MESHES.items():
         np.testing.assert_allclose(out[name]["loss"], ref["loss"], rtol=2e-4, err_msg=mesh)
         # as BatchTopK's (test_mesh.py): one cutoff over the batch turns summation-order
         # differences into an occasional different choice near it
