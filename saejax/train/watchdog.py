@@ -237,13 +237,16 @@ def _chain(error: BaseException):
 
 
 def end_if_peer_lost(error: BaseException, run_dir: str, last_checkpoint) -> None:
-    """The one rule for a failure in a multi-process run (see the module doc): when a peer is
-    gone, end this process with one line and exit 75; otherwise return (the caller raises).
-    SaejaxErrors (user errors), Ctrl-C and errors whose peers are known to be alive (they
-    were told of it, `launch.started_together`, or already probed) are never a lost peer."""
+    """The one rule for a failure in a multi-process run (see the module doc): when a peer
+    said it failed, end this process with that peer's line (`end_for_failed_peer`); when a
+    peer is gone, end it with one line and exit 75; otherwise tell the peers of this failure
+    (`tell_peers`) and return (the caller raises). SaejaxErrors (user errors), Ctrl-C and
+    errors whose peers are known to be alive (they were told of it, `launch.started_together`,
+    or already probed) are never a lost peer."""
     if jax.process_count() == 1 or not isinstance(error, Exception):
         return
-    if getattr(error, PEERS_ALIVE, False):
+    if getattr(error, PEERS_ALIVE, False):  # the peers know of it: it ends this process
+        ends_on_its_own()
         return
     _end_if_a_peer_failed()  # this error is likely that failure's echo (a broken collective)
     if isinstance(error, SaejaxError):

@@ -344,3 +344,16 @@ def test_a_process_whose_training_ended_is_not_ended_by_a_peer(three_processes):
     W.ends_on_its_own()  # its train() returned (or failed and said so)
     store.keys["saejax/failed/1"] = json.dumps({"user_error": False, "line": "OSError: full"})
     W.end_for_failed_peer(*W.failed_peer(store))  # returns
+
+
+def test_a_failure_the_peers_were_told_of_is_not_ended_by_their_line(three_processes):
+    """A check that failed here (started_together told every peer): the peers' own
+    "process 0 could not start the run" must not end this process before it says its line."""
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
+    told = SaejaxError("cannot read the store")
+    W.mark_peers_alive(told)
+    W.end_if_peer_lost(told, "RUN", lambda: None)
+    store.keys["saejax/failed/1"] = json.dumps({"user_error": True, "line": "process 0 ..."})
+    W.end_for_failed_peer(*W.failed_peer(store))  # returns
+    assert "saejax/failed/0" not in store.keys  # told once, by started_together
