@@ -31,8 +31,8 @@ checkpoint, `process_allgather`), TimeoutError from orbax's background commit, a
 the type does not decide; the peers do (`end_if_peer_lost`): every process of a multi-process
 run keeps a beacon in JAX's coordination key-value store (a counter bumped every
 `BEACON_SECONDS`, `start_beacon`), and when training fails with any exception but a
-SaejaxError (a user error, said the same way on every process), the survivor reads the beacons
-twice, `PROBE_SECONDS` apart. A peer whose counter did not move, or a store that does not
+SaejaxError (a user error), the survivor reads the beacons until every peer's counter has
+moved, for at most `PROBE_SECONDS`. A peer whose counter did not move, or a store that does not
 answer (process 0, which hosts it, is gone), is a lost peer: one line with the last checkpoint
 and the resume command, exit 75. Peers all beating is a plain bug: the exception goes on (a
 traceback, exit 1). Without a beacon (no JAX client to keep it in) a JaxRuntimeError or
