@@ -428,7 +428,9 @@ def _agree(failure: str) -> None:
     for index, row in enumerate(every.reshape(jax.process_count(), FAILURE_BYTES)):
         line = row.tobytes().rstrip(b"\0").decode(errors="replace")
         if line:
-            raise SaejaxError(f"process {index} could not start the run: {line}")
+            error = SaejaxError(f"process {index} could not start the run: {line}")
+            mark_peers_alive(error)  # every process knows of it: not told again (watchdog)
+            raise error
 
 
 def config_fingerprint(flat: dict) -> np.ndarray:

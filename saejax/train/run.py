@@ -52,7 +52,13 @@ from saejax.train.setup import (
     resample_enabled,
     target_width,
 )
-from saejax.train.watchdog import StepWatchdog, end_if_peer_lost, ending_on_lost_peer
+from saejax.train.watchdog import (
+    StepWatchdog,
+    end_if_peer_lost,
+    ending_on_lost_peer,
+    ends_on_its_own,
+    watch_run,
+)
 
 
 @dataclass
@@ -148,6 +154,8 @@ def train(
     is_main = jax.process_index() == 0
     created = Created()
     lock = RunLock(cfg.run_dir, created) if is_main else None
+    # what a peer's failure line names, and the lock to release when this process ends for it
+    watch_run(cfg.run_dir, kept, lock.release if lock is not None else None)
     # a process failing here ends its peers with its line
     with ending_on_lost_peer(cfg.run_dir, kept), started_together():
         if lock is not None:
@@ -169,6 +177,7 @@ def train(
             created.undo(keep=(lock.path,))
         raise
     finally:
+        ends_on_its_own()  # done or failed: a peer failing later is not this process's end
         if lock is not None:
             lock.release()
         if failed:

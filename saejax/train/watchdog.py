@@ -31,20 +31,36 @@ checkpoint, `process_allgather`), TimeoutError from orbax's background commit, a
 the type does not decide; the peers do (`end_if_peer_lost`): every process of a multi-process
 run keeps a beacon in JAX's coordination key-value store (a counter bumped every
 `BEACON_SECONDS`, `start_beacon`), and when training fails with any exception but a
-SaejaxError (a user error, said the same way on every process), the survivor reads the beacons
-twice, `PROBE_SECONDS` apart. A peer whose counter did not move, or a store that does not
+SaejaxError (a user error), the survivor reads the beacons until every peer's counter has
+moved, for at most `PROBE_SECONDS`. A peer whose counter did not move, or a store that does not
 answer (process 0, which hosts it, is gone), is a lost peer: one line with the last checkpoint
 and the resume command, exit 75. Peers all beating is a plain bug: the exception goes on (a
 traceback, exit 1). Without a beacon (no JAX client to keep it in) a JaxRuntimeError or
 CollectiveFailed anywhere in the exception's chain counts as a lost peer, as before. The
-probe costs a lost peer ~10 s more than judging by the type did; a healthy peer's beacon
-thread would have to stall 10 s to be taken for a lost one.
+probe stops as soon as every peer's counter has moved (about one beat when all are alive) and
+takes `PROBE_SECONDS` only for a lost peer; a healthy peer's beacon thread would have to stall
+that long to be taken for a lost one.
+
+A peer's failure. A process that fails with an error its peers were not told of (its peers
+all beating, or a user error raised on this process alone, e.g. a chunk its host cannot
+read) writes `saejax/failed/<its index>` (its one-line summary) into the same store before
+it starts shutting down (`tell_peers`). Every peer's beacon thread reads those keys at each
+beat and ends its own process (`end_for_failed_peer`), whatever its main thread is blocked
+in: one line naming the failed process and its message, the last checkpoint and the resume
+command. It leaves JAX's coordination service first (bounded; the failed process's
+exit-time shutdown barrier waits for every process) and releases the run lock, then
+`os._exit`s like `exit_now`. The failed process itself goes on as usual: its traceback and
+exit 1 (a user error: its line and exit 2). Exit status on the peers: `PEER_FAILED_EXIT`
+(3) for a bug on another process, 2 when that process failed with a user error; never 75,
+because restarting does not fix a bug (fix it, then resume). A JAX abort while a failed
+process ends is silent and keeps its status (1 or 2): its traceback already said why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import select
 import signal
@@ -61,7 +77,8 @@ from saejax.errors import SaejaxError
 
 RESTART_EXIT = 75  # EX_TEMPFAIL: try again (resume); what an orchestrator restarts on
 _ABORT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
-_abort = {"line": None, "handler": None, "ending": False, "process": 0}
+PEER_FAILED_EXIT = 3  # another process failed with a bug: see its log; not restartable
+_abort = {"line": None, "handler": None, "ending": False, "process": 0, "code": RESTART_EXIT}
 
 
 def must_pace() -> bool:
@@ -99,13 +116,17 @@ def resume_hint(run_dir: str) -> str:
     return f"restart every process with `saejax train --resume {run_dir}` (and the same launch)"
 
 
-def exit_now(line: str, code: int = RESTART_EXIT) -> None:
+def exit_now(line: str, code: int = RESTART_EXIT, then=None) -> None:
     """Print one line and end the process at once: a thread stuck in a collective cannot be
-    unwound, and JAX's shutdown barrier would wait for the lost peer (then abort)."""
+    unwound, and JAX's shutdown barrier would wait for the lost peer (then abort). `then()`
+    runs between the line and the end (a peer's failure: the lock, JAX's shutdown)."""
     _abort["ending"] = True  # a JAX abort while this process ends adds no second line
+    _abort["code"] = code  # ... and keeps this status
     sys.stderr.flush()
     os.write(2, f"\nsaejax: error: {line}\n".encode(errors="replace"))  # one write: JAX's
     # C++ threads log to the same stream and must not split the line
+    if then is not None:
+        then()
     os._exit(code)  # process 0 need not wait for its peers to speak first: losing it, they
     # say their own line (catch_jax_abort)
 
@@ -144,30 +165,43 @@ def start_beacon(client) -> None:
         while True:
             try:
                 client.key_value_set(key, str(count), allow_overwrite=True)
+                failed = failed_peer(client)
             except Exception:  # noqa: BLE001 - the service is gone: peers_gone says so
                 return
+            if failed is not None:
+                end_for_failed_peer(*failed)
             count += 1
             time.sleep(BEACON_SECONDS)
 
     threading.Thread(target=beat, name="saejax-beacon", daemon=True).start()
 
 
-def _read_beacons(client, timeout: float) -> dict | None:
-    """{process: counter}, or None when the store does not answer within `timeout`."""
+_NO_ANSWER = object()
+
+
+def _within(timeout: float, call):
+    """`call()`'s result, or _NO_ANSWER when it raises or takes longer than `timeout` (a call
+    into a store whose host has died may wait far longer)."""
     box = {}
 
-    def read():
+    def run():
         try:
-            box["rows"] = client.key_value_dir_get(BEACON_KEY)
+            box["value"] = call()
         except Exception:  # noqa: BLE001 - no answer is the answer
             pass
 
-    reader = threading.Thread(target=read, name="saejax-probe", daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if "rows" not in box:
+    caller = threading.Thread(target=run, name="saejax-store", daemon=True)
+    caller.start()
+    caller.join(timeout)
+    return box.get("value", _NO_ANSWER)
+
+
+def _read_beacons(client, timeout: float) -> dict | None:
+    """{process: counter}, or None when the store does not answer within `timeout`."""
+    rows = _within(timeout, lambda: client.key_value_dir_get(BEACON_KEY))
+    if rows is _NO_ANSWER:
         return None
-    return {int(k.rstrip("/").rpartition("/")[2]): v for k, v in box["rows"]}
+    return {int(k.rstrip("/").rpartition("/")[2]): v for k, v in rows}
 
 
 def peers_gone(wait: float | None = None) -> list[int] | None:
@@ -181,11 +215,17 @@ def peers_gone(wait: float | None = None) -> list[int] | None:
     before = _read_beacons(client, wait)
     if before is None:
         return [0]
-    time.sleep(wait)
-    after = _read_beacons(client, wait)
-    if after is None:
-        return [0]
-    return [i for i in range(count) if i != me and after.get(i, before.get(i)) == before.get(i)]
+    deadline = time.monotonic() + wait
+    silent = [i for i in range(count) if i != me]
+    while silent:  # every peer that moves is alive: done after about one beat when all are
+        time.sleep(max(0.0, min(BEACON_SECONDS / 2, deadline - time.monotonic())))
+        after = _read_beacons(client, wait)
+        if after is None:
+            return [0]
+        silent = [i for i in silent if after.get(i, before.get(i)) == before.get(i)]
+        if time.monotonic() >= deadline:
+            break
+    return silent
 
 
 def _chain(error: BaseException):
@@ -197,13 +237,21 @@ def _chain(error: BaseException):
 
 
 def end_if_peer_lost(error: BaseException, run_dir: str, last_checkpoint) -> None:
-    """The one rule for a failure in a multi-process run (see the module doc): when a peer is
-    gone, end this process with one line and exit 75; otherwise return (the caller raises).
-    SaejaxErrors (user errors), Ctrl-C and errors whose peers are known to be alive (they
-    were told of it, `launch.started_together`, or already probed) are never a lost peer."""
+    """The one rule for a failure in a multi-process run (see the module doc): when a peer
+    said it failed, end this process with that peer's line (`end_for_failed_peer`); when a
+    peer is gone, end it with one line and exit 75; otherwise tell the peers of this failure
+    (`tell_peers`) and return (the caller raises). SaejaxErrors (user errors), Ctrl-C and
+    errors whose peers are known to be alive (they were told of it, `launch.started_together`,
+    or already probed) are never a lost peer."""
     if jax.process_count() == 1 or not isinstance(error, Exception):
         return
-    if isinstance(error, SaejaxError) or getattr(error, PEERS_ALIVE, False):
+    if getattr(error, PEERS_ALIVE, False):  # the peers know of it: it ends this process
+        ends_on_its_own()
+        return
+    _end_if_a_peer_failed()  # this error is likely that failure's echo (a broken collective)
+    if isinstance(error, SaejaxError):
+        tell_peers(error)
+        mark_peers_alive(error)
         return
     try:
         gone = peers_gone()
@@ -217,7 +265,134 @@ def end_if_peer_lost(error: BaseException, run_dir: str, last_checkpoint) -> Non
         return
     if gone:
         peer_lost(run_dir, last_checkpoint, error, gone)
+    _end_if_a_peer_failed()  # one may have said so during the probe
+    tell_peers(error)
     mark_peers_alive(error)  # a second look (train() after the watchdog) need not wait again
+
+
+FAILED_KEY = "saejax/failed/"
+SHUTDOWN_SECONDS = 20.0  # a peer waits this long for the failed process's shutdown barrier
+STORE_SECONDS = 5.0  # for one read or write of the store from the main thread
+_run = {"dir": None, "kept": None, "release": None}
+_ending = threading.Lock()  # one way out: this process's own failure, or a peer's
+_own = {"end": False}  # this process ends by its own path (its train() failed or returned)
+
+
+def watch_run(run_dir: str, last_checkpoint, release=None) -> None:
+    """The run a peer's failure line points to (`last_checkpoint()` names the step), and what
+    to release before ending this process for it (the run lock)."""
+    _run.update(dir=run_dir, kept=last_checkpoint, release=release)
+    _own["end"] = False  # a new train() call in this process
+
+
+def ends_on_its_own() -> None:
+    """From now on a peer's failure no longer ends this process: its training failed (it
+    says so itself) or returned (its work is done; a failure after it is the failed
+    process's to report)."""
+    with _ending:
+        _own["end"] = True
+
+
+def summary(error: BaseException) -> str:
+    """One line: a user error's text, else the exception's type and first line."""
+    text = str(error).strip()
+    first = " ".join(text.splitlines()[0].split())[:300] if text else ""
+    if isinstance(error, SaejaxError):
+        return first or type(error).__name__
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def tell_peers(error: BaseException) -> None:
+    """Write this process's failure into the coordination store, for every peer's beacon
+    thread to end its process with (see the module doc). From then on this process ends by
+    its own error, never by a peer's, and a JAX abort while it ends keeps its status."""
+    user = isinstance(error, SaejaxError)
+    ends_on_its_own()
+    _abort["code"], _abort["ending"] = (2 if user else 1), True
+    client = _beacon["client"]
+    if client is None:
+        return
+    key, value = (
+        f"{FAILED_KEY}{jax.process_index()}",
+        json.dumps({"user_error": user, "line": summary(error)}),
+    )
+    _within(STORE_SECONDS, lambda: client.key_value_set(key, value, allow_overwrite=True))
+
+
+def failed_peer(client) -> tuple[int, dict] | None:
+    """(index, {"user_error", "line"}) of the first other process that said it failed."""
+    me = jax.process_index()
+    for key, value in sorted(client.key_value_dir_get(FAILED_KEY)):
+        index = int(key.rstrip("/").rpartition("/")[2])
+        if index != me:
+            try:
+                return index, dict(json.loads(value))
+            except (ValueError, TypeError):
+                return index, {"user_error": False, "line": str(value)}
+    return None
+
+
+def _end_if_a_peer_failed() -> None:
+    client = _beacon["client"]
+    if client is None:
+        return
+    failed = _within(STORE_SECONDS, lambda: failed_peer(client))
+    if failed is not _NO_ANSWER and failed is not None:  # no answer: the probe decides
+        end_for_failed_peer(*failed)
+
+
+def peer_failed_line(index: int, failure: dict) -> str:
+    me, line = jax.process_index(), failure.get("line") or "an error"
+    if failure.get("user_error"):
+        text = f"process {me} stopped because process {index} failed: {line}"
+    else:
+        text = (
+            f"process {me} stopped because process {index} failed with {line} (a bug, not a "
+            f"lost process: its traceback is in process {index}'s output)"
+        )
+    if _run["dir"] is None:
+        return text
+    kept = _kept(_run["kept"])
+    if kept == NO_CHECKPOINT:  # process 0, failing, may have removed the run it created
+        return f"{text}; {kept}; fix the cause, then start the run again"
+    return f"{text}; {kept}; fix the cause, then {resume_hint(_run['dir'])}"
+
+
+def end_for_failed_peer(index: int, failure: dict) -> None:
+    """End this process for a peer's failure (module doc): one line, the run lock released,
+    JAX's coordination service left (bounded) so the failed process's exit barrier passes,
+    then `os._exit`. Returns when this process has failed (or is ending) on its own."""
+    with _ending:  # held until the end: nothing else here may end the process meanwhile
+        if _own["end"] or _abort["ending"]:
+            return
+        code = 2 if failure.get("user_error") else PEER_FAILED_EXIT
+        exit_now(peer_failed_line(index, failure), code, then=_before_ending)
+
+
+def _before_ending() -> None:
+    if _run["release"] is not None:
+        with contextlib.suppress(Exception):
+            _run["release"]()
+    _leave_jax(SHUTDOWN_SECONDS)
+
+
+def _leave_jax(timeout: float) -> None:
+    """JAX's own shutdown (its barrier meets the failed process's exit-time one), from a
+    thread given `timeout` seconds: the main thread may be blocked in a collective."""
+    from jax._src import distributed as jax_distributed  # JAX's process-wide state
+
+    state = jax_distributed.global_state
+
+    def leave():  # the client only: process 0's service ends with it (the failed one is done)
+        with contextlib.suppress(Exception):
+            if state.preemption_sync_manager is not None:
+                state.preemption_sync_manager.shutdown()
+            if state.client is not None:
+                state.client.shutdown()
+
+    leaver = threading.Thread(target=leave, name="saejax-leave", daemon=True)
+    leaver.start()
+    leaver.join(timeout)
 
 
 @contextlib.contextmanager
@@ -244,7 +419,10 @@ def _kept(last_checkpoint) -> str:
         step = last_checkpoint()
     except Exception:  # noqa: BLE001 - the message must not fail on a listing
         step = None
-    return f"the last checkpoint is step {step}" if step is not None else "no checkpoint yet"
+    return f"the last checkpoint is step {step}" if step is not None else NO_CHECKPOINT
+
+
+NO_CHECKPOINT = "no checkpoint yet"
 
 
 def when_jax_aborts(line) -> None:
@@ -283,7 +461,7 @@ def _on_abort(signum) -> None:
             text = f"\nsaejax: error: {_abort['line']()}\n"
             os.write(2, text.encode(errors="replace"))
     finally:
-        os._exit(RESTART_EXIT)
+        os._exit(_abort["code"])
 
 
 def lost_peer_line(run_dir: str, last_checkpoint) -> str:

@@ -4,7 +4,9 @@ usage: python multiprocess_run.py DATA.npy RUN_DIR READ_LOG PROCESS_ID NUM_PROCE
 Trains with mesh.data = NUM_PROCESSES (one CPU device per process) and records every row
 range this process reads from the data (test instrumentation, patched in here only).
 DIE (a step): process 1 kills itself (SIGKILL) as it starts that step's checkpoint, so its
-peers are inside that checkpoint's save when it dies.
+peers are inside that checkpoint's save when it dies. DIE "raise:P:STEP": process P raises a
+RuntimeError (a plain bug) once STEP has been dispatched, before that step's metrics fetch,
+and writes the time.time() of the raise to READ_LOG + ".raised".
 """
 
 import json
@@ -33,9 +35,30 @@ def die_at_save(step: int) -> None:
     C.Checkpointer.save = save
 
 
+def raise_at(step: int, marker: str) -> None:
+    import time
+
+    import saejax.train.loop as L
+
+    original = L._member_cadence
+
+    def cadence(m, at, end_step, pool):
+        if at == step:
+            with open(marker, "w") as f:
+                f.write(repr(time.time()))
+            raise RuntimeError(f"a plain bug at step {at}")
+        return original(m, at, end_step, pool)
+
+    L._member_cadence = cadence
+
+
 def main():
     data, run_dir, read_log, pid, nproc, port, *die = sys.argv[1:]
-    if die and pid == "1":
+    if die and die[0].startswith("raise:"):
+        _, who, step = die[0].split(":")
+        if pid == who:
+            raise_at(int(step), read_log + ".raised")
+    elif die and pid == "1":
         die_at_save(int(die[0]))
     reads = []
     original = D.ArraySource.read_async

@@ -1,6 +1,7 @@
 """Launch settings come from the launch, never from config.yaml; the checks made at start;
 the step watchdog. All in this process (the multi-process runs are in test_multiprocess.py)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -137,18 +138,34 @@ def test_a_signal_that_is_not_acted_on_ends_the_process(monkeypatch):
 
 class Beacons:
     """The coordination store's beacons as `peers_gone` reads them: `beating` processes bump
-    their counter between reads, the others stay put; `answers=False` is a lost process 0."""
+    their counter between reads, the others stay put; `answers=False` is a lost process 0.
+    Other keys (a failed process's `saejax/failed/<i>`) are kept in `keys`."""
 
     def __init__(self, beating, count=3, answers=True):
         self.beating, self.count, self.answers, self.reads = beating, count, answers, 0
+        self.keys = {}
 
     def key_value_dir_get(self, prefix):
         if not self.answers:
             raise RuntimeError("UNAVAILABLE: failed to connect to all addresses")
+        if prefix != W.BEACON_KEY:
+            return [(k, v) for k, v in self.keys.items() if k.startswith(prefix)]
         self.reads += 1
         return [
             (f"{prefix}{i}", str(self.reads if i in self.beating else 7)) for i in range(self.count)
         ]
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if not self.answers:
+            raise RuntimeError("UNAVAILABLE: failed to connect to all addresses")
+        self.keys[key] = value
+
+
+def fired(line, code=W.RESTART_EXIT, then=None):
+    """exit_now in these tests: raise Fired(line) (its .code the status) instead of exiting."""
+    error = Fired(line)
+    error.code = code
+    raise error
 
 
 @pytest.fixture
@@ -158,7 +175,11 @@ def three_processes(monkeypatch):
 
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     monkeypatch.setattr(W, "PROBE_SECONDS", 0.01)
-    monkeypatch.setattr(W, "exit_now", lambda line, code=75: (_ for _ in ()).throw(Fired(line)))
+    monkeypatch.setattr(W, "exit_now", fired)
+    # this process's own state: fresh for each test (a failure here marks it)
+    monkeypatch.setattr(W, "_abort", dict(W._abort, ending=False, code=W.RESTART_EXIT))
+    monkeypatch.setattr(W, "_own", {"end": False})
+    monkeypatch.setattr(W, "_run", {"dir": None, "kept": None, "release": None})
 
     def beacons(store):
         monkeypatch.setattr(W, "_beacon", {"client": store})
@@ -264,3 +285,75 @@ def test_the_roll_call_lets_a_whole_launch_through_and_names_what_is_wrong():
         assert "two processes were started with --process-id 1" in line, line
     for line in roll([0, 1], [2, 3]):
         assert "process 1 (" in line and "--num-processes 3, process 0 with 2" in line, line
+
+
+def test_a_bug_while_every_peer_beats_is_told_to_the_peers(three_processes):
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
+    W.end_if_peer_lost(ValueError("a plain bug\nmore"), "RUN", lambda: 8)  # the caller raises
+    assert json.loads(store.keys["saejax/failed/0"]) == {
+        "user_error": False,
+        "line": "ValueError: a plain bug",
+    }
+    # from then on this process ends by its own error: a peer's failure does not end it
+    store.keys["saejax/failed/2"] = json.dumps({"user_error": False, "line": "KeyError: 'x'"})
+    W.end_if_peer_lost(RuntimeError("a second error"), "RUN", lambda: 8)
+
+
+def test_a_user_error_on_one_process_is_told_without_a_probe(three_processes):
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
+    W.end_if_peer_lost(SaejaxError("chunk 3 of acts/x is missing"), "RUN", lambda: 8)
+    assert store.reads == 0
+    value = json.loads(store.keys["saejax/failed/0"])
+    assert value == {"user_error": True, "line": "chunk 3 of acts/x is missing"}
+
+
+def test_a_peer_that_failed_ends_this_process_with_its_line(three_processes):
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
+    released = []
+    W.watch_run("RUN", lambda: 16, release=lambda: released.append(True))
+    store.keys["saejax/failed/2"] = json.dumps({"user_error": False, "line": "RuntimeError: boom"})
+    # this process's collective broke because process 2 went: its failure, not a lost peer
+    with pytest.raises(Fired) as ended:
+        W.end_if_peer_lost(ValueError("Gloo AllGather failed"), "RUN", lambda: 16)
+    line = str(ended.value)
+    assert ended.value.code == W.PEER_FAILED_EXIT == 3
+    assert "process 0 stopped because process 2 failed with RuntimeError: boom" in line
+    assert "process 2's output" in line and "the last checkpoint is step 16" in line
+    assert "--resume RUN" in line
+    assert store.reads == 0  # no probe: the store said what happened
+
+    # the beacon thread's way: the same line; a user error there ends this one with exit 2
+    store.keys["saejax/failed/2"] = json.dumps({"user_error": True, "line": "a missing chunk"})
+    W.watch_run("RUN", lambda: None)
+    with pytest.raises(Fired) as ended:
+        W.end_for_failed_peer(*W.failed_peer(store))
+    assert ended.value.code == 2
+    assert str(ended.value) == (
+        "process 0 stopped because process 2 failed: a missing chunk; no checkpoint yet; "
+        "fix the cause, then start the run again"
+    )
+
+
+def test_a_process_whose_training_ended_is_not_ended_by_a_peer(three_processes):
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
+    W.watch_run("RUN", lambda: 32)
+    W.ends_on_its_own()  # its train() returned (or failed and said so)
+    store.keys["saejax/failed/1"] = json.dumps({"user_error": False, "line": "OSError: full"})
+    W.end_for_failed_peer(*W.failed_peer(store))  # returns
+
+
+def test_a_failure_the_peers_were_told_of_is_not_ended_by_their_line(three_processes):
+    """A check that failed here (started_together told every peer): the peers' own
+    "process 0 could not start the run" must not end this process before it says its line."""
+    store = Beacons(beating={0, 1, 2})
+    three_processes(store)
+    told = SaejaxError("cannot read the store")
+    W.mark_peers_alive(told)
+    W.end_if_peer_lost(told, "RUN", lambda: None)
+    store.keys["saejax/failed/1"] = json.dumps({"user_error": True, "line": "process 0 ..."})
+    W.end_for_failed_peer(*W.failed_peer(store))  # returns
+    assert "saejax/failed/0" not in store.keys  # told once, by started_together

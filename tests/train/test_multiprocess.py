@@ -367,3 +367,58 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(data, tmp_
         assert "checkpoint saved" in err and f"--resume {run}" in err
     steps = [int(n) for n in os.listdir(os.path.join(run, "checkpoints")) if n.isdigit()]
     assert max(steps) % 4 == 0  # agreed at a metrics step, written by both
+
+
+@pytest.mark.parametrize("failing, step", [(0, 8), (1, 20)])
+def test_a_bug_on_one_process_ends_every_process_within_seconds(data, tmp_path, failing, step):
+    """A RuntimeError on one process of a healthy run (tests/scripts/multiprocess_run.py
+    raises it at `step`): its peer, blocked in its next collective, waited for the 300 s step
+    watchdog and the failing process for JAX's heartbeat abort (exit 75, "lost"). Now the
+    failing process tells its peer through the coordination store: it exits 1 with its
+    traceback, the peer exits 3 with one line naming it, both within seconds. Step 20 is
+    after the checkpoint at 16: the line names it and the resume command."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    port, run = free_port(), str(tmp_path / "run")
+    script = os.path.join(SCRIPTS, "multiprocess_run.py")
+    logs = [str(tmp_path / f"p{i}.json") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, data, run, logs[i], str(i), "2", str(port)]
+            + [f"raise:{failing}:{step}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    ended, errs = {}, {}
+    try:
+        for i, p in enumerate(procs):
+            _, errs[i] = p.communicate(timeout=TIMEOUT)
+            ended[i] = time.time()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    raised = float(open(logs[failing] + ".raised").read())
+    peer = 1 - failing
+    err = errs[failing]
+    assert procs[failing].returncode == 1, err[-3000:]
+    assert "Traceback" in err and f"RuntimeError: a plain bug at step {step}" in err, err[-3000:]
+    assert not errors(err), err[-3000:]
+    err = errs[peer]
+    assert procs[peer].returncode == 3, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = errors(err)
+    assert f"process {peer} stopped because process {failing} failed with RuntimeError" in line
+    assert f"a plain bug at step {step}" in line and f"process {failing}'s output" in line, line
+    if step < 16:  # process 0, failing before a checkpoint, may remove the run it created
+        assert "no checkpoint yet; fix the cause, then start the run again" in line, line
+    else:  # process 0, ending for its peer, released the run lock
+        assert "the last checkpoint is step 16; fix the cause" in line, line
+        assert f"--resume {run}" in line, line
+        assert not os.path.exists(os.path.join(run, ".saejax-lock"))
+    # ended by the store's key, not by the 300 s step watchdog nor JAX's heartbeat abort
+    assert max(ended.values()) - raised < 40, (ended, raised)
