@@ -58,6 +58,7 @@ process ends is silent and keeps its status (1 or 2): its traceback already said
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import json
@@ -154,15 +155,20 @@ _beacon = {"client": None}
 
 def start_beacon(client) -> None:
     """Bump this process's counter in the coordination service's key-value store every
-    BEACON_SECONDS from a daemon thread, for `peers_gone` on the other processes."""
+    BEACON_SECONDS from a daemon thread, for `peers_gone` on the other processes.
+
+    Stopped at exit before JAX's own exit handler shuts the client down (atexit runs the
+    later registration first): a beat into a client being torn down crashed the process
+    (SIGSEGV after "terminate called recursively", seen once in four runs under load)."""
     if _beacon["client"] is not None or client is None:
         return
     _beacon["client"] = client
     key = f"{BEACON_KEY}{jax.process_index()}"
+    stop = threading.Event()
 
     def beat():
         count = 0
-        while True:
+        while not stop.is_set():
             try:
                 client.key_value_set(key, str(count), allow_overwrite=True)
                 failed = failed_peer(client)
@@ -171,9 +177,16 @@ def start_beacon(client) -> None:
             if failed is not None:
                 end_for_failed_peer(*failed)
             count += 1
-            time.sleep(BEACON_SECONDS)
+            stop.wait(BEACON_SECONDS)
 
-    threading.Thread(target=beat, name="saejax-beacon", daemon=True).start()
+    thread = threading.Thread(target=beat, name="saejax-beacon", daemon=True)
+    thread.start()
+
+    def stop_beacon():
+        stop.set()
+        thread.join(BEACON_SECONDS + 5)
+
+    atexit.register(stop_beacon)
 
 
 _NO_ANSWER = object()
