@@ -27,6 +27,18 @@ def mean_max_cosine(true_directions, W_dec) -> float:
     return float((true_directions @ W.T).max(axis=1).mean())
 
 
+# the batches, logging and dead-latent window of the ground-truth toy runs (sized to these
+# short runs; everything else they leave to the shipped defaults)
+TOY_RUN = (
+    "train.batch_size=1024",
+    "sae.dead_tokens=20000",
+    "train.log_every=100",
+    "train.checkpoint_every=100000",
+    "data.block_rows=8192",
+    "data.shuffle_blocks=8",
+)
+
+
 def small_config(data_path: str, run_dir: str, *overrides: str):
     base = [
         f"data.path={data_path}",

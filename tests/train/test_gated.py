@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    TOY_RUN,
     TRAINING_MESHES,
     mean_max_cosine,
     small_config,
@@ -83,14 +84,9 @@ def test_gated_recovers_features_with_its_defaults(tmp_path):
         "sae.architecture=gated",
         "sae.d_sae=1024",
         "train.tokens=1536000",
-        "train.batch_size=1024",
-        "sae.dead_tokens=20000",
+        *TOY_RUN,
         "train.resample.every_steps=200",
         "train.resample.stop_after_fraction=0.6",
-        "train.log_every=100",
-        "train.checkpoint_every=100000",
-        "data.block_rows=8192",
-        "data.shuffle_blocks=8",
     )
     result = train(cfg)
     assert int(result.state.resampled_total) > 0, "gated resamples by default, as relu does"

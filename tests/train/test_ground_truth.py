@@ -9,7 +9,7 @@ the budget and the dead-latent window (sized to these short runs) are set here.
 
 import numpy as np
 import pytest
-from helpers import mean_max_cosine, small_config, superposition_data
+from helpers import TOY_RUN, mean_max_cosine, small_config, superposition_data
 
 from saejax.train.run import train
 
@@ -31,12 +31,7 @@ def test_topk_recovers_features(superposition, tmp_path):
         "sae.d_sae=1024",
         "sae.k=5",
         "train.tokens=819200",
-        "train.batch_size=1024",
-        "sae.dead_tokens=20000",
-        "train.log_every=100",
-        "train.checkpoint_every=100000",
-        "data.block_rows=8192",
-        "data.shuffle_blocks=8",
+        *TOY_RUN,
     )
     result = train(cfg)
     assert mean_max_cosine(directions, result.state.params["W_dec"]) >= 0.95
@@ -51,12 +46,7 @@ def test_relu_with_resampling_recovers_features(superposition, tmp_path):
         "sae.architecture=relu",
         "sae.d_sae=1024",
         "train.tokens=1536000",
-        "train.batch_size=1024",
-        "sae.dead_tokens=20000",
-        "train.log_every=100",
-        "train.checkpoint_every=100000",
-        "data.block_rows=8192",
-        "data.shuffle_blocks=8",
+        *TOY_RUN,
     )
     result = train(cfg)
     assert int(result.state.resampled_total) > 0, "the schedule must have revived latents"
@@ -71,12 +61,7 @@ def test_jumprelu_recovers_features(superposition, tmp_path):
         "sae.architecture=jumprelu",
         "sae.d_sae=1024",
         "train.tokens=1536000",
-        "train.batch_size=1024",
-        "sae.dead_tokens=20000",
-        "train.log_every=100",
-        "train.checkpoint_every=100000",
-        "data.block_rows=8192",
-        "data.shuffle_blocks=8",
+        *TOY_RUN,
     )
     result = train(cfg)
     assert int(result.state.resampled_total) > 0, "the default schedule must have revived latents"

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
+    TOY_RUN,
     TRAINING_MESHES,
     mean_max_cosine,
     small_config,
@@ -71,12 +72,7 @@ def test_matryoshka_recovers_known_directions_with_its_defaults(tmp_path):
         "sae.d_sae=256",
         "sae.k=5",
         "train.tokens=1638400",
-        "train.batch_size=1024",
-        "sae.dead_tokens=20000",
-        "train.log_every=100",
-        "train.checkpoint_every=100000",
-        "data.block_rows=8192",
-        "data.shuffle_blocks=8",
+        *TOY_RUN,
     )
     result = train(cfg)
     assert result.spec.matryoshka_widths == (16, 64, 256)
@@ -121,12 +117,7 @@ def test_the_inner_prefix_learns_the_parent_that_batchtopk_absorbs(tmp_path):
         "sae.d_sae=40",
         "sae.k=2",
         "train.tokens=409600",
-        "train.batch_size=1024",
-        "sae.dead_tokens=20000",
-        "train.log_every=100",
-        "train.checkpoint_every=100000",
-        "data.block_rows=8192",
-        "data.shuffle_blocks=8",
+        *TOY_RUN,
     ]
     scores = {}
     for arch, extra in (("batchtopk", []), ("matryoshka_batchtopk", ["sae.matryoshka_widths=[8]"])):

@@ -165,17 +165,15 @@ def test_several_devices_per_process_train_what_one_process_trains(
     assert_same_sae(str(tmp_path / "one"), run)
 
 
-def test_two_processes_read_only_their_own_slices(data, tmp_path):
-    """The original one-device-per-process run (tests/scripts/multiprocess_run.py), which
-    records every row range each process reads."""
+def two_script_processes(data, run, logs, *extra):
+    """tests/scripts/multiprocess_run.py as processes 0 and 1 of a 2-process run (one CPU
+    device each) on a free port; `extra` is the script's optional last arguments."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)
-    port = free_port()
-    logs = [str(tmp_path / f"p{i}.json") for i in range(2)]
-    script = os.path.join(SCRIPTS, "multiprocess_run.py")
-    procs = [
+    port, script = free_port(), os.path.join(SCRIPTS, "multiprocess_run.py")
+    return [
         subprocess.Popen(
-            [sys.executable, script, data, str(tmp_path / "two"), logs[i], str(i), "2", str(port)],
+            [sys.executable, script, data, run, logs[i], str(i), "2", str(port), *extra],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -183,6 +181,13 @@ def test_two_processes_read_only_their_own_slices(data, tmp_path):
         )
         for i in range(2)
     ]
+
+
+def test_two_processes_read_only_their_own_slices(data, tmp_path):
+    """The original one-device-per-process run (tests/scripts/multiprocess_run.py), which
+    records every row range each process reads."""
+    logs = [str(tmp_path / f"p{i}.json") for i in range(2)]
+    procs = two_script_processes(data, str(tmp_path / "two"), logs)
     try:
         for p in procs:
             _, err = p.communicate(timeout=TIMEOUT)
@@ -206,21 +211,8 @@ def test_a_peer_killed_during_a_checkpoint_save_ends_the_survivor_with_one_line(
     It ended with a traceback (exit 1 in a CI rehearsal, issue 22); now the peers' beacons
     show process 1 is gone: one line, the resume command, exit 75, without waiting for JAX's
     60 s heartbeat timeout."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)
-    port, run = free_port(), str(tmp_path / "run")
-    script = os.path.join(SCRIPTS, "multiprocess_run.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, data, run, str(tmp_path / f"p{i}.json"), str(i), "2"]
-            + [str(port), "16"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    run = str(tmp_path / "run")
+    procs = two_script_processes(data, run, [str(tmp_path / f"p{i}.json") for i in range(2)], "16")
     try:
         procs[1].wait(timeout=TIMEOUT)
         died = time.monotonic()
@@ -377,22 +369,9 @@ def test_a_bug_on_one_process_ends_every_process_within_seconds(data, tmp_path, 
     failing process tells its peer through the coordination store: it exits 1 with its
     traceback, the peer exits 3 with one line naming it, both within seconds. Step 20 is
     after the checkpoint at 16: the line names it and the resume command."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)
-    port, run = free_port(), str(tmp_path / "run")
-    script = os.path.join(SCRIPTS, "multiprocess_run.py")
+    run = str(tmp_path / "run")
     logs = [str(tmp_path / f"p{i}.json") for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, data, run, logs[i], str(i), "2", str(port)]
-            + [f"raise:{failing}:{step}"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = two_script_processes(data, run, logs, f"raise:{failing}:{step}")
     ended, errs = {}, {}
     try:
         for i, p in enumerate(procs):
