@@ -128,7 +128,7 @@ def unembedding_effects(loaded, sae, n: int = 8) -> tuple[np.ndarray, np.ndarray
     transcoder's target) is not as wide as the residual stream."""
     model = loaded.model
     head = model.get_output_embeddings()
-    if head is None or head.weight.shape[1] != getattr(sae.spec, "d_out", sae.spec.d_in):
+    if head is None or head.weight.shape[1] != sae.spec.d_out:
         return None
     W_U = head.weight.detach().float().cpu().numpy()
     norm = None

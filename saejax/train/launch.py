@@ -408,8 +408,8 @@ def started_together():
     try:
         yield
     except Exception as e:
+        # raises this process's line (or an earlier process's), marked as known to every peer
         _agree(_first(e) if isinstance(e, SaejaxError) else f"{type(e).__name__}: {_first(e)}")
-        mark_peers_alive(e)  # they end with this line: not a lost peer when they then go
         raise
     _agree("")
 

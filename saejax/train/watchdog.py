@@ -120,7 +120,9 @@ def resume_hint(run_dir: str) -> str:
 def exit_now(line: str, code: int = RESTART_EXIT, then=None) -> None:
     """Print one line and end the process at once: a thread stuck in a collective cannot be
     unwound, and JAX's shutdown barrier would wait for the lost peer (then abort). `then()`
-    runs between the line and the end (a peer's failure: the lock, JAX's shutdown)."""
+    runs between the line and the end (a peer's failure: JAX's shutdown, the lock). Under
+    `_ending`, held until the end: a second caller (another thread) never adds its line."""
+    _ending.acquire()  # never released: the process ends below
     _abort["ending"] = True  # a JAX abort while this process ends adds no second line
     _abort["code"] = code  # ... and keeps this status
     sys.stderr.flush()
@@ -150,6 +152,7 @@ def peer_lost(run_dir: str, last_checkpoint, error: Exception, gone=None) -> Non
 BEACON_SECONDS = 1.0  # how often each process bumps its beacon
 PROBE_SECONDS = 10.0  # a beacon that does not move in this long belongs to a lost peer
 BEACON_KEY = "saejax/alive/"
+DONE_BEAT = "done"  # a beacon's last value: this process finished its part and is exiting
 _beacon = {"client": None}
 
 
@@ -159,7 +162,10 @@ def start_beacon(client) -> None:
 
     Stopped at exit before JAX's own exit handler shuts the client down (atexit runs the
     later registration first): a beat into a client being torn down crashed the process
-    (SIGSEGV after "terminate called recursively", seen once in four runs under load)."""
+    (SIGSEGV after "terminate called recursively", in 2 of 4 runs under load). Its last
+    value is DONE_BEAT: a process that has finished its part and waits in JAX's exit barrier
+    is not a lost peer. A store that does not answer is retried for PROBE_SECONDS before the
+    beacon gives up (a live process whose beacon stopped would look lost)."""
     if _beacon["client"] is not None or client is None:
         return
     _beacon["client"] = client
@@ -167,13 +173,18 @@ def start_beacon(client) -> None:
     stop = threading.Event()
 
     def beat():
-        count = 0
+        count, unanswered_since = 0, None
         while not stop.is_set():
             try:
                 client.key_value_set(key, str(count), allow_overwrite=True)
                 failed = failed_peer(client)
-            except Exception:  # noqa: BLE001 - the service is gone: peers_gone says so
-                return
+            except Exception:  # noqa: BLE001 - a slow or gone service: retry, then give up
+                unanswered_since = unanswered_since or time.monotonic()
+                if time.monotonic() - unanswered_since >= PROBE_SECONDS:
+                    return  # the service is gone: peers_gone says so
+                stop.wait(BEACON_SECONDS)
+                continue
+            unanswered_since = None
             if failed is not None:
                 end_for_failed_peer(*failed)
             count += 1
@@ -185,6 +196,7 @@ def start_beacon(client) -> None:
     def stop_beacon():
         stop.set()
         thread.join(BEACON_SECONDS + 5)
+        _within(STORE_SECONDS, lambda: client.key_value_set(key, DONE_BEAT, allow_overwrite=True))
 
     atexit.register(stop_beacon)
 
@@ -225,14 +237,16 @@ def peers_gone(wait: float | None = None) -> list[int] | None:
         return None
     wait = PROBE_SECONDS if wait is None else wait
     me, count = jax.process_index(), jax.process_count()
-    before = _read_beacons(client, wait)
+    deadline = time.monotonic() + wait
+    before = _read_beacons(client, STORE_SECONDS)
     if before is None:
         return [0]
-    deadline = time.monotonic() + wait
-    silent = [i for i in range(count) if i != me]
-    while silent:  # every peer that moves is alive: done after about one beat when all are
+    # a peer that finished its part (DONE_BEAT) or whose counter moves is alive: the probe
+    # ends after about one beat when every peer is
+    silent = [i for i in range(count) if i != me and before.get(i) != DONE_BEAT]
+    while silent:
         time.sleep(max(0.0, min(BEACON_SECONDS / 2, deadline - time.monotonic())))
-        after = _read_beacons(client, wait)
+        after = _read_beacons(client, STORE_SECONDS)
         if after is None:
             return [0]
         silent = [i for i in silent if after.get(i, before.get(i)) == before.get(i)]
@@ -287,7 +301,7 @@ FAILED_KEY = "saejax/failed/"
 SHUTDOWN_SECONDS = 20.0  # a peer waits this long for the failed process's shutdown barrier
 STORE_SECONDS = 5.0  # for one read or write of the store from the main thread
 _run = {"dir": None, "kept": None, "release": None}
-_ending = threading.Lock()  # one way out: this process's own failure, or a peer's
+_ending = threading.RLock()  # one way out: this process's own failure, or a peer's
 _own = {"end": False}  # this process ends by its own path (its train() failed or returned)
 
 
@@ -335,8 +349,10 @@ def tell_peers(error: BaseException) -> None:
 def failed_peer(client) -> tuple[int, dict] | None:
     """(index, {"user_error", "line"}) of the first other process that said it failed."""
     me = jax.process_index()
-    for key, value in sorted(client.key_value_dir_get(FAILED_KEY)):
-        index = int(key.rstrip("/").rpartition("/")[2])
+    rows = [
+        (int(k.rstrip("/").rpartition("/")[2]), v) for k, v in client.key_value_dir_get(FAILED_KEY)
+    ]
+    for index, value in sorted(rows):
         if index != me:
             try:
                 return index, dict(json.loads(value))
@@ -383,10 +399,12 @@ def end_for_failed_peer(index: int, failure: dict) -> None:
 
 
 def _before_ending() -> None:
+    """JAX's shutdown first (bounded), the run lock last: until the process ends, its main
+    thread may still write into the run."""
+    _leave_jax(SHUTDOWN_SECONDS)
     if _run["release"] is not None:
         with contextlib.suppress(Exception):
             _run["release"]()
-    _leave_jax(SHUTDOWN_SECONDS)
 
 
 def _leave_jax(timeout: float) -> None:

@@ -39,7 +39,7 @@ def test_the_batch_cutoff_is_the_exact_kth_largest_even_when_one_row_holds_most_
     k = 3
     spread = np.maximum(rng.normal(size=(64, 200)), 0).astype(np.float32)
     one_loud_row = spread.copy()
-    one_loud_row[5] += 10.0  # row 5 holds the 192 largest entries of the batch
+    one_loud_row[5] += 10.0  # row 5 holds the batch's 200 largest entries
     ties = np.round(spread, 1)  # many equal values at the cutoff
     few_positive = np.where(rng.random((64, 200)) < 0.01, spread, 0.0).astype(np.float32)
     for pre in (spread, one_loud_row, ties, few_positive):

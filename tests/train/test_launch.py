@@ -141,8 +141,9 @@ class Beacons:
     their counter between reads, the others stay put; `answers=False` is a lost process 0.
     Other keys (a failed process's `saejax/failed/<i>`) are kept in `keys`."""
 
-    def __init__(self, beating, count=3, answers=True):
+    def __init__(self, beating, count=3, answers=True, done=()):
         self.beating, self.count, self.answers, self.reads = beating, count, answers, 0
+        self.done = set(done)  # processes that finished their part (their last beat)
         self.keys = {}
 
     def key_value_dir_get(self, prefix):
@@ -151,9 +152,11 @@ class Beacons:
         if prefix != W.BEACON_KEY:
             return [(k, v) for k, v in self.keys.items() if k.startswith(prefix)]
         self.reads += 1
-        return [
-            (f"{prefix}{i}", str(self.reads if i in self.beating else 7)) for i in range(self.count)
-        ]
+
+        def value(i):
+            return W.DONE_BEAT if i in self.done else str(self.reads if i in self.beating else 7)
+
+        return [(f"{prefix}{i}", value(i)) for i in range(self.count)]
 
     def key_value_set(self, key, value, allow_overwrite=False):
         if not self.answers:
@@ -214,6 +217,21 @@ def test_a_failure_while_every_peer_beats_is_not_a_lost_peer(three_processes):
     told = ValueError("cannot read the store")  # the peers were told (started_together)
     W.mark_peers_alive(told)
     W.end_if_peer_lost(told, "RUN", lambda: 8)
+
+
+def test_a_peer_that_finished_its_part_is_not_a_lost_peer(three_processes):
+    """Process 0 fails while writing the final SAE, after its peers returned from training and
+    wait in JAX's exit barrier (their beacons stopped, last beat DONE_BEAT): a bug, not a lost
+    peer (exit 75 would have an orchestrator restart a bug forever)."""
+    three_processes(Beacons(beating={0}, done={1, 2}))
+    assert W.peers_gone() == []
+    W.end_if_peer_lost(OSError("No space left on device: eval.json"), "RUN", lambda: 8)
+
+
+def test_the_first_failed_peer_is_the_lowest_index():
+    store = Beacons(beating=set(), count=11)
+    store.keys = {f"{W.FAILED_KEY}{i}": '{"line": "x"}' for i in (10, 2)}
+    assert W.failed_peer(store)[0] == 2  # not "10", which sorts first as text
 
 
 def test_without_a_beacon_a_failed_collective_is_a_lost_peer(three_processes):
