@@ -43,7 +43,7 @@ that long to be taken for a lost one.
 
 A peer's failure. A process that fails with an error its peers were not told of (its peers
 all beating, or a user error raised on this process alone, e.g. a chunk its host cannot
-read) writes `saejax/failed/<its index>` (its one-line summary) into the same store before
+read) writes `saejax/failed/<train() call>/<its index>` (its one-line summary) into the store before
 it starts shutting down (`tell_peers`). Every peer's beacon thread reads those keys at each
 beat and ends its own process (`end_for_failed_peer`), whatever its main thread is blocked
 in: one line naming the failed process and its message, the last checkpoint and the resume
@@ -300,7 +300,7 @@ def end_if_peer_lost(error: BaseException, run_dir: str, last_checkpoint) -> Non
 FAILED_KEY = "saejax/failed/"
 SHUTDOWN_SECONDS = 20.0  # a peer waits this long for the failed process's shutdown barrier
 STORE_SECONDS = 5.0  # for one read or write of the store from the main thread
-_run = {"dir": None, "kept": None, "release": None}
+_run = {"dir": None, "kept": None, "release": None, "attempt": 0}
 _ending = threading.RLock()  # one way out: this process's own failure, or a peer's
 _own = {"end": False}  # this process ends by its own path (its train() failed or returned)
 
@@ -308,8 +308,16 @@ _own = {"end": False}  # this process ends by its own path (its train() failed o
 def watch_run(run_dir: str, last_checkpoint, release=None) -> None:
     """The run a peer's failure line points to (`last_checkpoint()` names the step), and what
     to release before ending this process for it (the run lock)."""
-    _run.update(dir=run_dir, kept=last_checkpoint, release=release)
+    _run.update(dir=run_dir, kept=last_checkpoint, release=release, attempt=_run["attempt"] + 1)
     _own["end"] = False  # a new train() call in this process
+    _abort.update(ending=False, code=RESTART_EXIT)  # an earlier call's failure is not this one's
+
+
+def failed_key_prefix() -> str:
+    """Where the processes' failures are written: one folder per train() call in these
+    processes (every process makes the same calls), so that a failure of an earlier call in
+    the same processes (a library caller that tries again) never ends a later one."""
+    return f"{FAILED_KEY}{_run['attempt']}/"
 
 
 def ends_on_its_own() -> None:
@@ -340,7 +348,7 @@ def tell_peers(error: BaseException) -> None:
     if client is None:
         return
     key, value = (
-        f"{FAILED_KEY}{jax.process_index()}",
+        f"{failed_key_prefix()}{jax.process_index()}",
         json.dumps({"user_error": user, "line": summary(error)}),
     )
     _within(STORE_SECONDS, lambda: client.key_value_set(key, value, allow_overwrite=True))
@@ -350,7 +358,8 @@ def failed_peer(client) -> tuple[int, dict] | None:
     """(index, {"user_error", "line"}) of the first other process that said it failed."""
     me = jax.process_index()
     rows = [
-        (int(k.rstrip("/").rpartition("/")[2]), v) for k, v in client.key_value_dir_get(FAILED_KEY)
+        (int(k.rstrip("/").rpartition("/")[2]), v)
+        for k, v in client.key_value_dir_get(failed_key_prefix())
     ]
     for index, value in sorted(rows):
         if index != me:

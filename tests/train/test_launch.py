@@ -139,7 +139,7 @@ def test_a_signal_that_is_not_acted_on_ends_the_process(monkeypatch):
 class Beacons:
     """The coordination store's beacons as `peers_gone` reads them: `beating` processes bump
     their counter between reads, the others stay put; `answers=False` is a lost process 0.
-    Other keys (a failed process's `saejax/failed/<i>`) are kept in `keys`."""
+    Other keys (a failed process's `saejax/failed/<call>/<i>`) are kept in `keys`."""
 
     def __init__(self, beating, count=3, answers=True, done=()):
         self.beating, self.count, self.answers, self.reads = beating, count, answers, 0
@@ -182,7 +182,7 @@ def three_processes(monkeypatch):
     # this process's own state: fresh for each test (a failure here marks it)
     monkeypatch.setattr(W, "_abort", dict(W._abort, ending=False, code=W.RESTART_EXIT))
     monkeypatch.setattr(W, "_own", {"end": False})
-    monkeypatch.setattr(W, "_run", {"dir": None, "kept": None, "release": None})
+    monkeypatch.setattr(W, "_run", {"dir": None, "kept": None, "release": None, "attempt": 1})
 
     def beacons(store):
         monkeypatch.setattr(W, "_beacon", {"client": store})
@@ -230,7 +230,7 @@ def test_a_peer_that_finished_its_part_is_not_a_lost_peer(three_processes):
 
 def test_the_first_failed_peer_is_the_lowest_index():
     store = Beacons(beating=set(), count=11)
-    store.keys = {f"{W.FAILED_KEY}{i}": '{"line": "x"}' for i in (10, 2)}
+    store.keys = {f"{W.failed_key_prefix()}{i}": '{"line": "x"}' for i in (10, 2)}
     assert W.failed_peer(store)[0] == 2  # not "10", which sorts first as text
 
 
@@ -309,12 +309,14 @@ def test_a_bug_while_every_peer_beats_is_told_to_the_peers(three_processes):
     store = Beacons(beating={0, 1, 2})
     three_processes(store)
     W.end_if_peer_lost(ValueError("a plain bug\nmore"), "RUN", lambda: 8)  # the caller raises
-    assert json.loads(store.keys["saejax/failed/0"]) == {
+    assert json.loads(store.keys[f"{W.failed_key_prefix()}0"]) == {
         "user_error": False,
         "line": "ValueError: a plain bug",
     }
     # from then on this process ends by its own error: a peer's failure does not end it
-    store.keys["saejax/failed/2"] = json.dumps({"user_error": False, "line": "KeyError: 'x'"})
+    store.keys[f"{W.failed_key_prefix()}2"] = json.dumps(
+        {"user_error": False, "line": "KeyError: 'x'"}
+    )
     W.end_if_peer_lost(RuntimeError("a second error"), "RUN", lambda: 8)
 
 
@@ -323,7 +325,7 @@ def test_a_user_error_on_one_process_is_told_without_a_probe(three_processes):
     three_processes(store)
     W.end_if_peer_lost(SaejaxError("chunk 3 of acts/x is missing"), "RUN", lambda: 8)
     assert store.reads == 0
-    value = json.loads(store.keys["saejax/failed/0"])
+    value = json.loads(store.keys[f"{W.failed_key_prefix()}0"])
     assert value == {"user_error": True, "line": "chunk 3 of acts/x is missing"}
 
 
@@ -332,7 +334,9 @@ def test_a_peer_that_failed_ends_this_process_with_its_line(three_processes):
     three_processes(store)
     released = []
     W.watch_run("RUN", lambda: 16, release=lambda: released.append(True))
-    store.keys["saejax/failed/2"] = json.dumps({"user_error": False, "line": "RuntimeError: boom"})
+    store.keys[f"{W.failed_key_prefix()}2"] = json.dumps(
+        {"user_error": False, "line": "RuntimeError: boom"}
+    )
     # this process's collective broke because process 2 went: its failure, not a lost peer
     with pytest.raises(Fired) as ended:
         W.end_if_peer_lost(ValueError("Gloo AllGather failed"), "RUN", lambda: 16)
@@ -344,8 +348,11 @@ def test_a_peer_that_failed_ends_this_process_with_its_line(three_processes):
     assert store.reads == 0  # no probe: the store said what happened
 
     # the beacon thread's way: the same line; a user error there ends this one with exit 2
-    store.keys["saejax/failed/2"] = json.dumps({"user_error": True, "line": "a missing chunk"})
-    W.watch_run("RUN", lambda: None)
+    W.watch_run("RUN", lambda: None)  # a second train() call: the first one's failure is past
+    assert W.failed_peer(store) is None
+    store.keys[f"{W.failed_key_prefix()}2"] = json.dumps(
+        {"user_error": True, "line": "a missing chunk"}
+    )
     with pytest.raises(Fired) as ended:
         W.end_for_failed_peer(*W.failed_peer(store))
     assert ended.value.code == 2
@@ -360,7 +367,9 @@ def test_a_process_whose_training_ended_is_not_ended_by_a_peer(three_processes):
     three_processes(store)
     W.watch_run("RUN", lambda: 32)
     W.ends_on_its_own()  # its train() returned (or failed and said so)
-    store.keys["saejax/failed/1"] = json.dumps({"user_error": False, "line": "OSError: full"})
+    store.keys[f"{W.failed_key_prefix()}1"] = json.dumps(
+        {"user_error": False, "line": "OSError: full"}
+    )
     W.end_for_failed_peer(*W.failed_peer(store))  # returns
 
 
@@ -372,6 +381,8 @@ def test_a_failure_the_peers_were_told_of_is_not_ended_by_their_line(three_proce
     told = SaejaxError("cannot read the store")
     W.mark_peers_alive(told)
     W.end_if_peer_lost(told, "RUN", lambda: None)
-    store.keys["saejax/failed/1"] = json.dumps({"user_error": True, "line": "process 0 ..."})
+    store.keys[f"{W.failed_key_prefix()}1"] = json.dumps(
+        {"user_error": True, "line": "process 0 ..."}
+    )
     W.end_for_failed_peer(*W.failed_peer(store))  # returns
-    assert "saejax/failed/0" not in store.keys  # told once, by started_together
+    assert f"{W.failed_key_prefix()}0" not in store.keys  # told once, by started_together
